@@ -1,0 +1,143 @@
+"""EngineCore: the scheduler driving one Executor, step by step. Token ids in, token ids out.
+
+Both the offline LLMEngine and the gRPC scheduler service are built on this class; the executor
+may be in-process (LocalExecutor) or remote (services.executor_client.GrpcExecutor).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from engine_core.config import EngineConfig
+from engine_core.executor.base import Executor, ExecutorError, ExecutorInfo
+from engine_core.request import Request, RequestStatus
+from engine_core.sampling_params import SamplingParams
+from engine_core.scheduler import RequestOutputDelta, Scheduler, SchedulerStats
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineCounters:
+    """Monotonic totals, for metrics and throughput."""
+
+    num_steps: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    requests_added: int = 0
+    executor_restarts: int = 0
+    busy_time_s: float = 0.0
+
+
+class EngineCore:
+    MAX_REPLAYS = 3
+
+    def __init__(self, config: EngineConfig, executor: Executor) -> None:
+        self.config = config
+        self.executor = executor
+        self.info: ExecutorInfo = executor.describe()
+        config.max_model_len = self.info.max_model_len
+        config.resolve_limits(self.info.max_model_len)
+        if config.block_size != self.info.block_size:
+            config.block_size = self.info.block_size
+        self.scheduler = Scheduler(
+            num_blocks=self.info.num_kv_blocks,
+            block_size=self.info.block_size,
+            max_model_len=self.info.max_model_len,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            enable_chunked_prefill=config.enable_chunked_prefill,
+            enable_prefix_caching=config.enable_prefix_caching,
+        )
+        self.counters = EngineCounters()
+        self._pending: list[RequestOutputDelta] = []  # produced outside step() (aborts)
+
+    @property
+    def max_model_len(self) -> int:
+        return self.info.max_model_len
+
+    # ------------------------------------------------------------------ requests
+    def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Everything that makes a request unservable, as a ValueError naming the problem."""
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise ValueError("prompt is empty: at least one token is required")
+        if n >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {n} tokens, but max_model_len is {self.max_model_len}: "
+                f"at most {self.max_model_len - 1} prompt tokens leave room for one output token")
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.info.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (size {self.info.vocab_size})")
+        params.validate()
+        params.validate_vocab(self.info.vocab_size)
+        if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
+            raise ValueError(f"logprobs {params.logprobs} exceeds max_logprobs {self.config.max_logprobs}")
+        if params.n != 1:
+            raise ValueError("EngineCore takes one sequence per request; fan out n>1 into child requests")
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    arrival_time: float | None = None) -> Request:
+        self.validate_request(prompt_token_ids, params)
+        req = Request(
+            request_id=request_id,
+            prompt_token_ids=list(prompt_token_ids),
+            sampling_params=params,
+            eos_token_ids=tuple(self.info.eos_token_ids),
+            arrival_time=arrival_time if arrival_time is not None else time.monotonic(),
+        )
+        self.scheduler.add_request(req)
+        self.counters.requests_added += 1
+        return req
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        for req in self.scheduler.finish_requests(list(request_ids), RequestStatus.FINISHED_ABORTED):
+            self._pending.append(self.scheduler.abort_delta(req))
+
+    def finish_requests(self, request_ids: list[str], stop_reason: int | str | None = None) -> None:
+        """Stop requests that finished outside the scheduler's view (a stop string was detokenized)."""
+        for req in self.scheduler.finish_requests(list(request_ids), RequestStatus.FINISHED_STOPPED, stop_reason):
+            self._pending.append(self.scheduler.abort_delta(req))
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests() or bool(self._pending)
+
+    # ------------------------------------------------------------------ stepping
+    def step(self) -> list[RequestOutputDelta]:
+        deltas, self._pending = self._pending, []
+        if not self.scheduler.has_unfinished_requests():
+            return deltas
+        so = self.scheduler.schedule()
+        if so.is_empty and not so.finished_req_ids:
+            return deltas
+        t0 = time.perf_counter()
+        try:
+            result = self.executor.execute(so)
+        except ExecutorError as e:
+            self._recover(e)
+            return deltas
+        self.counters.busy_time_s += time.perf_counter() - t0
+        self.counters.num_steps += 1
+        new = self.scheduler.update_from_output(so, result)
+        for d in new:
+            self.counters.generation_tokens += len(d.new_token_ids)
+            if d.num_output_tokens == len(d.new_token_ids):  # first tokens of this request
+                self.counters.prompt_tokens += d.num_prompt_tokens
+        return deltas + new
+
+    def _recover(self, error: Exception) -> None:
+        """The executor failed mid-step: reset it and replay every unfinished request from its
+        tokens (prompt + generated so far). Nothing in flight is lost."""
+        self.counters.executor_restarts += 1
+        if self.counters.executor_restarts > self.MAX_REPLAYS:
+            raise error
+        logger.warning("executor failed (%s); replaying %d requests", error, self.scheduler.num_unfinished)
+        self.executor.reset()
+        self.scheduler.requests_for_replay()
+
+    def stats(self) -> SchedulerStats:
+        return self.scheduler.stats()
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()

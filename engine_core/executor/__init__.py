@@ -1,0 +1,3 @@
+from engine_core.executor.base import Executor, ExecutorInfo
+
+__all__ = ["Executor", "ExecutorInfo"]

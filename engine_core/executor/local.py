@@ -1,0 +1,113 @@
+"""In-process executor: loads the model, sizes and allocates the KV cache, runs steps."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from engine_core.config import EngineConfig
+from engine_core.executor.base import Executor, ExecutorInfo
+from engine_core.executor.model_runner import ModelRunner
+from engine_core.loader import load_model
+from engine_core.loader.model_source import resolve_model
+from engine_core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+CPU_DEFAULT_KV_GB = 1.0
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+class LocalExecutor(Executor):
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        model = config.model
+        if config.load_format == "dummy" and not str(model).startswith("dummy:"):
+            model = f"dummy:{model}"  # random weights from the model's config (GPU speed work)
+        self.source = resolve_model(model)
+        mc = self.source.config
+        config.resolve_limits(mc.max_position_embeddings)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        torch.manual_seed(config.seed)
+        self.model = load_model(self.source, dtype=self.dtype, device=self.device)
+        self.model.eval()
+        self.num_blocks = self._num_kv_blocks()
+        capacity = (self.num_blocks - 1) * config.block_size
+        if capacity < config.max_model_len:
+            raise ValueError(
+                f"the KV cache holds {capacity} tokens ({self.num_blocks - 1} blocks of {config.block_size}), "
+                f"less than max_model_len={config.max_model_len}; raise the KV budget or lower max_model_len")
+        self.runner = ModelRunner(self.model, mc, device=self.device, dtype=self.dtype,
+                                  block_size=config.block_size, num_blocks=self.num_blocks, seed=config.seed)
+        logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB); max concurrency at "
+                    "max_model_len=%d: %.1fx", self.num_blocks, config.block_size, capacity,
+                    self.num_blocks * self._block_bytes() / 2**30, config.max_model_len,
+                    capacity / config.max_model_len)
+
+    def _block_bytes(self) -> int:
+        return ModelRunner.kv_bytes_per_block(self.source.config, self.config.block_size, self.dtype)
+
+    def _num_kv_blocks(self) -> int:
+        cfg = self.config
+        if cfg.num_gpu_blocks_override is not None:
+            return cfg.num_gpu_blocks_override
+        if cfg.kv_cache_memory_gb is not None or self.device.type != "cuda":
+            budget = (cfg.kv_cache_memory_gb or CPU_DEFAULT_KV_GB) * 2**30
+            return max(2, int(budget // self._block_bytes()))
+        return self._profile_gpu_blocks()
+
+    def _profile_gpu_blocks(self) -> int:
+        """vLLM-style: run a forward at max_num_batched_tokens without KV cache to measure peak
+        activation memory, then give gpu_memory_utilization x total - peak to the KV cache."""
+        from engine_core.executor.profiling import profile_peak_memory
+
+        peak = profile_peak_memory(self.model, self.source.config, self.config, self.device)
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        free_for_kv = self.config.gpu_memory_utilization * total - peak
+        if free_for_kv <= 0:
+            raise ValueError(f"no GPU memory left for the KV cache: peak usage {peak / 2**30:.2f} GiB, "
+                             f"budget {self.config.gpu_memory_utilization * total / 2**30:.2f} GiB")
+        return int(free_for_kv // self._block_bytes())
+
+    def describe(self) -> ExecutorInfo:
+        mc = self.source.config
+        return ExecutorInfo(
+            model_name=self.source.name,
+            architecture=mc.architecture,
+            vocab_size=mc.vocab_size,
+            max_model_len=self.config.max_model_len,
+            num_kv_blocks=self.num_blocks,
+            block_size=self.config.block_size,
+            dtype=str(self.dtype).removeprefix("torch."),
+            device=str(self.device),
+            num_layers=mc.num_hidden_layers,
+            num_kv_heads=mc.num_key_value_heads,
+            head_dim=mc.head_dim,
+            kv_cache_bytes=self.num_blocks * self._block_bytes(),
+            eos_token_ids=list(mc.eos_token_ids),
+        )
+
+    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self.runner.execute(scheduler_output)
+
+    def reset(self) -> None:
+        self.runner.reset()
+
+    def shutdown(self) -> None:
+        self.runner.reset()

@@ -1,0 +1,92 @@
+"""Rotary position embedding (neox / HF `rotate_half` layout) with a cos/sin cache indexed by position.
+
+Pairs channel i with channel i + rotary_dim/2 (not interleaved pairs), exactly as HF Llama/Qwen.
+Scaling types: "linear" (positions / factor) and "llama3" (Llama-3.1 frequency smoothing).
+The cache is float32 and the rotation is computed in float32, then cast back to q/k's dtype.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def compute_inv_freq(rotary_dim: int, base: float, rope_scaling: dict | None = None) -> torch.Tensor:
+    """Inverse frequencies [rotary_dim/2] float32 on CPU (same arithmetic as transformers)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64, device="cpu").float() / rotary_dim))
+    if rope_scaling is None:
+        return inv_freq
+    rope_type = rope_scaling["rope_type"]
+    factor = float(rope_scaling["factor"])
+    if rope_type == "linear":
+        return inv_freq / factor
+    if rope_type == "llama3":
+        low_freq_factor = float(rope_scaling["low_freq_factor"])
+        high_freq_factor = float(rope_scaling["high_freq_factor"])
+        old_context_len = float(rope_scaling["original_max_position_embeddings"])
+        low_freq_wavelen = old_context_len / low_freq_factor
+        high_freq_wavelen = old_context_len / high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        # long wavelengths are divided by factor, short ones kept, the band between is interpolated
+        inv_freq_llama = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        smoothed = (1 - smooth) * inv_freq_llama / factor + smooth * inv_freq_llama
+        is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+        return torch.where(is_medium, smoothed, inv_freq_llama)
+    raise ValueError(f"unsupported rope_scaling type {rope_type!r}; supported: linear, llama3")
+
+
+def compute_cos_sin_cache(rotary_dim: int, max_position: int, base: float,
+                          rope_scaling: dict | None = None) -> torch.Tensor:
+    """[max_position, rotary_dim] float32: first half cos, second half sin (vLLM layout)."""
+    inv_freq = compute_inv_freq(rotary_dim, base, rope_scaling)
+    t = torch.arange(max_position, dtype=torch.float32, device="cpu")
+    freqs = torch.outer(t, inv_freq)  # [P, rotary_dim/2]
+    return torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+
+
+def apply_rotary_ref(positions: torch.Tensor, x: torch.Tensor, cos_sin_cache: torch.Tensor,
+                     head_dim: int) -> torch.Tensor:
+    """Rotate x [T, H*head_dim] (or [T, H, head_dim]) by the angles at `positions` [T].
+
+    Only the first rotary_dim = cos_sin_cache.shape[-1] channels of each head rotate.
+    """
+    shape = x.shape
+    t = positions.shape[0]
+    x = x.reshape(t, -1, head_dim)
+    rotary_dim = cos_sin_cache.shape[-1]
+    half = rotary_dim // 2
+    cos_sin = cos_sin_cache.index_select(0, positions.reshape(-1).long())
+    cos = cos_sin[:, None, :half]
+    sin = cos_sin[:, None, half:]
+    xr = x[..., :rotary_dim].float()
+    x1, x2 = xr[..., :half], xr[..., half:]
+    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    if rotary_dim < head_dim:
+        out = torch.cat([out, x[..., rotary_dim:]], dim=-1)
+    return out.reshape(shape)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, head_dim: int, max_position: int, base: float,
+                 rope_scaling: dict | None = None, rotary_dim: int | None = None) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.rotary_dim = rotary_dim or head_dim
+        cache = compute_cos_sin_cache(self.rotary_dim, max_position, base, rope_scaling)
+        # Non-persistent: never in a state_dict. Built on CPU, moved to the ambient default device
+        # (the loader constructs models under `with torch.device(target)`).
+        self.register_buffer("cos_sin_cache", cache.to(torch.empty(0).device), persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cos_sin_cache.device != positions.device:
+            self.cos_sin_cache = self.cos_sin_cache.to(positions.device)
+        return (apply_rotary_ref(positions, q, self.cos_sin_cache, self.head_dim),
+                apply_rotary_ref(positions, k, self.cos_sin_cache, self.head_dim))
+
+
+def get_rope(head_dim: int, max_position: int, base: float, rope_scaling: dict | None = None) -> RotaryEmbedding:
+    """Build one RotaryEmbedding; a model builds it once and shares it between its layers
+    (the Llama-3.1 cache is 131072 x 128 float32 = 64 MiB, too big to copy per layer)."""
+    return RotaryEmbedding(head_dim, max_position, base, rope_scaling)

