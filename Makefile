@@ -17,7 +17,8 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -x -m "not slow" tests/unit $(ARGS)
 
-bench: setup
+bench: setup  ## llama.cpp is the peer: llama-cpp-python builds from source once (minutes)
+	@$(PY) -c "import llama_cpp" 2>/dev/null || $(PY) -m pip install -q --find-links .whl llama-cpp-python
 	$(PY) benchmarks/offline_cpu.py $(ARGS)
 
 protos: setup

@@ -150,7 +150,9 @@ class BlockManager:
         self.prefix_cache_hits += num_hit_tokens
         return hit_ids, num_hit_tokens
 
-    def _cache_full_blocks(self, request: Request, blocks: list[KVCacheBlock], num_computed: int) -> None:
+    def cache_full_blocks(
+        self, request: Request, blocks: list[KVCacheBlock], num_computed: int
+    ) -> None:
         """Register blocks that are full of tokens that are both computed (KV written by the end of
         the step being scheduled) and known (the slot of a token still being sampled is not)."""
         rid = request.request_id
@@ -216,8 +218,8 @@ class BlockManager:
             for i, block in enumerate(hits):
                 if i >= len(request.block_hashes) or block.block_hash != request.block_hashes[i]:
                     raise ValueError(
-                        f"block {block.block_id} is no longer a cache hit for {rid}: allocate_slots "
-                        "must follow get_computed_blocks with no allocation in between"
+                        f"block {block.block_id} is no longer a cache hit for {rid}: "
+                        "allocate_slots must follow get_computed_blocks with no allocation between"
                     )
 
         num_computed = request.num_computed_tokens + len(hits) * bs
@@ -226,11 +228,10 @@ class BlockManager:
         num_fresh = max(0, num_required - len(blocks) - len(hits))
         # Shared blocks this step writes into need a private copy first. Fully computed blocks
         # (index < num_computed // bs) are never written, so this is at most the partial tail.
-        cow = [
-            i
-            for i in range(num_computed // bs, min(len(blocks), num_required))
-            if num_new_tokens > 0 and blocks[i].ref_cnt > 1
-        ]
+        cow: list[int] = []
+        if num_new_tokens > 0:
+            write_range = range(num_computed // bs, min(len(blocks), num_required))
+            cow = [i for i in write_range if blocks[i].ref_cnt > 1]
         # Hits with ref_cnt 0 sit in the evictable pool, i.e. they are counted as free blocks.
         num_needed = num_fresh + len(cow) + sum(1 for b in hits if b.ref_cnt == 0)
         if num_needed > self.num_free_blocks:
@@ -253,7 +254,7 @@ class BlockManager:
         blocks.extend(fresh)
         self._req_blocks[rid] = blocks
         if self.enable_prefix_caching:
-            self._cache_full_blocks(request, blocks, num_total)
+            self.cache_full_blocks(request, blocks, num_total)
         return [b.block_id for b in hits] + [b.block_id for b in fresh]
 
     def take_block_copies(self) -> list[tuple[int, int]]:
@@ -295,7 +296,8 @@ class BlockManager:
         for block in blocks:
             block.ref_cnt += 1
         self._req_blocks[child.request_id] = list(blocks)
-        self._num_cached_blocks[child.request_id] = self._num_cached_blocks.get(parent.request_id, 0)
+        num_cached = self._num_cached_blocks.get(parent.request_id, 0)
+        self._num_cached_blocks[child.request_id] = num_cached
         if not child.block_hashes:
             child.block_hashes = list(parent.block_hashes)
 

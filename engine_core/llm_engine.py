@@ -128,10 +128,12 @@ class LLMEngine:
         finish_reason, stop_reason = delta.finish_reason, delta.stop_reason
         if detok is not None:
             stop_str = detok.update(delta.new_token_ids) if delta.new_token_ids else None
-            if stop_str is not None and finish_reason is None:
-                # Stop string seen in the text: end the request in the scheduler now.
-                self.core.finish_requests([delta.request_id], stop_reason=stop_str)
-                finish_reason, stop_reason = "stop", stop_str
+            if stop_str is not None:
+                if finish_reason is None:  # stop string seen in the text: end it in the scheduler now
+                    self.core.finish_requests([delta.request_id], stop_reason=stop_str)
+                finish_reason, stop_reason = "stop", stop_str  # a stop string wins over "length"
+            if finish_reason is not None:
+                detok.finish()  # flush a held-back tail (e.g. a partial multi-byte character)
             out.text = detok.output_text
         out.finish_reason, out.stop_reason = finish_reason, stop_reason
         return tracked.output

@@ -58,6 +58,11 @@ class ModelConfig:
             raise ValueError(
                 f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
+        # architectural facts the config.json does not always spell out
+        if arch == "qwen2":
+            self.attention_bias = True
+        if arch == "qwen3":
+            self.qk_norm = True
         for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings"):
             value = getattr(self, name)
@@ -204,9 +209,9 @@ class ModelConfig:
         with a metadata dict, otherwise tied embeddings are assumed only if the dict says nothing.
         """
         if isinstance(reader_or_metadata, (str, os.PathLike)):
-            from gguf import GGUFReader
+            from engine_core.loader.gguf_loader import open_gguf
 
-            reader_or_metadata = GGUFReader(os.fspath(reader_or_metadata))
+            reader_or_metadata = open_gguf(reader_or_metadata)
         if isinstance(reader_or_metadata, dict):
             meta = reader_or_metadata
         else:
@@ -235,9 +240,9 @@ class ModelConfig:
         vocab = meta.get(p + "vocab_size")
         if vocab is None:
             tokens = meta.get("tokenizer.ggml.tokens")
-            if tokens is None:
+            vocab = len(tokens) if tokens is not None else meta.get("tokenizer.ggml.tokens.count")
+            if vocab is None:
                 raise ValueError("GGUF metadata has neither vocab_size nor tokenizer.ggml.tokens")
-            vocab = len(tokens)
 
         rope_scaling = None
         scaling_type = meta.get(p + "rope.scaling.type")
@@ -285,11 +290,19 @@ class ModelConfig:
         )
 
 
+_BIG_GGUF_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
+                    "tokenizer.ggml.scores")
+
+
 def gguf_metadata(reader: Any) -> dict[str, Any]:
-    """Plain {key: python value} view of a GGUFReader's metadata (big token arrays included)."""
+    """Plain {key: python value} view of a GGUFReader's metadata. The tokenizer's big arrays are
+    replaced by their length under "<key>.count" (decoding 100k strings is slow and not needed)."""
     out: dict[str, Any] = {}
     for key, f in reader.fields.items():
         if key.startswith("GGUF."):
+            continue
+        if key in _BIG_GGUF_ARRAYS:
+            out[key + ".count"] = len(f.data)
             continue
         try:
             out[key] = f.contents()

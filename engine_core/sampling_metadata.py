@@ -10,8 +10,11 @@ kernels run at all; they are plain Python values computed from the SamplingParam
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 
+import numpy as np
 import torch
 
 from engine_core.sampling_params import GREEDY_EPS, SamplingParams
@@ -49,13 +52,38 @@ def make_generator(
     return g
 
 
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+def _flat_index(rows: list[int], seqs: list[Sequence[int]], V: int) -> np.ndarray:
+    """int64 ``row * (V+1) + tok`` for every token of every sequence (ids outside [0, V) -> V).
+
+    Sequences may be lists, numpy arrays or CPU tensors; the work is vectorized in numpy (no
+    per-token Python). numpy arrays are cheapest (a concatenate, no int conversion).
+    """
+    if not rows:
+        return np.empty(0, dtype=np.int64)
+    lens = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+    total = int(lens.sum())
+    if all(isinstance(s, list) for s in seqs):
+        toks = np.fromiter(chain.from_iterable(seqs), dtype=np.int64, count=total)
+    else:
+        toks = np.concatenate([np.asarray(s, dtype=np.int64).reshape(-1) for s in seqs])
+    toks = np.where((toks >= 0) & (toks < V), toks, V)
+    return np.repeat(np.asarray(rows, dtype=np.int64) * (V + 1), lens) + toks
+
+
+def _upload(parts: list[np.ndarray | list], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Concatenate host arrays into one (pinned, on CUDA) buffer and start one H2D copy.
+
+    Pinned + non_blocking: a pageable copy would wait for all queued GPU work (a host sync).
+    """
+    np_dtype = np.int64 if dtype == torch.int64 else np.float32
+    arrs = [np.asarray(p, dtype=np_dtype) for p in parts]
+    total = sum(a.size for a in arrs)
+    buf = torch.empty(total, dtype=dtype, pin_memory=device.type == "cuda")
+    if total:
+        np.concatenate(arrs, out=buf.numpy())
     if device.type == "cpu":
-        return t
-    if device.type == "cuda":
-        # Pinned + non_blocking: a pageable (blocking) copy would sync with the whole stream.
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
+        return buf
+    return buf.to(device, non_blocking=device.type == "cuda")
 
 
 @dataclass
@@ -67,16 +95,18 @@ class SamplingMetadata:
     top_p: torch.Tensor | None = None  # [N] float32, 1.0 = off
     min_p: torch.Tensor | None = None  # [N] float32, 0.0 = off
     generators: dict[int, torch.Generator] = field(default_factory=dict)  # row -> seeded generator
+    default_generator: torch.Generator | None = None  # unseeded random rows (None: torch's global RNG)
     presence_penalties: torch.Tensor | None = None  # [N] float32
     frequency_penalties: torch.Tensor | None = None  # [N] float32
     repetition_penalties: torch.Tensor | None = None  # [N] float32
-    output_token_counts: torch.Tensor | None = None  # [N, V] int32 (only filled for penalty rows)
+    output_token_counts: torch.Tensor | None = None  # [N, V] int32 view (non-contiguous); 0 for rows w/o penalties
     prompt_token_mask: torch.Tensor | None = None  # [N, V] bool; None if no row has repetition_penalty != 1
     logit_bias: torch.Tensor | None = None  # [N, V] float32 dense
     max_num_logprobs: int | None = None  # None: no row wants logprobs
     # (rows, token_ids) int64 pairs to set to -inf this step (eos/stop ids while min_tokens unmet)
     min_tokens_ban: tuple[torch.Tensor, torch.Tensor] | None = None
     max_top_k: int = 0  # host copy of max(top_k) (avoids a .item() sync)
+    top_k_all_rows: bool = False  # every random row has top_k > 0 (greedy rows' top_k is moot)
     vocab_size: int = 0
 
     @property
@@ -91,17 +121,22 @@ class SamplingMetadata:
     def build(
         cls,
         params: list[SamplingParams],
-        output_token_ids: list[list[int]],
-        prompt_token_ids: list[list[int]],
+        output_token_ids: Sequence[Sequence[int]],
+        prompt_token_ids: Sequence[Sequence[int]],
         generators: list[torch.Generator | None],
         vocab_size: int,
         device: torch.device | str,
         eos_token_ids: list[int],
+        default_generator: torch.Generator | None = None,
     ) -> SamplingMetadata:
         """Batch the per-request state of the N requests that sample this step (row i = request i).
 
         ``vocab_size`` must equal the width of the logits handed to the Sampler.
-        ``generators[i]`` is used only if row i is a random (non-greedy) row.
+        ``generators[i]`` is used only if row i is a random (non-greedy) row; unseeded random rows
+        draw from ``default_generator`` (on ``device``; None: torch's global RNG).
+        Token sequences may be lists, numpy int arrays or CPU tensors (arrays skip the list->tensor
+        conversion); they are only read for rows with penalties (prompt: repetition_penalty != 1)
+        and, by length, for min_tokens.
         """
         device = torch.device(device)
         n = len(params)
@@ -118,8 +153,10 @@ class SamplingMetadata:
         gens: dict[int, torch.Generator] = {}
         any_greedy = any_random = False
         max_lp: int | None = None
-        count_idx: list[int] = []  # flat row*V + tok, one per output token (with repeats)
-        prompt_idx: list[int] = []
+        out_rows: list[int] = []  # penalty rows and their output / prompt token sequences
+        out_seqs: list[Sequence[int]] = []
+        prompt_rows: list[int] = []
+        prompt_seqs: list[Sequence[int]] = []
         bias_idx: list[int] = []
         bias_val: list[float] = []
         ban_rows: list[int] = []
@@ -150,11 +187,12 @@ class SamplingMetadata:
                 pres.append(float(p.presence_penalty))
                 freq.append(float(p.frequency_penalty))
                 rep.append(float(p.repetition_penalty))
-                base = i * V
-                count_idx.extend(base + t for t in output_token_ids[i] if 0 <= t < V)
+                out_rows.append(i)
+                out_seqs.append(output_token_ids[i])
                 if p.repetition_penalty != 1.0:
                     any_rep = True
-                    prompt_idx.extend(base + t for t in set(prompt_token_ids[i]) if 0 <= t < V)
+                    prompt_rows.append(i)
+                    prompt_seqs.append(prompt_token_ids[i])
             else:
                 pres.append(0.0)
                 freq.append(0.0)
@@ -179,10 +217,13 @@ class SamplingMetadata:
         use_min_p = any(x > 0.0 for x in min_ps)
 
         # --- one float32 buffer and one int64 buffer -> two H2D copies ---
+        # Penalty history as flat indices into [N, V+1]; out-of-vocab ids land in the spare column V.
+        count_flat = _flat_index(out_rows, out_seqs, V)
+        prompt_flat = _flat_index(prompt_rows, prompt_seqs, V)
+        small = (top_ks if use_top_k else []) + bias_idx + ban_rows + ban_toks
         fl = temps + top_ps + min_ps + (pres + freq + rep if any_pen else []) + bias_val
-        ints = (top_ks if use_top_k else []) + count_idx + prompt_idx + bias_idx + ban_rows + ban_toks
-        f_dev = _to_device(torch.tensor(fl, dtype=torch.float32), device)
-        i_dev = _to_device(torch.tensor(ints, dtype=torch.int64), device)
+        f_dev = _upload([fl], torch.float32, device)
+        i_dev = _upload([small, count_flat, prompt_flat], torch.int64, device)
 
         fo = 0
 
@@ -206,23 +247,25 @@ class SamplingMetadata:
             pres_t, freq_t, rep_t = ftake(n), ftake(n), ftake(n)
         bias_v = ftake(len(bias_val))
         top_k_t = itake(n) if use_top_k else None
-        count_i = itake(len(count_idx))
-        prompt_i = itake(len(prompt_idx))
         bias_i = itake(len(bias_idx))
         ban_r = itake(len(ban_rows))
         ban_t = itake(len(ban_toks))
+        count_i = itake(count_flat.size)
+        prompt_i = itake(prompt_flat.size)
 
         counts = prompt_mask = bias = None
         if any_pen:
-            counts = torch.zeros(n, V, dtype=torch.int32, device=device)
-            if count_idx:
+            counts = torch.zeros(n, V + 1, dtype=torch.int32, device=device)
+            if count_i.numel():
                 counts.view(-1).scatter_add_(
-                    0, count_i, torch.ones(len(count_idx), dtype=torch.int32, device=device)
+                    0, count_i, torch.ones(count_i.numel(), dtype=torch.int32, device=device)
                 )
+            counts = counts[:, :V]
             if any_rep:
-                prompt_mask = torch.zeros(n, V, dtype=torch.bool, device=device)
-                if prompt_idx:
+                prompt_mask = torch.zeros(n, V + 1, dtype=torch.bool, device=device)
+                if prompt_i.numel():
                     prompt_mask.view(-1).index_fill_(0, prompt_i, True)
+                prompt_mask = prompt_mask[:, :V]
         if bias_idx:
             bias = torch.zeros(n, V, dtype=torch.float32, device=device)
             bias.view(-1).index_copy_(0, bias_i, bias_v)
@@ -235,6 +278,7 @@ class SamplingMetadata:
             top_p=top_p_t if use_top_p else None,
             min_p=min_p_t if use_min_p else None,
             generators=gens,
+            default_generator=default_generator,
             presence_penalties=pres_t,
             frequency_penalties=freq_t,
             repetition_penalties=rep_t,
@@ -244,5 +288,6 @@ class SamplingMetadata:
             max_num_logprobs=max_lp,
             min_tokens_ban=(ban_r, ban_t) if ban_rows else None,
             max_top_k=max(top_ks) if use_top_k else 0,
+            top_k_all_rows=use_top_k and all(k > 0 for k, t in zip(top_ks, temps) if t > 0),
             vocab_size=V,
         )

@@ -36,16 +36,18 @@ _EXTRA_EOS_TOKENS = (
     "<|end|>",  # Phi-3
 )
 
-# GGUF architectures whose transformers model type maps to the generic ``TokenizersBackend``
-# (``AutoTokenizer`` would pick exactly that class). For these we skip ``AutoTokenizer``, which
-# parses every tensor header of the GGUF (gguf.GGUFReader, ~2.5 s for a 100 MB file) only to
-# build a model config and choose the tokenizer class; the tokenizer it then builds is the same.
-_GENERIC_BACKEND_CLASS_NAMES = (None, "TokenizersBackend", "PreTrainedTokenizerFast")
+# GGUF architectures for which transformers' ``AutoTokenizer`` picks the generic
+# ``TokenizersBackend`` class (their model types have no tokenizer class of their own). For these we
+# skip ``AutoTokenizer``: it parses every field and tensor header of the GGUF with gguf.GGUFReader
+# (~2.5 s for the 100 MB SmolLM2 file) and imports torch, only to build a model config that picks
+# the tokenizer class; the tokenizer itself comes from the same GGUF converter either way
+# (tests/unit/test_tokenizer.py checks the result is identical for the default model).
+_GENERIC_BACKEND_GGUF_ARCHS = frozenset({"llama", "mistral", "phi3"})
 
 
 def _import_transformers():
     try:
-        import transformers  # noqa: F401
+        import transformers
     except ImportError as e:  # pragma: no cover - dependency is declared in pyproject
         raise ImportError("pagedserve's tokenizer needs `transformers` (pip install transformers)") from e
     return transformers
@@ -64,13 +66,13 @@ def _content_to_text(content: Any) -> str:
                 texts.append(part)
                 continue
             if not isinstance(part, dict):
-                raise ValueError(f"unsupported message content part: {part!r}")
+                raise ValueError(f"unsupported message content part: {part!r}")  # noqa: TRY004 (-> HTTP 400)
             ptype = part.get("type", "text")
             if ptype not in ("text", "input_text"):
                 raise ValueError(f"unsupported message content part type {ptype!r}: this model only takes text")
             text = part.get("text")
             if not isinstance(text, str):
-                raise ValueError("a text content part needs a string 'text' field")
+                raise ValueError("a text content part needs a string 'text' field")  # noqa: TRY004
             texts.append(text)
         # Same joining rule as vLLM for string-content chat templates.
         return "\n".join(texts)
@@ -138,18 +140,19 @@ class Tokenizer:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"GGUF file not found: {path}")
         _import_transformers()
-        from transformers import AutoTokenizer, TokenizersBackend
-        from transformers.integrations.gguf import read_gguf_metadata
-        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
-        from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES
+        from transformers import PreTrainedTokenizerFast
 
         path = os.path.abspath(path)
         dirname, basename = os.path.split(path)
-        metadata, _ = read_gguf_metadata(path)
+        metadata = _read_gguf_scalars(path)
         arch = metadata.get("general.architecture")
-        if arch in CONFIG_MAPPING_NAMES and TOKENIZER_MAPPING_NAMES.get(arch) in _GENERIC_BACKEND_CLASS_NAMES:
-            hf = TokenizersBackend.from_pretrained(dirname, gguf_file=basename, local_files_only=True)
-        else:  # a model-specific tokenizer class: let AutoTokenizer choose it (slower)
+        if arch in _GENERIC_BACKEND_GGUF_ARCHS:
+            # PreTrainedTokenizerFast is TokenizersBackend in transformers 5: the class AutoTokenizer
+            # ends up with for these architectures, built by the same GGUF converter.
+            hf = PreTrainedTokenizerFast.from_pretrained(dirname, gguf_file=basename, local_files_only=True)
+        else:  # maybe a model-specific tokenizer class: let AutoTokenizer choose it (slower)
+            from transformers import AutoTokenizer
+
             hf = AutoTokenizer.from_pretrained(dirname, gguf_file=basename, local_files_only=True)
 
         eos = [metadata.get("tokenizer.ggml.eos_token_id"), metadata.get("tokenizer.ggml.eot_token_id")]
@@ -186,10 +189,8 @@ class Tokenizer:
     def _detect_add_bos(self) -> bool:
         if self.bos_token_id is None:
             return False
-        try:
-            return self._hf.encode("a", add_special_tokens=True)[:1] == [self.bos_token_id]
-        except Exception:  # pragma: no cover - defensive
-            return bool(getattr(self._hf, "add_bos_token", False))
+        # What the post-processor really does, whatever the config flags say.
+        return self._hf.encode("a", add_special_tokens=True)[:1] == [self.bos_token_id]
 
     @property
     def hf(self) -> Any:
@@ -228,6 +229,8 @@ class Tokenizer:
         return self._hf.convert_tokens_to_string(list(tokens))
 
     def token_to_id(self, token: str) -> int | None:
+        if self._backend is not None:
+            return self._backend.token_to_id(token)
         return self._hf.get_vocab().get(token)
 
     # ------------------------------------------------------------------ chat
@@ -261,6 +264,17 @@ class Tokenizer:
         if tokenize:
             return self.encode(text, add_special_tokens=False)
         return text
+
+
+def _read_gguf_scalars(path: str) -> dict:
+    """The GGUF's metadata with arrays left out (fast: transformers 5's header reader). Empty when
+    this transformers has no such reader; ``from_gguf`` then just goes through AutoTokenizer."""
+    try:
+        from transformers.integrations.gguf import read_gguf_metadata
+    except ImportError:  # transformers < 5
+        return {}
+    metadata, _ = read_gguf_metadata(path)
+    return metadata
 
 
 def _generation_eos(model_dir: str) -> list[int]:

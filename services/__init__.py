@@ -1,0 +1,1 @@
+"""Thin gRPC services around engine_core (DESIGN.md §1): executor, tokenizer, scheduler."""

@@ -17,10 +17,24 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from engine_core.sampling_metadata import SamplingMetadata
+from engine_core.sampling_metadata import SamplingMetadata, make_generator
+
+__all__ = [
+    "Sampler",
+    "SamplerOutput",
+    "SamplingMetadata",
+    "apply_min_p",
+    "apply_penalties",
+    "apply_top_k_only",
+    "apply_top_k_top_p",
+    "gather_logprobs",
+    "make_generator",
+    "random_sample",
+]
 from engine_core.scheduler_output import TokenLogprobs
 
 _NEG_INF = float("-inf")
+_TOPK_FAST_MAX = 1024  # top-k + top-p via topk(max_top_k) instead of a full vocab sort
 
 
 @dataclass
@@ -102,15 +116,34 @@ def apply_top_k_only(logits: torch.Tensor, top_k: torch.Tensor, max_top_k: int) 
 
 
 def apply_top_k_top_p(
-    logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None, max_top_k: int = 0
+    logits: torch.Tensor,
+    top_k: torch.Tensor | None,
+    top_p: torch.Tensor | None,
+    max_top_k: int = 0,
+    top_k_all_rows: bool = False,
 ) -> torch.Tensor:
     """top-k (k=0 off) then top-p (keep the smallest set of most likely tokens whose probability
-    sums to >= p, always the top token; p=1 off) over the top-k-renormalized distribution."""
+    sums to >= p, always the top token; p=1 off) over the top-k-renormalized distribution.
+
+    ``top_k_all_rows``: every row that matters has k > 0 (rows with k=0 may then be filtered
+    arbitrarily: greedy rows). Then top-p only needs the top-``max_top_k`` tokens, not a full sort.
+    """
     if top_p is None:
         if top_k is None:
             return logits
         return apply_top_k_only(logits, top_k, max_top_k)
     V = logits.shape[1]
+    if top_k is not None and top_k_all_rows and 0 < max_top_k <= _TOPK_FAST_MAX and max_top_k < V:
+        vals, idx = logits.topk(max_top_k, dim=-1)  # descending
+        pos = torch.arange(max_top_k, device=logits.device)
+        # k-th largest, so ties at the threshold are kept as in the other paths
+        kth = vals.gather(1, (top_k.clamp(1, max_top_k) - 1).unsqueeze(1))
+        vals.masked_fill_(vals < kth, _NEG_INF)
+        probs = vals.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # mass of strictly more likely tokens
+        drop = (mass_before >= top_p.unsqueeze(1)) & (pos > 0)
+        vals.masked_fill_(drop, _NEG_INF)
+        return logits.fill_(_NEG_INF).scatter_(1, idx, vals)
     logits_sort, idx = logits.sort(dim=-1, descending=False)
     if top_k is not None:
         pos = (V - torch.where(top_k > 0, top_k, V).clamp(max=V)).unsqueeze(1)
@@ -130,16 +163,21 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill_(logits < thresh, _NEG_INF)
 
 
-def random_sample(probs: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
+def random_sample(
+    probs: torch.Tensor,
+    generators: dict[int, torch.Generator],
+    default_generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Exponential race: argmax(probs / q), q ~ Exp(1) i.i.d. == sampling from probs.
 
     Seeded rows draw q from their own generator (one small kernel each); the rest share one draw
-    from the default RNG. No torch.multinomial, no host sync.
+    from ``default_generator`` (None: torch's global RNG). No torch.multinomial, no host sync.
+    Modifies ``probs`` in place.
     """
     n = probs.shape[0]
     q = torch.empty_like(probs)
     if len(generators) < n:
-        q.exponential_()
+        q.exponential_(generator=default_generator)
     for i, g in generators.items():
         q[i].exponential_(generator=g)
     q.clamp_(min=torch.finfo(q.dtype).tiny)  # guard against q == 0 (0/0 -> nan)
@@ -195,11 +233,11 @@ class Sampler(nn.Module):
             if not md.all_random:
                 temp = torch.where(temp > 0, temp, 1.0)  # greedy rows: avoid / 0 (result unused)
             logits.div_(temp.unsqueeze(1))
-            logits = apply_top_k_top_p(logits, md.top_k, md.top_p, md.max_top_k)
+            logits = apply_top_k_top_p(logits, md.top_k, md.top_p, md.max_top_k, md.top_k_all_rows)
             if md.min_p is not None:
                 logits = apply_min_p(logits, md.min_p)
             probs = logits.softmax(dim=-1)
-            sampled = random_sample(probs, md.generators)
+            sampled = random_sample(probs, md.generators, md.default_generator)
             if greedy_ids is not None:
                 sampled = torch.where(md.temperature > 0, sampled, greedy_ids)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -13,8 +14,9 @@ from engine_core.layers.sampler import (
     apply_min_p,
     apply_penalties,
     apply_top_k_top_p,
+    make_generator,
 )
-from engine_core.sampling_metadata import SamplingMetadata, make_generator
+from engine_core.sampling_metadata import SamplingMetadata
 from engine_core.sampling_params import SamplingParams
 
 HAS_CUDA = torch.cuda.is_available()
@@ -154,6 +156,21 @@ def test_different_seeds_differ(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_default_generator_makes_unseeded_rows_reproducible(device):
+    V, n = 300, 6
+    logits = torch.zeros(n, V, device=device)
+    params = [SamplingParams(temperature=1.0)] * n
+
+    def run():
+        g = torch.Generator(device=device).manual_seed(42)
+        md = SamplingMetadata.build(params, [[]] * n, [[]] * n, [None] * n, V, device, [0], default_generator=g)
+        return [SAMPLER(logits, md).sampled_token_ids.tolist() for _ in range(3)]
+
+    a, b = run(), run()
+    assert a == b and a[0] != a[1]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_exponential_race_matches_distribution(device):
     probs = torch.tensor([0.1, 0.2, 0.3, 0.4])
     n = 4000
@@ -212,7 +229,7 @@ def test_filters_only_emit_allowed_tokens(device, seed, V, scale, temp, k, p, mi
     # 1) the filter helpers keep a set between the strict and the permissive reference
     md = build([sp], device, V)
     lg = row.to(device).unsqueeze(0) / temp
-    lg = apply_top_k_top_p(lg, md.top_k, md.top_p, md.max_top_k)
+    lg = apply_top_k_top_p(lg, md.top_k, md.top_p, md.max_top_k, md.top_k_all_rows)
     if md.min_p is not None:
         lg = apply_min_p(lg, md.min_p)
     kept = torch.isfinite(lg[0]).cpu()
@@ -240,8 +257,38 @@ def test_top_k_exact(device):
     assert kept[2].tolist() == [False, True, False, True, True, True]
     # with top_p active (sort path) the top-k part must agree
     md2 = build([SamplingParams(top_k=2, top_p=0.999999)], device, 6)
-    out2 = apply_top_k_top_p(logits[:1].clone(), md2.top_k, md2.top_p, md2.max_top_k)
-    assert torch.isfinite(out2).cpu()[0].tolist() == kept[0].tolist()
+    assert md2.top_k_all_rows
+    for fast in (False, True):
+        out2 = apply_top_k_top_p(logits[:1].clone(), md2.top_k, md2.top_p, md2.max_top_k, fast)
+        assert torch.isfinite(out2).cpu()[0].tolist() == kept[0].tolist()
+    # a tiny top_p still keeps the most likely token (and only it)
+    md3 = build([SamplingParams(top_p=1e-9)], device, 6)
+    out3 = apply_top_k_top_p(logits[:1].clone(), md3.top_k, md3.top_p, md3.max_top_k)
+    assert torch.isfinite(out3).cpu()[0].tolist() == [False, True, False, False, False, False]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_top_k_top_p_fast_path_matches_sort_path(device):
+    n, V = 32, 500
+    logits = randn(n, V, device, seed=21, scale=3.0)
+    g = torch.Generator().manual_seed(0)
+    params = [
+        SamplingParams(
+            temperature=1.0,
+            top_k=int(torch.randint(1, 120, (1,), generator=g)),
+            top_p=float(torch.rand(1, generator=g)) * 0.99 + 0.01,
+        )
+        for _ in range(n)
+    ]
+    md = build(params, device, V)
+    assert md.top_k_all_rows
+    slow = apply_top_k_top_p(logits.clone(), md.top_k, md.top_p, md.max_top_k, False)
+    fast = apply_top_k_top_p(logits.clone(), md.top_k, md.top_p, md.max_top_k, True)
+    assert torch.equal(torch.isfinite(slow), torch.isfinite(fast))
+    assert torch.equal(slow[torch.isfinite(slow)], fast[torch.isfinite(fast)])
+    # a row without top_k (random) turns the fast path off
+    assert not build(params + [SamplingParams(top_p=0.5)], device, V).top_k_all_rows
+    assert build(params + [SamplingParams(temperature=0.0)], device, V).top_k_all_rows
 
 
 # ------------------------------------------------------------------------------------- penalties
@@ -259,11 +306,18 @@ def test_apply_penalties_by_hand(device):
         SamplingParams(frequency_penalty=-0.5),
         SamplingParams(),  # no penalties: untouched even though it has history
     ]
-    outputs = [[3, 3, 2], [5, 5, 5, 1], [0, 1, 2]]
-    prompts = [[0, 4, 0], [2, 3], [1]]
+    outputs = [[3, 3, 2], [5, 5, 5, 1, V + 2], [0, 1, 2]]  # out-of-vocab ids are ignored
+    prompts = [[0, 4, 0, V], [2, 3], [1]]
     md = build(params, device, V, outputs=outputs, prompts=prompts)
     assert md.prompt_token_mask is not None
     assert md.output_token_counts.cpu().tolist() == [[0, 0, 1, 2, 0, 0], [0, 1, 0, 0, 0, 3], [0] * 6]
+    assert md.prompt_token_mask.cpu().tolist()[0] == [True, False, False, False, True, False]
+    # numpy arrays / tensors are accepted as token sequences and give the same tensors
+    md_np = build(
+        params, device, V, outputs=[np.array(o) for o in outputs], prompts=[torch.tensor(p) for p in prompts]
+    )
+    assert torch.equal(md_np.output_token_counts, md.output_token_counts)
+    assert torch.equal(md_np.prompt_token_mask, md.prompt_token_mask)
     got = apply_penalties(
         logits.clone(),
         md.prompt_token_mask,
@@ -392,23 +446,28 @@ def test_min_tokens_ban(device):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-def test_no_host_sync_on_cuda():
+@pytest.mark.parametrize("fast_top_k", [False, True])
+def test_no_host_sync_on_cuda(fast_top_k):
     dev = "cuda"
     V = 128
     params = [
         SamplingParams(temperature=0.0, logprobs=2, presence_penalty=0.3),
         SamplingParams(temperature=0.9, top_k=5, top_p=0.9, min_p=0.05, seed=3, logit_bias={1: 2.0}),
-        SamplingParams(temperature=1.2, min_tokens=4, repetition_penalty=1.1, logprobs=0),
+        SamplingParams(
+            temperature=1.2, top_k=7 if fast_top_k else 0, top_p=0.8, min_tokens=4, repetition_penalty=1.1, logprobs=0
+        ),
     ]
     outputs = [[1, 2], [3], [4, 4]]
     prompts = [[5], [6], [7]]
     logits = torch.randn(3, V, device=dev)
+    default = torch.Generator(device=dev).manual_seed(0)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         gens = [None, make_generator(3, 1, dev), None]
-        md = SamplingMetadata.build(params, outputs, prompts, gens, V, dev, [0])
+        md = SamplingMetadata.build(params, outputs, prompts, gens, V, dev, [0], default_generator=default)
         out = SAMPLER(logits, md)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+    assert md.top_k_all_rows == fast_top_k
     assert out.sampled_token_ids.shape == (3,)

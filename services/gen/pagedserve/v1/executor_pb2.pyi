@@ -1,3 +1,4 @@
+# ruff: noqa
 from . import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor

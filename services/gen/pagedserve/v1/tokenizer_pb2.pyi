@@ -1,3 +1,4 @@
+# ruff: noqa
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -85,14 +86,16 @@ class DetokenizeRequest(_message.Message):
     def __init__(self, options: _Optional[_Union[DetokenizeOptions, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ..., finished: _Optional[bool] = ...) -> None: ...
 
 class DetokenizeResponse(_message.Message):
-    __slots__ = ("text", "finished", "stop_str")
+    __slots__ = ("text", "finished", "stop_str", "num_output_tokens")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     STOP_STR_FIELD_NUMBER: _ClassVar[int]
+    NUM_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     text: str
     finished: bool
     stop_str: str
-    def __init__(self, text: _Optional[str] = ..., finished: _Optional[bool] = ..., stop_str: _Optional[str] = ...) -> None: ...
+    num_output_tokens: int
+    def __init__(self, text: _Optional[str] = ..., finished: _Optional[bool] = ..., stop_str: _Optional[str] = ..., num_output_tokens: _Optional[int] = ...) -> None: ...
 
 class GetInfoRequest(_message.Message):
     __slots__ = ()

@@ -1,0 +1,141 @@
+"""Paged attention: write this step's K/V into the block cache, then attend over the cache.
+
+KV cache layout per layer: one tensor [2, num_blocks, block_size, num_kv_heads, head_dim]
+(index 0 = K, 1 = V). A token with slot s lives at block s // block_size, offset s % block_size.
+
+The functions here are the pure-torch reference (CPU path and oracle for the Triton kernels):
+- `write_kv_cache_ref`  : scatter K/V rows into their slots (slot -1 = padding, skipped)
+- `paged_attention_ref` : decodes batched in one SDPA (K/V gathered through the block table, length
+                          mask); each prefill / chunked-prefill request in its own causal SDPA whose
+                          mask is offset by the cached prefix
+- `causal_attention_ref`: no cache at all (profiling run): plain causal attention per request over
+                          this step's tokens only
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine_core.layers.attention_metadata import AttentionMetadata
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def write_kv_cache_ref(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                       slot_mapping: torch.Tensor) -> None:
+    """key/value: [T, Hkv, D]; kv_cache: [2, num_blocks, block_size, Hkv, D]; slot_mapping: [T].
+
+    A negative slot marks a padding token (CUDA-graph padding): it is written to slot 0, which
+    belongs to the reserved null block 0 that no request owns (block_manager.py), instead of
+    being filtered out, which would need a device->host sync."""
+    if kv_cache.numel() == 0:
+        return
+    _, num_blocks, block_size, hkv, d = kv_cache.shape
+    flat = kv_cache.view(2, num_blocks * block_size, hkv, d)
+    slots = slot_mapping.to(torch.long).clamp_min(0)
+    flat[0].index_copy_(0, slots, key.to(kv_cache.dtype))
+    flat[1].index_copy_(0, slots, value.to(kv_cache.dtype))
+
+
+def _causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [Hq, L, D], k/v [Hkv, S, D] with S >= L: query i sits at absolute position S-L+i and sees
+    keys 0..S-L+i. Returns [Hq, L, D]."""
+    hq, L, _ = q.shape
+    hkv, S, _ = k.shape
+    gqa = hq != hkv
+    if L == S:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    q_pos = torch.arange(S - L, S, device=q.device)
+    mask = torch.arange(S, device=q.device)[None, :] <= q_pos[:, None]  # [L, S] True = attend
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+def _gather_seq(cache: torch.Tensor, block_table_row: torch.Tensor, seq_len: int, block_size: int) -> torch.Tensor:
+    """cache [num_blocks, block_size, Hkv, D] -> this request's first seq_len rows [Hkv, seq_len, D]."""
+    nblk = _cdiv(seq_len, block_size)
+    blocks = block_table_row[:nblk].to(torch.long)
+    rows = cache.index_select(0, blocks).reshape(nblk * block_size, *cache.shape[2:])[:seq_len]
+    return rows.transpose(0, 1)
+
+
+def paged_attention_ref(query: torch.Tensor, kv_cache: torch.Tensor, md: AttentionMetadata,
+                        scale: float) -> torch.Tensor:
+    """query: [T, Hq, D] (rows ordered as md describes); kv_cache already holds this step's K/V.
+    Returns [T, Hq, D]."""
+    T, hq, d = query.shape
+    key_cache, value_cache = kv_cache[0], kv_cache[1]
+    hkv = key_cache.shape[2]
+    bs = md.block_size
+    out = torch.empty_like(query)
+    nd = md.num_decodes
+
+    if nd > 0:  # decodes: one query row each, rows 0..nd-1
+        max_s = max(md.seq_lens_cpu[:nd])
+        nblk = _cdiv(max_s, bs)
+        bt = md.block_tables[:nd, :nblk].to(torch.long)  # [nd, nblk]
+        k = key_cache[bt].reshape(nd, nblk * bs, hkv, d).transpose(1, 2).to(query.dtype)  # [nd, Hkv, S, D]
+        v = value_cache[bt].reshape(nd, nblk * bs, hkv, d).transpose(1, 2).to(query.dtype)
+        valid = torch.arange(nblk * bs, device=query.device)[None, :] < md.seq_lens[:nd, None].to(query.device)
+        # slots past seq_len may hold never-written memory (NaN/inf): zero them, then mask them out
+        k = k.masked_fill(~valid[:, None, :, None], 0)
+        v = v.masked_fill(~valid[:, None, :, None], 0)
+        q = query[:nd].unsqueeze(2)  # [nd, Hq, 1, D]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :], scale=scale,
+                                           enable_gqa=hq != hkv)
+        out[:nd] = o.squeeze(2)
+
+    start = nd
+    for i in range(nd, md.num_reqs):  # prefills / chunked prefills (a 1-token chunk works too)
+        L, S = md.query_lens_cpu[i], md.seq_lens_cpu[i]
+        k = _gather_seq(key_cache, md.block_tables[i], S, bs).to(query.dtype)
+        v = _gather_seq(value_cache, md.block_tables[i], S, bs).to(query.dtype)
+        q = query[start:start + L].transpose(0, 1)  # [Hq, L, D]
+        out[start:start + L] = _causal_sdpa(q, k, v, scale).transpose(0, 1)
+        start += L
+    if start < T:  # rows beyond the scheduled tokens (padding) get zeros
+        out[start:].zero_()
+    return out
+
+
+def causal_attention_ref(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         md: AttentionMetadata, scale: float) -> torch.Tensor:
+    """No KV cache (profiling run): each request attends causally to its own tokens of this step."""
+    out = torch.zeros_like(query)
+    start = 0
+    for L in md.query_lens_cpu:
+        sl = slice(start, start + L)
+        out[sl] = _causal_sdpa(query[sl].transpose(0, 1), key[sl].transpose(0, 1),
+                               value[sl].transpose(0, 1), scale).transpose(0, 1)
+        start += L
+    return out
+
+
+class Attention(nn.Module):
+    """Stores this step's K/V in the paged cache and attends over it (pure-torch reference path)."""
+
+    def __init__(self, num_heads: int, head_dim: int, scale: float, num_kv_heads: int) -> None:
+        super().__init__()
+        if num_heads % num_kv_heads != 0:
+            raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.num_kv_heads = num_kv_heads
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                md: AttentionMetadata) -> torch.Tensor:
+        q = q.reshape(-1, self.num_heads, self.head_dim)
+        k = k.reshape(-1, self.num_kv_heads, self.head_dim)
+        v = v.reshape(-1, self.num_kv_heads, self.head_dim)
+        if kv_cache is None or kv_cache.numel() == 0:
+            o = causal_attention_ref(q, k, v, md, self.scale)
+        else:
+            write_kv_cache_ref(k, v, kv_cache, md.slot_mapping)
+            o = paged_attention_ref(q, kv_cache, md, self.scale)
+        return o.reshape(-1, self.num_heads * self.head_dim)
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, scale={self.scale:.4g}"

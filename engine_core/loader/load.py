@@ -1,0 +1,87 @@
+"""load_model(source, dtype, device): build the model directly on the target device/dtype (layers
+allocate uninitialised parameters under `with torch.device(device)` and a temporary default dtype,
+so nothing is materialised twice), then fill the parameters from GGUF / safetensors / random."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+
+import torch
+from torch import nn
+
+from engine_core.loader.dummy_loader import init_dummy_weights
+from engine_core.loader.gguf_loader import iter_gguf_weights
+from engine_core.loader.model_source import ModelSource, resolve_model
+from engine_core.loader.safetensors_loader import iter_safetensors_weights
+from engine_core.models.registry import get_model_class
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    """None/"auto": bfloat16 on GPU, float32 on CPU (DESIGN.md section 4)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    key = str(dtype).lower().removeprefix("torch.")
+    if key not in _DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; supported: auto, {', '.join(_DTYPES)}")
+    return _DTYPES[key]
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def load_model(source: ModelSource | str | os.PathLike | None, dtype: torch.dtype | str | None = None,
+               device: torch.device | str | None = None, seed: int = 0) -> nn.Module:
+    """Instantiate and fill the model for `source` (a ModelSource or anything resolve_model takes).
+    Returns it in eval mode on `device` in `dtype`."""
+    if not isinstance(source, ModelSource):
+        source = resolve_model(source)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    config = source.config
+    model_cls = get_model_class(config.architecture)
+    t0 = time.perf_counter()
+    with torch.device(device), _default_dtype(dtype):
+        model = model_cls(config)
+
+    if source.kind == "dummy":
+        init_dummy_weights(model, seed=seed)
+    else:
+        if source.kind == "gguf":
+            weights = iter_gguf_weights(source.path, config)
+        elif source.kind == "hf":
+            weights = iter_safetensors_weights(source.path, device)
+        else:
+            raise ValueError(f"unknown model source kind {source.kind!r}")
+        loaded = model.load_weights(weights)
+        missing = sorted(set(dict(model.named_parameters())) - loaded)
+        if missing:
+            raise ValueError(f"{source.path}: checkpoint lacks {len(missing)} parameter(s), e.g. {missing[:5]}")
+    model.eval()
+    logger.info("loaded %s (%s, %s) on %s as %s in %.2fs", source.name, source.kind, config.architecture,
+                device, dtype, time.perf_counter() - t0)
+    return model

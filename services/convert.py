@@ -1,0 +1,271 @@
+"""Engine dataclasses <-> protobuf messages (protos/pagedserve/v1/*.proto), both directions.
+
+`*_from_proto` functions validate structure and raise ValueError naming the problem (servers map
+it to INVALID_ARGUMENT). Conversions are exact: `x_from_proto(x_to_proto(v)) == v` for every valid
+value, including dict order of SchedulerOutput.num_scheduled_tokens (the executor's batch order).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from engine_core.executor.base import ExecutorInfo
+from engine_core.sampling_params import SamplingParams
+from engine_core.scheduler_output import (
+    CachedRequestData,
+    ModelRunnerOutput,
+    NewRequestData,
+    SchedulerOutput,
+    TokenLogprobs,
+)
+from services.gen.pagedserve.v1 import common_pb2, executor_pb2
+
+__all__ = [
+    "executor_info_from_proto",
+    "executor_info_to_proto",
+    "model_runner_output_from_proto",
+    "model_runner_output_to_proto",
+    "sampling_params_from_proto",
+    "sampling_params_to_proto",
+    "scheduler_output_from_proto",
+    "scheduler_output_to_proto",
+    "token_logprobs_from_proto",
+    "token_logprobs_to_proto",
+]
+
+# ---------------------------------------------------------------------------- SamplingParams
+# Scalar fields with explicit presence: unset <-> the dataclass default. Collections (stop,
+# stop_token_ids, logit_bias) are plain repeated/map fields. max_tokens: None <-> 0.
+_SP_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SamplingParams)
+                if f.default is not dataclasses.MISSING}
+_SP_SCALARS = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
+               "frequency_penalty", "repetition_penalty", "max_tokens", "min_tokens",
+               "include_stop_str_in_output", "ignore_eos", "logprobs", "skip_special_tokens")
+_SP_UNLIMITED_MAX_TOKENS = 0
+
+
+def sampling_params_to_proto(sp: SamplingParams) -> common_pb2.SamplingParams:
+    kw = {}
+    for name in _SP_SCALARS:
+        v = getattr(sp, name)
+        if v == _SP_DEFAULTS[name]:
+            continue
+        if v is None:
+            if name == "max_tokens":
+                kw[name] = _SP_UNLIMITED_MAX_TOKENS
+            continue  # seed / logprobs None: leave unset
+        kw[name] = v
+    msg = common_pb2.SamplingParams(**kw)
+    if sp.stop:
+        msg.stop.extend(sp.stop)
+    if sp.stop_token_ids:
+        msg.stop_token_ids.extend(sp.stop_token_ids)
+    for tok, bias in sp.logit_bias.items():
+        msg.logit_bias[tok] = bias
+    return msg
+
+
+def sampling_params_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:
+    """Unset fields take the dataclass defaults; validation errors are ValueErrors naming the field."""
+    kw = {}
+    for name in _SP_SCALARS:
+        if msg.HasField(name):
+            kw[name] = getattr(msg, name)
+    if kw.get("max_tokens") == _SP_UNLIMITED_MAX_TOKENS:
+        kw["max_tokens"] = None
+    if msg.stop:
+        kw["stop"] = list(msg.stop)
+    if msg.stop_token_ids:
+        kw["stop_token_ids"] = list(msg.stop_token_ids)
+    if msg.logit_bias:
+        kw["logit_bias"] = dict(msg.logit_bias)
+    return SamplingParams(**kw)
+
+
+# ---------------------------------------------------------------------------- logprobs
+def token_logprobs_to_proto(lp: TokenLogprobs) -> common_pb2.TokenLogprobs:
+    return common_pb2.TokenLogprobs(token_id=lp.token_id, logprob=lp.logprob, rank=lp.rank,
+                                    top_token_ids=lp.top_token_ids, top_logprobs=lp.top_logprobs)
+
+
+def token_logprobs_from_proto(msg: common_pb2.TokenLogprobs) -> TokenLogprobs:
+    if len(msg.top_token_ids) != len(msg.top_logprobs):
+        raise ValueError(f"TokenLogprobs: {len(msg.top_token_ids)} top_token_ids but "
+                         f"{len(msg.top_logprobs)} top_logprobs")
+    return TokenLogprobs(token_id=msg.token_id, logprob=msg.logprob, rank=msg.rank,
+                         top_token_ids=list(msg.top_token_ids), top_logprobs=list(msg.top_logprobs))
+
+
+# ---------------------------------------------------------------------------- SchedulerOutput
+def scheduler_output_to_proto(so: SchedulerOutput) -> executor_pb2.StepBatch:
+    NewPb, CachedPb, SchedPb = executor_pb2.NewRequestData, executor_pb2.CachedRequestData, executor_pb2.ScheduledTokens
+    return executor_pb2.StepBatch(
+        step_id=so.step_id,
+        scheduled_new_reqs=[
+            NewPb(req_id=r.req_id, prompt_token_ids=r.prompt_token_ids,
+                  sampling_params=sampling_params_to_proto(r.sampling_params), block_ids=r.block_ids,
+                  num_computed_tokens=r.num_computed_tokens, output_token_ids=r.output_token_ids)
+            for r in so.scheduled_new_reqs],
+        scheduled_cached_reqs=[
+            CachedPb(req_id=r.req_id, new_block_ids=r.new_block_ids, num_computed_tokens=r.num_computed_tokens)
+            for r in so.scheduled_cached_reqs],
+        num_scheduled_tokens=[SchedPb(req_id=k, num_tokens=v) for k, v in so.num_scheduled_tokens.items()],
+        total_num_scheduled_tokens=so.total_num_scheduled_tokens,
+        scheduled_spec_decode_tokens=[executor_pb2.SpecDecodeTokens(req_id=k, token_ids=v)
+                                      for k, v in so.scheduled_spec_decode_tokens.items()],
+        finished_req_ids=sorted(so.finished_req_ids),
+        block_copies=[executor_pb2.BlockCopy(src=s, dst=d) for s, d in so.block_copies],
+    )
+
+
+def scheduler_output_from_proto(msg: executor_pb2.StepBatch) -> SchedulerOutput:
+    """Structural checks only (ids unique and consistent, counts non-negative, the total adds up);
+    range checks against the model (vocab, KV blocks) are `check_step_against_info`'s job."""
+    new_reqs = []
+    for r in msg.scheduled_new_reqs:
+        if not r.req_id:
+            raise ValueError("scheduled_new_reqs: empty req_id")
+        if not r.prompt_token_ids:
+            raise ValueError(f"new request {r.req_id!r}: empty prompt_token_ids")
+        if r.num_computed_tokens < 0:
+            raise ValueError(f"new request {r.req_id!r}: negative num_computed_tokens")
+        try:
+            sp = sampling_params_from_proto(r.sampling_params)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"new request {r.req_id!r}: sampling_params: {e}") from None
+        new_reqs.append(NewRequestData(
+            req_id=r.req_id, prompt_token_ids=list(r.prompt_token_ids), sampling_params=sp,
+            block_ids=list(r.block_ids), num_computed_tokens=r.num_computed_tokens,
+            output_token_ids=list(r.output_token_ids)))
+    cached_reqs = []
+    for r in msg.scheduled_cached_reqs:
+        if not r.req_id:
+            raise ValueError("scheduled_cached_reqs: empty req_id")
+        if r.num_computed_tokens < 0:
+            raise ValueError(f"cached request {r.req_id!r}: negative num_computed_tokens")
+        cached_reqs.append(CachedRequestData(req_id=r.req_id, new_block_ids=list(r.new_block_ids),
+                                             num_computed_tokens=r.num_computed_tokens))
+    scheduled = [r.req_id for r in new_reqs] + [r.req_id for r in cached_reqs]
+    scheduled_set = set(scheduled)
+    if len(scheduled_set) != len(scheduled):
+        dup = next(r for r in scheduled if scheduled.count(r) > 1)
+        raise ValueError(f"request {dup!r} scheduled twice in step {msg.step_id}")
+    num_sched: dict[str, int] = {}
+    for e in msg.num_scheduled_tokens:
+        if e.req_id in num_sched:
+            raise ValueError(f"num_scheduled_tokens: duplicate entry for {e.req_id!r}")
+        if e.req_id not in scheduled_set:
+            raise ValueError(f"num_scheduled_tokens: {e.req_id!r} is neither a new nor a cached request")
+        if e.num_tokens <= 0:
+            raise ValueError(f"num_scheduled_tokens[{e.req_id!r}] must be >= 1, got {e.num_tokens}")
+        num_sched[e.req_id] = e.num_tokens
+    if len(num_sched) != len(scheduled_set):
+        missing = next(r for r in scheduled if r not in num_sched)
+        raise ValueError(f"request {missing!r} is scheduled but has no num_scheduled_tokens entry")
+    total = sum(num_sched.values())
+    if msg.total_num_scheduled_tokens != total:
+        raise ValueError(f"total_num_scheduled_tokens is {msg.total_num_scheduled_tokens}, "
+                         f"but num_scheduled_tokens sum to {total}")
+    spec: dict[str, list[int]] = {}
+    for e in msg.scheduled_spec_decode_tokens:
+        if e.req_id not in scheduled_set:
+            raise ValueError(f"scheduled_spec_decode_tokens: {e.req_id!r} is not scheduled")
+        if e.req_id in spec:
+            raise ValueError(f"scheduled_spec_decode_tokens: duplicate entry for {e.req_id!r}")
+        spec[e.req_id] = list(e.token_ids)
+    for c in msg.block_copies:
+        if c.src < 0 or c.dst < 0:
+            raise ValueError(f"block_copies: negative block id in ({c.src}, {c.dst})")
+    return SchedulerOutput(
+        step_id=msg.step_id,
+        scheduled_new_reqs=new_reqs,
+        scheduled_cached_reqs=cached_reqs,
+        num_scheduled_tokens=num_sched,
+        total_num_scheduled_tokens=total,
+        scheduled_spec_decode_tokens=spec,
+        finished_req_ids=set(msg.finished_req_ids),
+        block_copies=[(c.src, c.dst) for c in msg.block_copies],
+    )
+
+
+def check_step_against_info(so: SchedulerOutput, info: ExecutorInfo) -> None:
+    """Range checks a GPU would otherwise turn into a dead CUDA context (an out-of-range embedding
+    gather or KV write): token ids within the vocabulary, block ids within the KV cache, positions
+    within max_model_len. Raises ValueError."""
+    vocab, nblocks, max_len = info.vocab_size, info.num_kv_blocks, info.max_model_len
+
+    def check_tokens(what: str, ids: list[int]) -> None:
+        if ids and (min(ids) < 0 or max(ids) >= vocab):
+            bad = next(t for t in ids if not 0 <= t < vocab)
+            raise ValueError(f"{what}: token id {bad} is outside the vocabulary (size {vocab})")
+
+    def check_blocks(what: str, ids) -> None:
+        if ids and (min(ids) < 0 or max(ids) >= nblocks):
+            bad = next(b for b in ids if not 0 <= b < nblocks)
+            raise ValueError(f"{what}: block id {bad} is outside the KV cache ({nblocks} blocks)")
+
+    for r in so.scheduled_new_reqs:
+        check_tokens(f"new request {r.req_id!r} prompt_token_ids", r.prompt_token_ids)
+        check_tokens(f"new request {r.req_id!r} output_token_ids", r.output_token_ids)
+        check_blocks(f"new request {r.req_id!r} block_ids", r.block_ids)
+        n = len(r.prompt_token_ids) + len(r.output_token_ids)
+        if n > max_len:
+            raise ValueError(f"new request {r.req_id!r}: {n} tokens exceed max_model_len {max_len}")
+        if r.num_computed_tokens > n:
+            raise ValueError(f"new request {r.req_id!r}: num_computed_tokens {r.num_computed_tokens} > "
+                             f"its {n} tokens")
+        try:
+            r.sampling_params.validate_vocab(vocab)
+        except ValueError as e:
+            raise ValueError(f"new request {r.req_id!r}: sampling_params: {e}") from None
+    for r in so.scheduled_cached_reqs:
+        check_blocks(f"cached request {r.req_id!r} new_block_ids", r.new_block_ids)
+    for rid, toks in so.scheduled_spec_decode_tokens.items():
+        check_tokens(f"scheduled_spec_decode_tokens[{rid!r}]", toks)
+    check_blocks("block_copies", [b for pair in so.block_copies for b in pair])
+    if so.total_num_scheduled_tokens and max(so.num_scheduled_tokens.values()) > max_len:
+        rid = max(so.num_scheduled_tokens, key=so.num_scheduled_tokens.__getitem__)
+        raise ValueError(f"num_scheduled_tokens[{rid!r}] exceeds max_model_len {max_len}")
+
+
+# ---------------------------------------------------------------------------- ModelRunnerOutput
+def model_runner_output_to_proto(out: ModelRunnerOutput) -> executor_pb2.StepResult:
+    n = len(out.req_ids)
+    if len(out.sampled_token_ids) != n or len(out.logprobs) not in (0, n):
+        raise ValueError(f"ModelRunnerOutput step {out.step_id}: {n} req_ids, {len(out.sampled_token_ids)} "
+                         f"sampled_token_ids, {len(out.logprobs)} logprobs")
+    lps = out.logprobs or [None] * n
+    outputs = []
+    for rid, toks, lp in zip(out.req_ids, out.sampled_token_ids, lps):
+        m = executor_pb2.SampledTokens(req_id=rid, token_ids=toks)
+        if lp is not None:
+            m.logprobs.SetInParent()
+            m.logprobs.entries.extend([token_logprobs_to_proto(x) for x in lp])
+        outputs.append(m)
+    return executor_pb2.StepResult(step_id=out.step_id, outputs=outputs, execute_time_s=out.execute_time_s)
+
+
+def model_runner_output_from_proto(msg: executor_pb2.StepResult) -> ModelRunnerOutput:
+    req_ids, sampled, logprobs = [], [], []
+    for o in msg.outputs:
+        req_ids.append(o.req_id)
+        sampled.append(list(o.token_ids))
+        if o.HasField("logprobs"):
+            logprobs.append([token_logprobs_from_proto(x) for x in o.logprobs.entries])
+        else:
+            logprobs.append(None)
+    return ModelRunnerOutput(step_id=msg.step_id, req_ids=req_ids, sampled_token_ids=sampled,
+                             logprobs=logprobs, execute_time_s=msg.execute_time_s)
+
+
+# ---------------------------------------------------------------------------- ExecutorInfo
+_INFO_FIELDS = [f.name for f in dataclasses.fields(ExecutorInfo)]
+
+
+def executor_info_to_proto(info: ExecutorInfo) -> executor_pb2.ExecutorInfo:
+    return executor_pb2.ExecutorInfo(**{k: getattr(info, k) for k in _INFO_FIELDS})
+
+
+def executor_info_from_proto(msg: executor_pb2.ExecutorInfo) -> ExecutorInfo:
+    kw = {k: getattr(msg, k) for k in _INFO_FIELDS}
+    kw["eos_token_ids"] = list(msg.eos_token_ids)
+    return ExecutorInfo(**kw)

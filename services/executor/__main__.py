@@ -1,0 +1,5 @@
+import sys
+
+from services.executor.server import main
+
+sys.exit(main())

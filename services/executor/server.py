@@ -1,0 +1,275 @@
+"""`python -m services.executor`: serve an engine_core Executor (LocalExecutor by default) over gRPC.
+
+Every executor call (construction included) runs on one dedicated thread, so thread-local state
+(torch grad mode, the current CUDA device and stream) is the same for loading and for every step,
+and steps from any gRPC handler thread are serialized.
+
+Status codes: INVALID_ARGUMENT for a malformed batch (structure, ids out of range, or a ValueError
+from the executor), FAILED_PRECONDITION when the batch does not match the executor's state
+(ExecutorError: out of sync), INTERNAL for any other executor failure (the message says what
+failed), UNAVAILABLE while loading or shutting down. A failed step ends that Step stream; the
+process keeps serving.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from typing import Any
+
+import grpc
+
+from engine_core.executor.base import Executor, ExecutorError, ExecutorInfo
+from services import convert
+from services.gen.pagedserve.v1 import executor_pb2, executor_pb2_grpc
+from services.grpc_server import (
+    EXECUTOR_PORT,
+    GrpcServer,
+    add_common_args,
+    configure_logging,
+)
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = executor_pb2.DESCRIPTOR.services_by_name["Executor"].full_name
+DEFAULT_EXECUTOR = "engine_core.executor.local:LocalExecutor"
+_EOF = object()
+
+
+class _SerialThread:
+    """One daemon thread that runs submitted calls in order (the executor's home thread)."""
+
+    def __init__(self, name: str = "executor") -> None:
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            fut, fn, args = self._q.get()
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as e:  # noqa: BLE001 - delivered to the caller
+                fut.set_exception(e)
+
+    def submit(self, fn: Callable, *args: Any) -> Future:
+        fut: Future = Future()
+        self._q.put((fut, fn, args))
+        return fut
+
+    def call(self, fn: Callable, *args: Any) -> Any:
+        return self.submit(fn, *args).result()
+
+
+def _describe_error(e: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(e, ValueError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(e)
+    if isinstance(e, ExecutorError):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(e)
+    return grpc.StatusCode.INTERNAL, f"executor failed: {type(e).__name__}: {e}"
+
+
+class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
+    """pagedserve.v1.Executor over an engine_core Executor.
+
+    `load(factory)` builds the executor on the executor thread; until then every RPC answers
+    UNAVAILABLE. Or pass a ready `executor` (it is then also called from the executor thread).
+    """
+
+    def __init__(self, executor: Executor | None = None) -> None:
+        self._thread = _SerialThread()
+        self._executor: Executor | None = None
+        self._info: ExecutorInfo | None = None
+        self._info_pb: executor_pb2.ExecutorInfo | None = None
+        self._closing = threading.Event()
+        self._streams: set[queue.SimpleQueue] = set()
+        self._streams_lock = threading.Lock()
+        if executor is not None:
+            self.load(lambda: executor)
+
+    # ------------------------------------------------------------------ lifecycle
+    def load(self, factory: Callable[[], Executor]) -> ExecutorInfo:
+        def build() -> tuple[Executor, ExecutorInfo]:
+            ex = factory()
+            return ex, ex.describe()
+
+        ex, info = self._thread.call(build)
+        self._info, self._info_pb = info, convert.executor_info_to_proto(info)
+        self._executor = ex
+        return info
+
+    @property
+    def ready(self) -> bool:
+        return self._executor is not None and not self._closing.is_set()
+
+    def close_streams(self) -> None:
+        """Shutdown: every Step stream ends (UNAVAILABLE) once its current step is answered."""
+        self._closing.set()
+        with self._streams_lock:
+            for q in self._streams:
+                q.put(_EOF)
+
+    def shutdown_executor(self, timeout: float = 30.0) -> None:
+        if self._executor is not None:
+            try:
+                self._thread.submit(self._executor.shutdown).result(timeout)
+            except Exception:
+                logger.exception("executor shutdown failed")
+
+    def _check_ready(self, context: grpc.ServicerContext) -> None:
+        if self._closing.is_set():
+            context.abort(grpc.StatusCode.UNAVAILABLE, "executor service is shutting down")
+        if self._executor is None:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "executor is still loading the model")
+
+    # ------------------------------------------------------------------ RPCs
+    def Describe(self, request, context):
+        self._check_ready(context)
+        return self._info_pb
+
+    def Reset(self, request, context):
+        self._check_ready(context)
+        try:
+            self._thread.call(self._executor.reset)
+        except Exception as e:
+            logger.exception("executor reset failed")
+            code, msg = _describe_error(e)
+            context.abort(code, f"reset: {msg}")
+        return executor_pb2.ResetResponse()
+
+    def Step(self, request_iterator: Iterator[executor_pb2.StepBatch], context) -> Iterator[executor_pb2.StepResult]:
+        self._check_ready(context)
+        # Read the request stream on a helper thread so shutdown can end an idle stream at once.
+        inbox: queue.SimpleQueue = queue.SimpleQueue()
+
+        def reader() -> None:
+            try:
+                for batch in request_iterator:
+                    inbox.put(batch)
+            except Exception as e:  # noqa: BLE001 - the call ended (cancelled / peer gone)
+                logger.debug("step stream ended: %r", e)
+            inbox.put(_EOF)
+
+        with self._streams_lock:
+            self._streams.add(inbox)
+        threading.Thread(target=reader, name="step-reader", daemon=True).start()
+        peer = context.peer()
+        logger.info("step stream opened by %s", peer)
+        try:
+            while True:
+                batch = inbox.get()
+                if batch is _EOF:
+                    if self._closing.is_set():
+                        context.abort(grpc.StatusCode.UNAVAILABLE, "executor service is shutting down")
+                    return
+                yield self._run_step(batch, context)
+        finally:
+            with self._streams_lock:
+                self._streams.discard(inbox)
+            logger.info("step stream from %s closed", peer)
+
+    def _run_step(self, batch: executor_pb2.StepBatch, context) -> executor_pb2.StepResult:
+        error: tuple[grpc.StatusCode, str] | None = None
+        try:
+            so = convert.scheduler_output_from_proto(batch)
+            convert.check_step_against_info(so, self._info)
+        except ValueError as e:
+            error = grpc.StatusCode.INVALID_ARGUMENT, f"malformed step {batch.step_id}: {e}"
+        if error is None:
+            try:
+                out = self._thread.call(self._executor.execute, so)
+                return convert.model_runner_output_to_proto(out)
+            except Exception as e:
+                code, msg = _describe_error(e)
+                if code == grpc.StatusCode.INTERNAL:
+                    logger.exception("step %d failed", batch.step_id)
+                else:
+                    logger.warning("step %d rejected: %s", batch.step_id, msg)
+                error = code, f"step {batch.step_id}: {msg}"
+        else:
+            logger.warning("%s", error[1])
+        context.abort(*error)
+        raise AssertionError("unreachable")  # context.abort raises
+
+
+# ---------------------------------------------------------------------------- CLI
+def _load_factory(spec: str) -> Callable[..., Executor]:
+    mod, _, attr = spec.partition(":")
+    if not mod or not attr:
+        raise ValueError(f"--executor must be 'module:callable', got {spec!r}")
+    return getattr(importlib.import_module(mod), attr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from engine_core.config import EngineConfig
+
+    p = argparse.ArgumentParser(prog="python -m services.executor",
+                                description="pagedserve executor service: model weights, KV cache, forward + sampling")
+    p.add_argument("model_pos", nargs="?", metavar="MODEL", help="same as --model")
+    p.add_argument("--model", default=None,
+                   help="GGUF file, HF model directory, dummy:<config> or 'default' (the embedded SmolLM2)")
+    EngineConfig.add_cli_args(p)
+    p.add_argument("--executor", default=DEFAULT_EXECUTOR,
+                   help=f"Executor factory 'module:callable' called with the EngineConfig (default {DEFAULT_EXECUTOR})")
+    add_common_args(p, EXECUTOR_PORT)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from engine_core.config import EngineConfig
+
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level, args.log_format, "executor")
+    model = args.model or args.model_pos
+    try:
+        config = EngineConfig.from_cli_args(args, model=model)
+        factory = _load_factory(args.executor)
+    except (ValueError, ImportError, AttributeError) as e:
+        logger.error("bad arguments: %s", e)
+        return 2
+
+    servicer = ExecutorServicer()
+    srv = GrpcServer("executor", [SERVICE_NAME], args.host, args.port, max_workers=args.max_workers,
+                     grace_s=args.shutdown_grace)
+    executor_pb2_grpc.add_ExecutorServicer_to_server(servicer, srv.server)
+    srv.on_shutdown(servicer.close_streams)
+    srv.install_signal_handlers()
+    srv.start()  # health NOT_SERVING while the model loads
+
+    result: dict = {}
+
+    def do_load() -> None:
+        try:
+            result["info"] = servicer.load(lambda: factory(config))
+        except BaseException as e:  # noqa: BLE001
+            result["error"] = e
+
+    loader = threading.Thread(target=do_load, name="load", daemon=True)
+    loader.start()
+    while loader.is_alive() and not srv.stopping:
+        loader.join(0.2)
+    if srv.stopping:
+        srv.wait()
+        return 0
+    if "error" in result:
+        e = result["error"]
+        logger.error("could not load the executor: %s: %s", type(e).__name__, e, exc_info=e)
+        srv.stop(0)
+        srv.wait()
+        return 1
+    info: ExecutorInfo = result["info"]
+    logger.info("executor ready: %s (%s) on %s, %s; %d KV blocks x %d tokens, max_model_len %d",
+                info.model_name, info.architecture, info.device, info.dtype, info.num_kv_blocks,
+                info.block_size, info.max_model_len)
+    srv.set_serving(True)
+    srv.wait()
+    servicer.shutdown_executor()
+    logger.info("executor stopped")
+    return 0
+

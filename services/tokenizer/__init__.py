@@ -1,0 +1,1 @@
+"""The tokenizer gRPC service: encode, chat templates, decode, incremental detokenization."""

@@ -1,0 +1,5 @@
+import sys
+
+from services.tokenizer.server import main
+
+sys.exit(main())

