@@ -17,8 +17,11 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -x -m "not slow" tests/unit $(ARGS)
 
-bench: setup  ## llama.cpp is the peer: llama-cpp-python builds from source once (minutes)
-	@$(PY) -c "import llama_cpp" 2>/dev/null || $(PY) -m pip install -q --find-links .whl llama-cpp-python
+# llama.cpp is the peer: llama-cpp-python builds from source once (minutes). AMX kernels off: they
+# segfault where the kernel does not grant AMX tile state to the process (seen in sandboxes).
+LLAMA_CMAKE_ARGS := -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+bench: setup
+	@$(PY) -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q --find-links .whl llama-cpp-python
 	$(PY) benchmarks/offline_cpu.py $(ARGS)
 
 protos: setup

@@ -134,7 +134,7 @@ class ModelConfig:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(d, dict):
-            raise ValueError(f"{path}: expected a JSON object")
+            raise ValueError(f"{path}: expected a JSON object")  # noqa: TRY004 - config errors are ValueErrors
         return cls.from_json_dict(d)
 
     @classmethod
@@ -306,7 +306,7 @@ def gguf_metadata(reader: Any) -> dict[str, Any]:
             continue
         try:
             out[key] = f.contents()
-        except Exception:  # noqa: BLE001 - odd field types are not needed by us
+        except Exception:  # noqa: BLE001, S112 - odd field types are not needed by us
             continue
     return out
 
@@ -332,7 +332,7 @@ def _normalize_rope_scaling(rs: dict | None) -> dict | None:
     if rs is None:
         return None
     if not isinstance(rs, dict):
-        raise ValueError(f"ModelConfig.rope_scaling must be a dict or None, got {rs!r}")
+        raise ValueError(f"ModelConfig.rope_scaling must be a dict or None, got {rs!r}")  # noqa: TRY004
     rs = dict(rs)
     rope_type = rs.pop("rope_type", None) or rs.pop("type", None) or "default"
     rs.pop("type", None)

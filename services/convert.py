@@ -20,6 +20,7 @@ from engine_core.scheduler_output import (
 from services.gen.pagedserve.v1 import common_pb2, executor_pb2
 
 __all__ = [
+    "check_step_against_info",
     "executor_info_from_proto",
     "executor_info_to_proto",
     "model_runner_output_from_proto",
@@ -97,33 +98,69 @@ def token_logprobs_from_proto(msg: common_pb2.TokenLogprobs) -> TokenLogprobs:
 
 # ---------------------------------------------------------------------------- SchedulerOutput
 def scheduler_output_to_proto(so: SchedulerOutput) -> executor_pb2.StepBatch:
-    NewPb, CachedPb, SchedPb = executor_pb2.NewRequestData, executor_pb2.CachedRequestData, executor_pb2.ScheduledTokens
-    return executor_pb2.StepBatch(
-        step_id=so.step_id,
-        scheduled_new_reqs=[
-            NewPb(req_id=r.req_id, prompt_token_ids=r.prompt_token_ids,
-                  sampling_params=sampling_params_to_proto(r.sampling_params), block_ids=r.block_ids,
-                  num_computed_tokens=r.num_computed_tokens, output_token_ids=r.output_token_ids)
-            for r in so.scheduled_new_reqs],
-        scheduled_cached_reqs=[
-            CachedPb(req_id=r.req_id, new_block_ids=r.new_block_ids, num_computed_tokens=r.num_computed_tokens)
-            for r in so.scheduled_cached_reqs],
-        num_scheduled_tokens=[SchedPb(req_id=k, num_tokens=v) for k, v in so.num_scheduled_tokens.items()],
-        total_num_scheduled_tokens=so.total_num_scheduled_tokens,
-        scheduled_spec_decode_tokens=[executor_pb2.SpecDecodeTokens(req_id=k, token_ids=v)
-                                      for k, v in so.scheduled_spec_decode_tokens.items()],
-        finished_req_ids=sorted(so.finished_req_ids),
-        block_copies=[executor_pb2.BlockCopy(src=s, dst=d) for s, d in so.block_copies],
-    )
+    """Raises ValueError when so is inconsistent (a scheduled request without a
+    num_scheduled_tokens entry, or an entry / spec tokens for a request that is not scheduled)."""
+    nst, spec = so.num_scheduled_tokens, so.scheduled_spec_decode_tokens
+    NewPb, CachedPb = executor_pb2.NewRequestData, executor_pb2.CachedRequestData
+    try:
+        cached = []
+        for r in so.scheduled_cached_reqs:
+            m = CachedPb(req_id=r.req_id, num_computed_tokens=r.num_computed_tokens,
+                         num_scheduled_tokens=nst[r.req_id])
+            if r.new_block_ids:  # passing empty lists to the constructor is not free
+                m.new_block_ids.extend(r.new_block_ids)
+            if spec and r.req_id in spec:
+                m.spec_token_ids.extend(spec[r.req_id])
+            cached.append(m)
+        new = []
+        for r in so.scheduled_new_reqs:
+            m = NewPb(req_id=r.req_id, prompt_token_ids=r.prompt_token_ids,
+                      sampling_params=sampling_params_to_proto(r.sampling_params), block_ids=r.block_ids,
+                      num_computed_tokens=r.num_computed_tokens, num_scheduled_tokens=nst[r.req_id])
+            if r.output_token_ids:
+                m.output_token_ids.extend(r.output_token_ids)
+            if spec and r.req_id in spec:
+                m.spec_token_ids.extend(spec[r.req_id])
+            new.append(m)
+    except KeyError as e:
+        raise ValueError(f"step {so.step_id}: request {e.args[0]!r} is scheduled but has no "
+                         f"num_scheduled_tokens entry") from None
+    natural = [r.req_id for r in so.scheduled_cached_reqs] + [r.req_id for r in so.scheduled_new_reqs]
+    if len(nst) != len(natural) or (spec and not spec.keys() <= nst.keys()):
+        ghost = next(r for r in [*nst, *spec] if r not in set(natural))
+        raise ValueError(f"step {so.step_id}: {ghost!r} has num_scheduled_tokens / spec tokens but is "
+                         f"neither a new nor a cached request")
+    msg = executor_pb2.StepBatch(step_id=so.step_id, scheduled_new_reqs=new, scheduled_cached_reqs=cached,
+                                 total_num_scheduled_tokens=so.total_num_scheduled_tokens)
+    if list(nst) != natural:
+        index = {r: i for i, r in enumerate(natural)}
+        msg.schedule_order.extend([index[r] for r in nst])
+    if so.finished_req_ids:
+        msg.finished_req_ids.extend(sorted(so.finished_req_ids))
+    if so.block_copies:
+        msg.block_copies.extend([executor_pb2.BlockCopy(src=a, dst=b) for a, b in so.block_copies])
+    return msg
 
 
 def scheduler_output_from_proto(msg: executor_pb2.StepBatch) -> SchedulerOutput:
-    """Structural checks only (ids unique and consistent, counts non-negative, the total adds up);
+    """Structural checks only (ids unique, counts positive, order a permutation, the total adds up);
     range checks against the model (vocab, KV blocks) are `check_step_against_info`'s job."""
+    ids: list[str] = []
+    counts: list[int] = []
+    spec: dict[str, list[int]] = {}
+    cached_reqs = []
+    for r in msg.scheduled_cached_reqs:
+        if r.num_computed_tokens < 0:
+            raise ValueError(f"cached request {r.req_id!r}: negative num_computed_tokens")
+        blocks = r.new_block_ids  # usually empty for a decode: skip the list() then
+        cached_reqs.append(CachedRequestData(req_id=r.req_id, new_block_ids=list(blocks) if blocks else [],
+                                             num_computed_tokens=r.num_computed_tokens))
+        ids.append(r.req_id)
+        counts.append(r.num_scheduled_tokens)
+        if r.spec_token_ids:
+            spec[r.req_id] = list(r.spec_token_ids)
     new_reqs = []
     for r in msg.scheduled_new_reqs:
-        if not r.req_id:
-            raise ValueError("scheduled_new_reqs: empty req_id")
         if not r.prompt_token_ids:
             raise ValueError(f"new request {r.req_id!r}: empty prompt_token_ids")
         if r.num_computed_tokens < 0:
@@ -136,42 +173,30 @@ def scheduler_output_from_proto(msg: executor_pb2.StepBatch) -> SchedulerOutput:
             req_id=r.req_id, prompt_token_ids=list(r.prompt_token_ids), sampling_params=sp,
             block_ids=list(r.block_ids), num_computed_tokens=r.num_computed_tokens,
             output_token_ids=list(r.output_token_ids)))
-    cached_reqs = []
-    for r in msg.scheduled_cached_reqs:
-        if not r.req_id:
-            raise ValueError("scheduled_cached_reqs: empty req_id")
-        if r.num_computed_tokens < 0:
-            raise ValueError(f"cached request {r.req_id!r}: negative num_computed_tokens")
-        cached_reqs.append(CachedRequestData(req_id=r.req_id, new_block_ids=list(r.new_block_ids),
-                                             num_computed_tokens=r.num_computed_tokens))
-    scheduled = [r.req_id for r in new_reqs] + [r.req_id for r in cached_reqs]
-    scheduled_set = set(scheduled)
-    if len(scheduled_set) != len(scheduled):
-        dup = next(r for r in scheduled if scheduled.count(r) > 1)
+        ids.append(r.req_id)
+        counts.append(r.num_scheduled_tokens)
+        if r.spec_token_ids:
+            spec[r.req_id] = list(r.spec_token_ids)
+    if len(set(ids)) != len(ids):
+        seen: set[str] = set()
+        dup = next(r for r in ids if r in seen or seen.add(r))
         raise ValueError(f"request {dup!r} scheduled twice in step {msg.step_id}")
-    num_sched: dict[str, int] = {}
-    for e in msg.num_scheduled_tokens:
-        if e.req_id in num_sched:
-            raise ValueError(f"num_scheduled_tokens: duplicate entry for {e.req_id!r}")
-        if e.req_id not in scheduled_set:
-            raise ValueError(f"num_scheduled_tokens: {e.req_id!r} is neither a new nor a cached request")
-        if e.num_tokens <= 0:
-            raise ValueError(f"num_scheduled_tokens[{e.req_id!r}] must be >= 1, got {e.num_tokens}")
-        num_sched[e.req_id] = e.num_tokens
-    if len(num_sched) != len(scheduled_set):
-        missing = next(r for r in scheduled if r not in num_sched)
-        raise ValueError(f"request {missing!r} is scheduled but has no num_scheduled_tokens entry")
-    total = sum(num_sched.values())
+    if "" in ids:
+        raise ValueError("a scheduled request has an empty req_id")
+    bad = next((i for i, n in enumerate(counts) if n <= 0), None)
+    if bad is not None:
+        raise ValueError(f"num_scheduled_tokens of {ids[bad]!r} must be >= 1, got {counts[bad]}")
+    order = list(msg.schedule_order)
+    if order:
+        if sorted(order) != list(range(len(ids))):
+            raise ValueError(f"schedule_order must be a permutation of 0..{len(ids) - 1}")
+        num_sched = {ids[i]: counts[i] for i in order}
+    else:
+        num_sched = dict(zip(ids, counts))
+    total = sum(counts)
     if msg.total_num_scheduled_tokens != total:
         raise ValueError(f"total_num_scheduled_tokens is {msg.total_num_scheduled_tokens}, "
                          f"but num_scheduled_tokens sum to {total}")
-    spec: dict[str, list[int]] = {}
-    for e in msg.scheduled_spec_decode_tokens:
-        if e.req_id not in scheduled_set:
-            raise ValueError(f"scheduled_spec_decode_tokens: {e.req_id!r} is not scheduled")
-        if e.req_id in spec:
-            raise ValueError(f"scheduled_spec_decode_tokens: duplicate entry for {e.req_id!r}")
-        spec[e.req_id] = list(e.token_ids)
     for c in msg.block_copies:
         if c.src < 0 or c.dst < 0:
             raise ValueError(f"block_copies: negative block id in ({c.src}, {c.dst})")

@@ -79,6 +79,14 @@ class RotaryEmbedding(nn.Module):
         # (the loader constructs models under `with torch.device(target)`).
         self.register_buffer("cos_sin_cache", cache.to(torch.empty(0).device), persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        # follow device moves, but keep the cache float32 when the model is cast (model.half())
+        cache = self.cos_sin_cache
+        super()._apply(fn, recurse)
+        if self.cos_sin_cache.dtype != torch.float32:
+            self.cos_sin_cache = cache.to(self.cos_sin_cache.device)
+        return self
+
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.cos_sin_cache.device != positions.device:
             self.cos_sin_cache = self.cos_sin_cache.to(positions.device)

@@ -10,6 +10,7 @@ which `load_weights` fills shard by shard (the vLLM / nano-vllm stacked-params m
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -18,7 +19,14 @@ from engine_core.layers.activation import SiluAndMul
 from engine_core.layers.attention import Attention
 from engine_core.layers.attention_metadata import AttentionMetadata
 from engine_core.layers.layernorm import RMSNorm
-from engine_core.layers.linear import Linear, LMHead, MergedLinear, QKVLinear, VocabEmbedding, default_weight_loader
+from engine_core.layers.linear import (
+    Linear,
+    LMHead,
+    MergedLinear,
+    QKVLinear,
+    VocabEmbedding,
+    default_weight_loader,
+)
 from engine_core.layers.rotary import RotaryEmbedding, get_rope
 from engine_core.model_config import ModelConfig
 
@@ -109,7 +117,7 @@ class LlamaModel(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     # HF checkpoint name fragment -> (our fused parameter fragment, shard id)
-    packed_modules_mapping = {
+    packed_modules_mapping: ClassVar[dict[str, tuple[str, str | int]]] = {
         ".q_proj.": (".qkv_proj.", "q"),
         ".k_proj.": (".qkv_proj.", "k"),
         ".v_proj.": (".qkv_proj.", "v"),
@@ -117,7 +125,7 @@ class LlamaForCausalLM(nn.Module):
         ".up_proj.": (".gate_up_proj.", 1),
     }
     # checkpoint entries that are not parameters of ours
-    ignored_weight_suffixes = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+    ignored_weight_suffixes: ClassVar[tuple[str, ...]] = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()

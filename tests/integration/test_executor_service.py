@@ -190,10 +190,10 @@ def test_unavailable_while_loading():
         srv.stop(0).wait(5)
 
 
-def _spawn_executor(*extra):
+def _spawn_executor(*extra, port: int = 0):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services.executor", "--executor", "tests.integration.fake_executor:FakeExecutor", "--port", "0",
+        [sys.executable, "-m", "services.executor", "--executor", "tests.integration.fake_executor:FakeExecutor", "--port", str(port),
          "--num-gpu-blocks-override", "32", "--max-model-len", "256", "--shutdown-grace", "2", *extra],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
@@ -237,6 +237,32 @@ def test_killed_executor_fails_fast():
         assert ei.value.code == grpc.StatusCode.UNAVAILABLE
         assert time.monotonic() - t0 < 5
         assert client.health() == "UNREACHABLE"
+        client.shutdown()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_reconnects_to_a_restarted_executor():
+    """The executor restarts on the same address: the same client reconnects, and after reset()
+    the scheduler replays its requests as new ones (prompt + output tokens so far)."""
+    proc, addr = _spawn_executor()
+    port = int(addr.rsplit(":", 1)[1])
+    try:
+        client = GrpcExecutor(addr, wait_ready_s=20, step_timeout_s=30)
+        first = client.execute(prefill(0, new_req("a", [1, 2, 3])))
+        proc.kill()
+        proc.wait()
+        with pytest.raises(GrpcExecutorError):
+            client.execute(decode(1, {"a": 3}))
+        proc, _ = _spawn_executor(port=port)
+        client.wait_ready(20)
+        client.reset()
+        out = client.execute(SchedulerOutput(step_id=2, scheduled_new_reqs=[
+            NewRequestData("a", [1, 2, 3], SamplingParams(), [1], 0, output_token_ids=first.sampled_token_ids[0])],
+            num_scheduled_tokens={"a": 4}, total_num_scheduled_tokens=4))
+        assert out.sampled_token_ids[0] == [FakeExecutor.next_token(first.sampled_token_ids[0][0], 4)]
         client.shutdown()
     finally:
         if proc.poll() is None:

@@ -173,20 +173,23 @@ def smollm2(smollm2_source):
 
 
 @pytest.fixture(scope="module")
-def hf_smollm2(smollm2_source):
+def hf_smollm2(smollm2_source, request):
     """transformers' model with transformers' own GGUF dequantisation and q/k un-permute.
 
-    AutoModelForCausalLM.from_pretrained(dir, gguf_file=...) needs `accelerate`; without it we run
-    the same code path by hand (load_gguf_checkpoint) into a LlamaForCausalLM."""
+    AutoModelForCausalLM.from_pretrained(dir, gguf_file=...) (conftest's session-wide `hf_model`)
+    needs `accelerate`; without it we run the same code path by hand (load_gguf_checkpoint, which
+    from_pretrained calls) into a LlamaForCausalLM."""
     transformers = pytest.importorskip("transformers")
     path = smollm2_source.path
     try:
         import accelerate  # noqa: F401
 
-        return transformers.AutoModelForCausalLM.from_pretrained(
-            os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
+        return request.getfixturevalue("hf_model")  # shared with the other HF-oracle tests
     except ImportError:
         pass
+    except pytest.FixtureLookupError:
+        return transformers.AutoModelForCausalLM.from_pretrained(
+            os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
     from transformers.initialization import no_init_weights
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
