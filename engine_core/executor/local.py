@@ -41,7 +41,7 @@ class LocalExecutor(Executor):
             model = f"dummy:{model}"  # random weights from the model's config (GPU speed work)
         self.source = resolve_model(model)
         mc = self.source.config
-        config.resolve_limits(mc.max_position_embeddings)
+        config.resolve_limits(mc.max_model_len_limit)  # sliding-window models: capped (not implemented)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         torch.manual_seed(config.seed)
@@ -54,7 +54,9 @@ class LocalExecutor(Executor):
                 f"the KV cache holds {capacity} tokens ({self.num_blocks - 1} blocks of {config.block_size}), "
                 f"less than max_model_len={config.max_model_len}; raise the KV budget or lower max_model_len")
         self.runner = ModelRunner(self.model, mc, device=self.device, dtype=self.dtype,
-                                  block_size=config.block_size, num_blocks=self.num_blocks, seed=config.seed)
+                                  block_size=config.block_size, num_blocks=self.num_blocks, seed=config.seed,
+                                  cuda_graphs=not config.enforce_eager, max_num_seqs=config.max_num_seqs,
+                                  max_model_len=config.max_model_len)
         logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB); max concurrency at "
                     "max_model_len=%d: %.1fx", self.num_blocks, config.block_size, capacity,
                     self.num_blocks * self._block_bytes() / 2**30, config.max_model_len,

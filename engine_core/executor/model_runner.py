@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from engine_core.executor.base import ExecutorError
+from engine_core.executor.cuda_graph import CudaGraphRunner
 from engine_core.executor.request_state import CachedRequestState
 from engine_core.layers.attention_metadata import AttentionMetadata
 from engine_core.layers.sampler import Sampler, SamplerOutput, make_generator
@@ -25,7 +26,8 @@ logger = logging.getLogger(__name__)
 
 class ModelRunner:
     def __init__(self, model: nn.Module, model_config: ModelConfig, *, device: torch.device,
-                 dtype: torch.dtype, block_size: int, num_blocks: int, seed: int = 0) -> None:
+                 dtype: torch.dtype, block_size: int, num_blocks: int, seed: int = 0,
+                 cuda_graphs: bool = False, max_num_seqs: int = 256, max_model_len: int = 8192) -> None:
         self.model = model
         self.model_config = model_config
         self.device = device
@@ -46,6 +48,11 @@ class ModelRunner:
             torch.zeros(2, num_blocks, block_size, mc.num_key_value_heads, mc.head_dim, dtype=dtype, device=device)
             for _ in range(mc.num_hidden_layers)
         ]
+        self.graph_runner: CudaGraphRunner | None = None
+        if cuda_graphs and device.type == "cuda":
+            self.graph_runner = CudaGraphRunner(model, self.kv_caches, max_num_seqs=max_num_seqs,
+                                                max_model_len=max_model_len, block_size=block_size, device=device)
+            self.graph_runner.capture()
 
     @staticmethod
     def kv_bytes_per_block(mc: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -143,7 +150,10 @@ class ModelRunner:
         )
         ids_t = torch.tensor(input_ids, dtype=torch.int64).to(dev, non_blocking=True)
         pos_t = torch.tensor(positions, dtype=torch.int64).to(dev, non_blocking=True)
-        hidden = self.model(ids_t, pos_t, self.kv_caches, md)
+        if self.graph_runner is not None and self.graph_runner.can_run(md):
+            hidden = self.graph_runner.run(ids_t, pos_t, md)
+        else:
+            hidden = self.model(ids_t, pos_t, self.kv_caches, md)
 
         sampled: dict[str, tuple[list[int], list[TokenLogprobs] | None]] = {}
         if sample_rows:

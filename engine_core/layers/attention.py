@@ -61,6 +61,23 @@ def _gather_seq(cache: torch.Tensor, block_table_row: torch.Tensor, seq_len: int
     return rows.transpose(0, 1)
 
 
+def _decode_gather(md: AttentionMetadata, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per step (cached on md, shared by all layers): the cache slots each decode reads, [nd, S],
+    and an additive mask [nd, 1, 1, S]. Positions past a request's length read slot 0 (the zeroed
+    null block), so stale or uninitialised cache memory is never touched."""
+    cached = md.derived.get("decode_gather")
+    if cached is None:
+        nd, bs = md.num_decodes, md.block_size
+        nblk = _cdiv(max(md.seq_lens_cpu[:nd]), bs)
+        bt = md.block_tables[:nd, :nblk].to(device=device, dtype=torch.long)
+        idx = (bt[:, :, None] * bs + torch.arange(bs, device=device)).view(nd, nblk * bs)
+        valid = torch.arange(nblk * bs, device=device)[None, :] < md.seq_lens[:nd, None].to(device)
+        idx = idx.masked_fill(~valid, 0)
+        bias = torch.zeros(valid.shape, device=device).masked_fill_(~valid, float("-inf"))[:, None, None, :]
+        cached = md.derived["decode_gather"] = (idx, bias)
+    return cached
+
+
 def paged_attention_ref(query: torch.Tensor, kv_cache: torch.Tensor, md: AttentionMetadata,
                         scale: float) -> torch.Tensor:
     """query: [T, Hq, D] (rows ordered as md describes); kv_cache already holds this step's K/V.
@@ -73,17 +90,14 @@ def paged_attention_ref(query: torch.Tensor, kv_cache: torch.Tensor, md: Attenti
     nd = md.num_decodes
 
     if nd > 0:  # decodes: one query row each, rows 0..nd-1
-        max_s = max(md.seq_lens_cpu[:nd])
-        nblk = _cdiv(max_s, bs)
-        bt = md.block_tables[:nd, :nblk].to(torch.long)  # [nd, nblk]
-        k = key_cache[bt].reshape(nd, nblk * bs, hkv, d).transpose(1, 2).to(query.dtype)  # [nd, Hkv, S, D]
-        v = value_cache[bt].reshape(nd, nblk * bs, hkv, d).transpose(1, 2).to(query.dtype)
-        valid = torch.arange(nblk * bs, device=query.device)[None, :] < md.seq_lens[:nd, None].to(query.device)
-        # slots past seq_len may hold never-written memory (NaN/inf): zero them, then mask them out
-        k = k.masked_fill(~valid[:, None, :, None], 0)
-        v = v.masked_fill(~valid[:, None, :, None], 0)
+        idx, bias = _decode_gather(md, query.device)
+        S = idx.shape[1]
+        flat_k = key_cache.reshape(-1, hkv, d)
+        flat_v = value_cache.reshape(-1, hkv, d)
+        k = flat_k.index_select(0, idx.view(-1)).view(nd, S, hkv, d).transpose(1, 2).to(query.dtype)
+        v = flat_v.index_select(0, idx.view(-1)).view(nd, S, hkv, d).transpose(1, 2).to(query.dtype)
         q = query[:nd].unsqueeze(2)  # [nd, Hq, 1, D]
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :], scale=scale,
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(query.dtype), scale=scale,
                                            enable_gqa=hq != hkv)
         out[:nd] = o.squeeze(2)
 

@@ -7,7 +7,7 @@ step's tokens). Its KV lives in the blocks block_tables[i, :ceil(seq_lens[i]/blo
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,6 +25,8 @@ class AttentionMetadata:
     query_lens_cpu: list[int]
     seq_lens_cpu: list[int]
     num_decodes: int = 0  # requests with query_len == 1 come first in the batch (decode-first order)
+    # Tensors derived from the above once per step and shared by every layer (e.g. gather indices).
+    derived: dict = field(default_factory=dict, repr=False)
 
     @property
     def num_reqs(self) -> int:

@@ -38,6 +38,29 @@ _INLINE_MAX_CHARS = 2048
 _INLINE_MAX_TOKENS = 512
 
 
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte <-> printable-unicode table used by byte-level BPE vocabularies."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+_BYTE_DECODER = {c: b for b, c in _bytes_to_unicode().items()}
+
+
+def _is_byte_level(tokenizer) -> bool:
+    """True when the vocabulary's token strings are GPT-2 byte-level (their bytes are recoverable)."""
+    backend = getattr(tokenizer, "_backend", None) or getattr(getattr(tokenizer, "hf", None), "backend_tokenizer", None)
+    decoder = getattr(backend, "decoder", None)
+    return decoder is not None and "ByteLevel" in repr(decoder)
+
+
 class ClientError(ValueError):
     """A request the client got wrong -> INVALID_ARGUMENT."""
 
@@ -74,6 +97,10 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
     def set_tokenizer(self, tokenizer, *, model_name: str | None = None) -> None:
         self.model_name = model_name or self.model_name or getattr(tokenizer, "name", "") or ""
         self.vocab_size = int(tokenizer.vocab_size)
+        # DecodeTokens: per-id (text, bytes), filled lazily (bounded by the vocabulary).
+        self._token_cache: dict[int, tuple[str, bytes]] = {}
+        self._special_ids = set(getattr(tokenizer, "all_special_ids", ()) or ())
+        self._byte_level = _is_byte_level(tokenizer)
         self.tokenizer = tokenizer
 
     async def _check_ready(self, context) -> None:
@@ -177,6 +204,31 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
             yield resp
             if resp.finished:
                 return
+
+    def _token_strings(self, ids: list[int]) -> tuple[list[str], list[bytes]]:
+        self._check_ids(ids)
+        cache = self._token_cache
+        missing = [t for t in dict.fromkeys(ids) if t not in cache]
+        if missing:
+            tok = self.tokenizer
+            pieces = tok.convert_ids_to_tokens(missing)
+            for t, piece in zip(missing, pieces):
+                text = tok.decode_raw([t], skip_special_tokens=False)
+                raw = None
+                if self._byte_level and piece is not None and t not in self._special_ids:
+                    try:
+                        raw = bytes(_BYTE_DECODER[c] for c in piece)
+                    except KeyError:  # an added (non byte-level) token
+                        raw = None
+                cache[t] = (text, raw if raw is not None else text.encode("utf-8", "surrogatepass"))
+        return [cache[t][0] for t in ids], [cache[t][1] for t in ids]
+
+    async def DecodeTokens(self, request, context):
+        await self._check_ready(context)
+        ids = list(request.token_ids)
+        tokens, raw = await self._call(context, "DecodeTokens", self._token_strings, ids,
+                                       inline=len(ids) <= _INLINE_MAX_TOKENS)
+        return tokenizer_pb2.DecodeTokensResponse(tokens=tokens, token_bytes=raw)
 
     async def GetInfo(self, request, context):
         await self._check_ready(context)

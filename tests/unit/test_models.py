@@ -424,6 +424,7 @@ def test_paged_attention_matches_dense(gqa):
     reqs = [(0, 1), (15, 1), (16, 1), (32, 1), (49, 1),
             (0, 20), (16, 5), (31, 18), (7, 1), (0, 33)]
     kv_cache = torch.full((2, num_blocks, bs, hkv, d), float("nan"))  # unwritten slots must never leak
+    kv_cache[:, 0] = 0  # except the reserved null block 0, which padding reads and is kept finite
     free = (torch.randperm(num_blocks - 1) + 1).tolist()
     tables, ks, vs, qs = [], [], [], []
     for prefix, n in reqs:

@@ -60,7 +60,8 @@ class RequestMetrics(_message.Message):
     def __init__(self, queue_time_s: _Optional[float] = ..., time_to_first_token_s: _Optional[float] = ..., prefill_time_s: _Optional[float] = ..., decode_time_s: _Optional[float] = ..., e2e_latency_s: _Optional[float] = ..., num_preemptions: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("token_ids", "logprobs", "finish_reason", "stop_token_id", "stop_str", "usage", "metrics", "error_message")
+    __slots__ = ("index", "token_ids", "logprobs", "finish_reason", "stop_token_id", "stop_str", "usage", "metrics", "error_message")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +70,7 @@ class GenerateResponse(_message.Message):
     USAGE_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    index: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     logprobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.TokenLogprobs]
     finish_reason: FinishReason
@@ -77,13 +79,17 @@ class GenerateResponse(_message.Message):
     usage: Usage
     metrics: RequestMetrics
     error_message: str
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprobs, _Mapping]]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., stop_token_id: _Optional[int] = ..., stop_str: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., metrics: _Optional[_Union[RequestMetrics, _Mapping]] = ..., error_message: _Optional[str] = ...) -> None: ...
+    def __init__(self, index: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprobs, _Mapping]]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., stop_token_id: _Optional[int] = ..., stop_str: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., metrics: _Optional[_Union[RequestMetrics, _Mapping]] = ..., error_message: _Optional[str] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
-    __slots__ = ("request_ids",)
+    __slots__ = ("request_ids", "stop_str", "indices")
     REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
+    STOP_STR_FIELD_NUMBER: _ClassVar[int]
+    INDICES_FIELD_NUMBER: _ClassVar[int]
     request_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, request_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    stop_str: str
+    indices: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_ids: _Optional[_Iterable[str]] = ..., stop_str: _Optional[str] = ..., indices: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class AbortResponse(_message.Message):
     __slots__ = ("aborted_request_ids", "unknown_request_ids")
@@ -123,8 +129,20 @@ class RequestKVState(_message.Message):
     block_ids: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, request_id: _Optional[str] = ..., status: _Optional[str] = ..., num_prompt_tokens: _Optional[int] = ..., num_output_tokens: _Optional[int] = ..., num_computed_tokens: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
+class KVBlockState(_message.Message):
+    __slots__ = ("block_id", "ref_count", "cached", "request_ids")
+    BLOCK_ID_FIELD_NUMBER: _ClassVar[int]
+    REF_COUNT_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
+    block_id: int
+    ref_count: int
+    cached: bool
+    request_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, block_id: _Optional[int] = ..., ref_count: _Optional[int] = ..., cached: _Optional[bool] = ..., request_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class SchedulerStats(_message.Message):
-    __slots__ = ("timestamp", "num_running", "num_waiting", "kv_cache_usage", "num_kv_blocks", "num_free_blocks", "num_tokens_in_used_blocks", "prefix_cache_queries", "prefix_cache_hits", "prefix_cache_hit_rate", "num_preemptions", "num_steps", "prompt_tokens_total", "generation_tokens_total", "finished_by_reason", "executor_restarts", "prompt_throughput_tps", "generation_throughput_tps", "step_num_batched_tokens", "step_num_seqs", "executor_healthy", "requests")
+    __slots__ = ("timestamp", "num_running", "num_waiting", "kv_cache_usage", "num_kv_blocks", "num_free_blocks", "num_tokens_in_used_blocks", "prefix_cache_queries", "prefix_cache_hits", "prefix_cache_hit_rate", "num_preemptions", "num_steps", "prompt_tokens_total", "generation_tokens_total", "finished_by_reason", "executor_restarts", "prompt_throughput_tps", "generation_throughput_tps", "step_num_batched_tokens", "step_num_seqs", "executor_healthy", "requests", "blocks", "max_queue_len", "num_requests_rejected", "num_kv_blocks_cached")
     class FinishedByReasonEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +172,10 @@ class SchedulerStats(_message.Message):
     STEP_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
     EXECUTOR_HEALTHY_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUE_LEN_FIELD_NUMBER: _ClassVar[int]
+    NUM_REQUESTS_REJECTED_FIELD_NUMBER: _ClassVar[int]
+    NUM_KV_BLOCKS_CACHED_FIELD_NUMBER: _ClassVar[int]
     timestamp: float
     num_running: int
     num_waiting: int
@@ -176,7 +198,11 @@ class SchedulerStats(_message.Message):
     step_num_seqs: int
     executor_healthy: bool
     requests: _containers.RepeatedCompositeFieldContainer[RequestKVState]
-    def __init__(self, timestamp: _Optional[float] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., num_kv_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_tokens_in_used_blocks: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., num_preemptions: _Optional[int] = ..., num_steps: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., generation_tokens_total: _Optional[int] = ..., finished_by_reason: _Optional[_Mapping[str, int]] = ..., executor_restarts: _Optional[int] = ..., prompt_throughput_tps: _Optional[float] = ..., generation_throughput_tps: _Optional[float] = ..., step_num_batched_tokens: _Optional[int] = ..., step_num_seqs: _Optional[int] = ..., executor_healthy: _Optional[bool] = ..., requests: _Optional[_Iterable[_Union[RequestKVState, _Mapping]]] = ...) -> None: ...
+    blocks: _containers.RepeatedCompositeFieldContainer[KVBlockState]
+    max_queue_len: int
+    num_requests_rejected: int
+    num_kv_blocks_cached: int
+    def __init__(self, timestamp: _Optional[float] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., num_kv_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_tokens_in_used_blocks: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., num_preemptions: _Optional[int] = ..., num_steps: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., generation_tokens_total: _Optional[int] = ..., finished_by_reason: _Optional[_Mapping[str, int]] = ..., executor_restarts: _Optional[int] = ..., prompt_throughput_tps: _Optional[float] = ..., generation_throughput_tps: _Optional[float] = ..., step_num_batched_tokens: _Optional[int] = ..., step_num_seqs: _Optional[int] = ..., executor_healthy: _Optional[bool] = ..., requests: _Optional[_Iterable[_Union[RequestKVState, _Mapping]]] = ..., blocks: _Optional[_Iterable[_Union[KVBlockState, _Mapping]]] = ..., max_queue_len: _Optional[int] = ..., num_requests_rejected: _Optional[int] = ..., num_kv_blocks_cached: _Optional[int] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
     __slots__ = ()

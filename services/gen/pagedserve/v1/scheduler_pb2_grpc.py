@@ -66,19 +66,30 @@ class SchedulerServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Generate(self, request, context):
-        """Streams the request's new tokens as they are sampled; the last message has finish_reason set
-        and carries usage and metrics. Cancelling the call aborts the request (blocks freed within a
-        step). Errors: INVALID_ARGUMENT (empty prompt, bad sampling params, token id out of vocabulary,
-        duplicate request_id), OUT_OF_RANGE (prompt does not fit max_model_len), UNAVAILABLE (the
-        executor is down; the message says so).
+        """Streams the request's new tokens as they are sampled; each sample's (GenerateResponse.index)
+        last message has finish_reason set and carries usage and metrics; the stream ends once every
+        one of the n samples has finished. Cancelling the call aborts the request (blocks freed within
+        a step). Nothing is sent until the request is accepted, so validation errors are call statuses:
+        INVALID_ARGUMENT    empty/missing request_id or prompt, bad sampling params, token id out of
+        vocabulary, duplicate in-flight request_id, prompt too long for
+        max_model_len or for the KV cache (the message has the numbers)
+        RESOURCE_EXHAUSTED  the waiting queue is full (--max-queue-len): retry later (HTTP 429)
+        UNAVAILABLE         the executor has been unreachable for longer than --executor-timeout
+        (also mid-stream; the message says so), or the service is shutting down
+        While the executor is down (restarting) requests stay queued, and running ones are replayed
+        from their tokens once it is back: the client sees a pause, not an error.
+        An engine failure that replay cannot fix ends the sample with FINISH_REASON_ERROR +
+        error_message (in-band, after any tokens already streamed).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Abort(self, request, context):
-        """Aborts in-flight requests (a stop string seen by the gateway, a client gone). Idempotent: ids
-        not in flight (unknown or already finished) are reported, not an error.
+        """Finishes in-flight requests: a client gone (ABORT), or a stop string the gateway's
+        detokenizer found (set stop_str: the samples finish as FINISH_REASON_STOP with that stop_str,
+        and the Generate stream gets their final message). Idempotent: ids not in flight (unknown or
+        already finished) are reported, not an error.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -97,6 +97,20 @@ class DetokenizeResponse(_message.Message):
     num_output_tokens: int
     def __init__(self, text: _Optional[str] = ..., finished: _Optional[bool] = ..., stop_str: _Optional[str] = ..., num_output_tokens: _Optional[int] = ...) -> None: ...
 
+class DecodeTokensRequest(_message.Message):
+    __slots__ = ("token_ids",)
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class DecodeTokensResponse(_message.Message):
+    __slots__ = ("tokens", "token_bytes")
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_BYTES_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedScalarFieldContainer[str]
+    token_bytes: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, tokens: _Optional[_Iterable[str]] = ..., token_bytes: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
 class GetInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

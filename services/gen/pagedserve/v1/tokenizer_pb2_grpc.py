@@ -60,6 +60,11 @@ class TokenizerStub:
                 request_serializer=pagedserve_dot_v1_dot_tokenizer__pb2.GetInfoRequest.SerializeToString,
                 response_deserializer=pagedserve_dot_v1_dot_tokenizer__pb2.TokenizerInfo.FromString,
                 _registered_method=True)
+        self.DecodeTokens = channel.unary_unary(
+                '/pagedserve.v1.Tokenizer/DecodeTokens',
+                request_serializer=pagedserve_dot_v1_dot_tokenizer__pb2.DecodeTokensRequest.SerializeToString,
+                response_deserializer=pagedserve_dot_v1_dot_tokenizer__pb2.DecodeTokensResponse.FromString,
+                _registered_method=True)
 
 
 class TokenizerServicer:
@@ -105,6 +110,16 @@ class TokenizerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DecodeTokens(self, request, context):
+        """Each token's own string and raw bytes, for logprobs (OpenAI's `token` / `bytes`). `tokens[i]` is
+        token_ids[i] decoded alone with special tokens kept; a byte-level token holding part of a
+        multi-byte character decodes to U+FFFD there, while `token_bytes[i]` has its exact bytes.
+        INVALID_ARGUMENT: a token id outside the vocabulary.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TokenizerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -132,6 +147,11 @@ def add_TokenizerServicer_to_server(servicer, server):
                     servicer.GetInfo,
                     request_deserializer=pagedserve_dot_v1_dot_tokenizer__pb2.GetInfoRequest.FromString,
                     response_serializer=pagedserve_dot_v1_dot_tokenizer__pb2.TokenizerInfo.SerializeToString,
+            ),
+            'DecodeTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.DecodeTokens,
+                    request_deserializer=pagedserve_dot_v1_dot_tokenizer__pb2.DecodeTokensRequest.FromString,
+                    response_serializer=pagedserve_dot_v1_dot_tokenizer__pb2.DecodeTokensResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -269,6 +289,33 @@ class Tokenizer:
             '/pagedserve.v1.Tokenizer/GetInfo',
             pagedserve_dot_v1_dot_tokenizer__pb2.GetInfoRequest.SerializeToString,
             pagedserve_dot_v1_dot_tokenizer__pb2.TokenizerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DecodeTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pagedserve.v1.Tokenizer/DecodeTokens',
+            pagedserve_dot_v1_dot_tokenizer__pb2.DecodeTokensRequest.SerializeToString,
+            pagedserve_dot_v1_dot_tokenizer__pb2.DecodeTokensResponse.FromString,
             options,
             channel_credentials,
             insecure,
