@@ -1,0 +1,27 @@
+"""Gateway settings (the `python -m gateway` flags, or passed to `create_app` directly)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.grpc_server import SCHEDULER_PORT, TOKENIZER_PORT
+
+DEFAULT_MAX_BODY_BYTES = 10 * 2**20
+
+
+@dataclass
+class GatewayConfig:
+    scheduler_address: str = f"127.0.0.1:{SCHEDULER_PORT}"
+    tokenizer_address: str = f"127.0.0.1:{TOKENIZER_PORT}"
+    # Served model name (what /v1/models lists and requests must name); None: the scheduler's
+    # GetModelInfo model_name. Extra names the gateway also answers to (aliases).
+    model_name: str | None = None
+    model_aliases: tuple[str, ...] = ()
+    api_key: str | None = None  # Bearer token required on /v1/* when set
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_n: int = 128  # OpenAI's limit on n
+    root_path: str = ""
+    # Deadlines of the unary backend RPCs (tokenize, template, model info, abort) and of /health.
+    rpc_timeout_s: float = 30.0
+    health_timeout_s: float = 3.0
+    # Retry-After seconds on a 429 (the scheduler queue full).
+    retry_after_s: int = 1
