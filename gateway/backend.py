@@ -1,0 +1,244 @@
+"""Async gRPC clients for the scheduler and tokenizer services, and gRPC status -> HTTP error mapping.
+
+One `grpc.aio` channel per service, opened at startup and shared by every request of the process
+(HTTP/2 multiplexes hundreds of concurrent streams over it; gRPC reconnects it by itself after a
+service restart). Model facts that never change while the services run (served name,
+max_model_len, vocabulary size, chat template presence, max logprobs) are fetched once and cached;
+per-token strings for logprobs are cached by id (bounded by the vocabulary).
+
+Status mapping (`rpc_error_to_api`):
+    INVALID_ARGUMENT, OUT_OF_RANGE          -> 400 (the service's message names the problem)
+    NOT_FOUND                               -> 404
+    RESOURCE_EXHAUSTED                      -> 429 with Retry-After (the scheduler queue is full)
+    UNAVAILABLE, CANCELLED (server side)    -> 503 (a backend is down or shutting down)
+    DEADLINE_EXCEEDED                       -> 504
+    anything else                           -> 500
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gateway.config import GatewayConfig
+from gateway.errors import APIError
+from services.gen.pagedserve.v1 import scheduler_pb2, scheduler_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
+from services.grpc_server import channel_options
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_LOGPROBS = 20
+
+
+def rpc_error_to_api(e: grpc.RpcError, backend: str, retry_after_s: int = 1) -> APIError:
+    code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
+    details = (e.details() if hasattr(e, "details") else None) or ""
+    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE):
+        lowered = details.lower()
+        ctx = "context length" in lowered or "max_model_len" in lowered or "too long" in lowered
+        return APIError(400, details or f"{backend} rejected the request",
+                        code="context_length_exceeded" if ctx else "invalid_value")
+    if code == grpc.StatusCode.NOT_FOUND:
+        return APIError(404, details or "not found", code="not_found")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        retry = retry_after_s
+        for key, value in (e.trailing_metadata() or ()) if hasattr(e, "trailing_metadata") else ():
+            if key.lower() == "retry-after":
+                try:
+                    retry = max(1, int(float(value)))
+                except (TypeError, ValueError):
+                    pass
+        return APIError(429, f"The server is busy ({details or 'request queue full'}); retry later.",
+                        code="rate_limit_exceeded", headers={"Retry-After": str(retry)})
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+        return APIError(503, f"The {backend} service is unavailable: {details or code.name}.",
+                        code="service_unavailable")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return APIError(504, f"The {backend} service did not answer in time.", code="timeout")
+    if code == grpc.StatusCode.UNIMPLEMENTED:
+        return APIError(500, f"The {backend} service does not implement this call ({details}).",
+                        code="internal_error")
+    return APIError(500, f"The {backend} service failed: {code.name}: {details}", code="internal_error")
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    name: str
+    max_model_len: int
+    vocab_size: int
+    max_logprobs: int
+    has_chat_template: bool
+    created: int
+
+
+class Backend:
+    """The gateway's view of its backends. Create inside the event loop (`await start()`)."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self._sched_channel: grpc.aio.Channel | None = None
+        self._tok_channel: grpc.aio.Channel | None = None
+        self.scheduler: scheduler_pb2_grpc.SchedulerStub | None = None
+        self.tokenizer: tokenizer_pb2_grpc.TokenizerStub | None = None
+        self._sched_health: health_pb2_grpc.HealthStub | None = None
+        self._tok_health: health_pb2_grpc.HealthStub | None = None
+        self._facts: ModelFacts | None = None
+        self._facts_lock: asyncio.Lock | None = None
+        self._token_cache: dict[int, tuple[str, bytes]] = {}
+
+    async def start(self) -> None:
+        opts = channel_options()
+        self._sched_channel = grpc.aio.insecure_channel(self.config.scheduler_address, options=opts)
+        self._tok_channel = grpc.aio.insecure_channel(self.config.tokenizer_address, options=opts)
+        self.scheduler = scheduler_pb2_grpc.SchedulerStub(self._sched_channel)
+        self.tokenizer = tokenizer_pb2_grpc.TokenizerStub(self._tok_channel)
+        self._sched_health = health_pb2_grpc.HealthStub(self._sched_channel)
+        self._tok_health = health_pb2_grpc.HealthStub(self._tok_channel)
+        self._facts_lock = asyncio.Lock()
+
+    async def close(self) -> None:
+        for ch in (self._sched_channel, self._tok_channel):
+            if ch is not None:
+                await ch.close(grace=None)
+
+    def _error(self, e: grpc.RpcError, backend: str) -> APIError:
+        return rpc_error_to_api(e, backend, self.config.retry_after_s)
+
+    # ------------------------------------------------------------------ model facts
+    async def facts(self) -> ModelFacts:
+        """Served model name, max_model_len, vocab size, ... (fetched once from both services)."""
+        if self._facts is not None:
+            return self._facts
+        assert self._facts_lock is not None, "Backend.start() was not awaited"
+        async with self._facts_lock:
+            if self._facts is None:
+                self._facts = await self._fetch_facts()
+        return self._facts
+
+    async def _fetch_facts(self) -> ModelFacts:
+        import time
+
+        timeout = self.config.rpc_timeout_s
+        try:
+            info = await self.scheduler.GetModelInfo(scheduler_pb2.GetModelInfoRequest(), timeout=timeout)
+        except grpc.RpcError as e:
+            raise self._error(e, "scheduler") from None
+        try:
+            tinfo = await self.tokenizer.GetInfo(tokenizer_pb2.GetInfoRequest(), timeout=timeout)
+        except grpc.RpcError as e:
+            raise self._error(e, "tokenizer") from None
+        ex = info.executor
+        max_len = ex.max_model_len or (tinfo.max_model_len if tinfo.HasField("max_model_len") else 0)
+        name = self.config.model_name or ex.model_name or tinfo.model_name or "default"
+        facts = ModelFacts(name=name, max_model_len=int(max_len), vocab_size=int(ex.vocab_size or tinfo.vocab_size),
+                           max_logprobs=int(info.max_logprobs or DEFAULT_MAX_LOGPROBS),
+                           has_chat_template=bool(tinfo.has_chat_template), created=int(time.time()))
+        logger.info("serving model %r (max_model_len %d, vocab %d, chat template: %s)", facts.name,
+                    facts.max_model_len, facts.vocab_size, facts.has_chat_template)
+        return facts
+
+    def served_names(self, facts: ModelFacts) -> set[str]:
+        return {facts.name, *self.config.model_aliases}
+
+    # ------------------------------------------------------------------ tokenizer
+    async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        try:
+            resp = await self.tokenizer.Encode(
+                tokenizer_pb2.EncodeRequest(text=text, add_special_tokens=add_special_tokens),
+                timeout=self.config.rpc_timeout_s)
+        except grpc.RpcError as e:
+            raise self._error(e, "tokenizer") from None
+        return list(resp.token_ids)
+
+    async def apply_chat_template(self, messages: Sequence[tokenizer_pb2.ChatMessage],
+                                  add_generation_prompt: bool = True) -> tuple[str, list[int]]:
+        req = tokenizer_pb2.ApplyChatTemplateRequest(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                     tokenize=True)
+        try:
+            resp = await self.tokenizer.ApplyChatTemplate(req, timeout=self.config.rpc_timeout_s)
+        except grpc.RpcError as e:
+            err = self._error(e, "tokenizer")
+            if err.status == 400:
+                err.param = "messages"
+            raise err from None
+        return resp.prompt, list(resp.token_ids)
+
+    async def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        try:
+            resp = await self.tokenizer.Decode(
+                tokenizer_pb2.DecodeRequest(token_ids=list(token_ids), skip_special_tokens=skip_special_tokens),
+                timeout=self.config.rpc_timeout_s)
+        except grpc.RpcError as e:
+            raise self._error(e, "tokenizer") from None
+        return resp.text
+
+    async def token_strings(self, token_ids: Sequence[int]) -> dict[int, tuple[str, bytes]]:
+        """{id: (token text, token bytes)} for logprobs; cached per id."""
+        cache = self._token_cache
+        missing = [t for t in dict.fromkeys(token_ids) if t not in cache]
+        if missing:
+            try:
+                resp = await self.tokenizer.DecodeTokens(tokenizer_pb2.DecodeTokensRequest(token_ids=missing),
+                                                         timeout=self.config.rpc_timeout_s)
+            except grpc.RpcError as e:
+                raise self._error(e, "tokenizer") from None
+            for t, text, raw in zip(missing, resp.tokens, resp.token_bytes):
+                cache[t] = (text, raw)
+        return {t: cache[t] for t in token_ids}
+
+    def detokenize_stream(self) -> grpc.aio.StreamStreamCall:
+        return self.tokenizer.DetokenizeStream()
+
+    # ------------------------------------------------------------------ scheduler
+    def generate(self, request_id: str, prompt_token_ids: Sequence[int],
+                 sampling_params) -> grpc.aio.UnaryStreamCall:
+        return self.scheduler.Generate(scheduler_pb2.GenerateRequest(
+            request_id=request_id, prompt_token_ids=list(prompt_token_ids), sampling_params=sampling_params))
+
+    async def abort(self, request_ids: Sequence[str], *, stop_str: str | None = None,
+                    indices: Sequence[int] = ()) -> None:
+        """Best effort (the caller also cancels the Generate call, which aborts too)."""
+        req = scheduler_pb2.AbortRequest(request_ids=list(request_ids), indices=list(indices))
+        if stop_str is not None:
+            req.stop_str = stop_str
+        try:
+            await self.scheduler.Abort(req, timeout=min(5.0, self.config.rpc_timeout_s))
+        except grpc.RpcError as e:
+            logger.warning("Abort(%s) failed: %s", list(request_ids), self._error(e, "scheduler").message)
+
+    async def stats(self, include_requests: bool = False, timeout: float | None = None) -> scheduler_pb2.SchedulerStats:
+        try:
+            return await self.scheduler.GetStats(scheduler_pb2.GetStatsRequest(include_requests=include_requests),
+                                                 timeout=timeout or self.config.rpc_timeout_s)
+        except grpc.RpcError as e:
+            raise self._error(e, "scheduler") from None
+
+    # ------------------------------------------------------------------ health
+    async def health(self) -> tuple[bool, dict]:
+        """(healthy, details): both services SERVING and the scheduler's executor answering."""
+        timeout = self.config.health_timeout_s
+
+        async def grpc_health(stub: health_pb2_grpc.HealthStub) -> str:
+            try:
+                r = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+            except grpc.RpcError as e:
+                return f"unreachable: {e.code().name}"
+            return "ok" if r.status == health_pb2.HealthCheckResponse.SERVING else \
+                health_pb2.HealthCheckResponse.ServingStatus.Name(r.status).lower()
+
+        async def scheduler_check() -> str:
+            status = await grpc_health(self._sched_health)
+            if status != "ok":
+                return status
+            try:
+                st = await self.stats(timeout=timeout)
+            except APIError as e:
+                return e.message
+            return "ok" if st.executor_healthy else "executor not healthy"
+
+        sched, tok = await asyncio.gather(scheduler_check(), grpc_health(self._tok_health))
+        return sched == "ok" and tok == "ok", {"scheduler": sched, "tokenizer": tok}

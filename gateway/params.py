@@ -1,0 +1,110 @@
+"""OpenAI request fields -> engine_core SamplingParams (validated there, so every message names the
+field) -> the scheduler's SamplingParams proto; and the context-length check with the numbers.
+
+Stop strings stay in the gateway (the scheduler sees token ids only): the tokenizer service's
+DetokenizeStream watches for them and the gateway finishes the sample through Abort(stop_str).
+"""
+from __future__ import annotations
+
+from engine_core.sampling_params import SamplingParams
+from gateway.backend import ModelFacts
+from gateway.errors import APIError, bad_request, context_length_exceeded
+from gateway.protocol import SamplingFields
+from services.convert import sampling_params_to_proto
+from services.gen.pagedserve.v1 import common_pb2
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+INT32_MAX = 2**31 - 1
+
+# Request field names for SamplingParams fields whose OpenAI name differs per API.
+_FIELD_ALIASES = {"logprobs": "logprobs"}
+
+
+def _param_of(message: str) -> str | None:
+    first = message.split(" ", 1)[0]
+    return first if first.isidentifier() else None
+
+
+def build_sampling_params(req: SamplingFields, facts: ModelFacts, *, max_tokens: int | None,
+                          logprobs: int | None, logprobs_field: str = "logprobs",
+                          max_tokens_field: str = "max_tokens", max_n: int = 128) -> SamplingParams:
+    """Validate the request's sampling fields; raises a 400 APIError naming the bad field."""
+    if not 1 <= req.n <= max_n:
+        raise bad_request(f"n must be an integer in [1, {max_n}], got {req.n}", param="n")
+    if max_tokens is not None and not 1 <= max_tokens <= INT32_MAX:
+        raise bad_request(f"{max_tokens_field} must be an integer >= 1, got {max_tokens}", param=max_tokens_field)
+    if logprobs is not None and not 0 <= logprobs <= facts.max_logprobs:
+        raise bad_request(f"{logprobs_field} must be an integer in [0, {facts.max_logprobs}], got {logprobs}",
+                          param=logprobs_field)
+    if req.seed is not None and not INT64_MIN <= req.seed <= INT64_MAX:
+        raise bad_request("seed must fit in a signed 64-bit integer", param="seed")
+    bias: dict[int, float] = {}
+    for k, v in (req.logit_bias or {}).items():
+        try:
+            tok = int(k)
+        except ValueError:
+            raise bad_request(f"logit_bias keys must be token ids (integers as strings), got {k[:50]!r}",
+                              param="logit_bias") from None
+        bias[tok] = v
+    for name in ("top_k", "min_tokens"):
+        v = getattr(req, name)
+        if v is not None and not -1 <= v <= INT32_MAX:
+            raise bad_request(f"{name} is out of range, got {v}", param=name)
+    if req.stop_token_ids and any(not 0 <= t <= INT32_MAX for t in req.stop_token_ids):
+        raise bad_request("stop_token_ids must be token ids >= 0", param="stop_token_ids")
+
+    kw = {
+        "n": req.n, "max_tokens": max_tokens, "logprobs": logprobs, "seed": req.seed, "logit_bias": bias,
+        "stop": req.stop_list, "stop_token_ids": req.stop_token_ids or [],
+    }
+    for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                 "repetition_penalty", "min_tokens", "ignore_eos", "skip_special_tokens",
+                 "include_stop_str_in_output"):
+        v = getattr(req, name)
+        if v is not None:
+            kw[name] = v
+    try:
+        sp = SamplingParams(**kw)
+        sp.validate_vocab(facts.vocab_size)
+    except ValueError as e:
+        msg = str(e)
+        param = _param_of(msg)
+        if param == "logprobs":
+            param = logprobs_field
+        elif param == "max_tokens":
+            param = max_tokens_field
+            msg = msg.replace("max_tokens", max_tokens_field, 1)
+        raise bad_request(msg, param=param) from None
+    return sp
+
+
+def resolve_max_tokens(sp: SamplingParams, prompt_len: int, facts: ModelFacts, *, what: str = "prompt") -> None:
+    """Set sp.max_tokens (None: all the room left) and reject requests that cannot fit."""
+    if prompt_len == 0:
+        raise bad_request(f"The {what} is empty (0 tokens).", param="messages" if what == "messages" else "prompt")
+    limit = facts.max_model_len
+    if limit <= 0:
+        return
+    if prompt_len >= limit or (sp.max_tokens is not None and prompt_len + sp.max_tokens > limit):
+        raise context_length_exceeded(limit, prompt_len, sp.max_tokens, what)
+    if sp.max_tokens is None:
+        sp.max_tokens = limit - prompt_len
+
+
+def check_prompt_ids(ids: list[int], facts: ModelFacts, param: str = "prompt") -> None:
+    bad = next((t for t in ids if not 0 <= t < facts.vocab_size), None)
+    if bad is not None:
+        raise bad_request(f"{param} contains token id {bad}, outside the vocabulary (size {facts.vocab_size})",
+                          param=param)
+
+
+def to_proto(sp: SamplingParams) -> common_pb2.SamplingParams:
+    """The scheduler's message: everything but the stop strings (text is the gateway's business)."""
+    msg = sampling_params_to_proto(sp)
+    del msg.stop[:]
+    if msg.HasField("include_stop_str_in_output"):
+        msg.ClearField("include_stop_str_in_output")
+    return msg
+
+
+__all__ = ["APIError", "build_sampling_params", "check_prompt_ids", "resolve_max_tokens", "to_proto"]
