@@ -68,6 +68,9 @@ def bench_llama_cpp(prompts, output_len: int, gguf: str, n_requests: int) -> dic
     except ImportError:
         return {"engine": "llama.cpp", "error": "llama-cpp-python not installed (make bench installs it)"}
     llm = Llama(model_path=gguf, n_ctx=1024, n_threads=torch.get_num_threads(), n_batch=512, verbose=False)
+    for i, _ in enumerate(llm.generate(prompts[0][:16], temp=0.0, reset=True)):  # warm-up
+        if i == 8:
+            break
     total, elapsed = 0, 0.0
     for prompt in prompts[:n_requests]:
         llm.reset()
