@@ -52,6 +52,7 @@ class EngineCore:
         )
         self.counters = EngineCounters()
         self._pending: list[RequestOutputDelta] = []  # produced outside step() (aborts)
+        self._consecutive_failures = 0
 
     @property
     def max_model_len(self) -> int:
@@ -117,6 +118,7 @@ class EngineCore:
         except ExecutorError as e:
             self._recover(e)
             return deltas
+        self._consecutive_failures = 0
         self.counters.busy_time_s += time.perf_counter() - t0
         self.counters.num_steps += 1
         new = self.scheduler.update_from_output(so, result)
@@ -130,7 +132,8 @@ class EngineCore:
         """The executor failed mid-step: reset it and replay every unfinished request from its
         tokens (prompt + generated so far). Nothing in flight is lost."""
         self.counters.executor_restarts += 1
-        if self.counters.executor_restarts > self.MAX_REPLAYS:
+        self._consecutive_failures += 1
+        if self._consecutive_failures > self.MAX_REPLAYS:  # failing every time: give up loudly
             raise error
         logger.warning("executor failed (%s); replaying %d requests", error, self.scheduler.num_unfinished)
         self.executor.reset()

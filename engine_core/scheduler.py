@@ -288,6 +288,9 @@ class Scheduler:
             req.num_preemptions -= 1
         self.running = []
         self._finished_req_ids = set()
+        # A restarted executor has an empty KV cache: a prefix "hit" on a block its predecessor
+        # computed would feed the model garbage, so the cache index goes too (no block is held now).
+        self.block_manager.reset_prefix_cache()
         return list(self.waiting)
 
     def stats(self) -> SchedulerStats:

@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
         add_client_parser(sub)
     except ImportError:
         pass
+    try:
+        from services.healthcheck import add_health_parser
+        add_health_parser(sub)
+    except ImportError:
+        pass
     return parser
 
 

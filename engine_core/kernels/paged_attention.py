@@ -14,23 +14,23 @@ from __future__ import annotations
 import torch
 
 from engine_core.kernels.paged_decode_attention import paged_decode_attention
-from engine_core.kernels.paged_prefill_attention import paged_prefill_attention, varlen_causal_attention
+from engine_core.kernels.paged_prefill_attention import (
+    paged_prefill_attention,
+    varlen_causal_attention,
+)
 
 
 def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, md, scale: float,
-                    num_splits: int | None = None) -> torch.Tensor:
+                    **decode_kw) -> torch.Tensor:
     """query [T, Hq, D]; kv_cache [2, num_blocks, block_size, Hkv, D] already holding this step's
-    K/V; md: AttentionMetadata. Returns [T, Hq, D]. num_splits: decode KV splits
-    (default: md.decode_num_splits when the runner sets it, else a heuristic)."""
-    T = query.shape[0]
+    K/V; md: AttentionMetadata. Returns [T, Hq, D]. decode_kw: split tuning for the decode
+    kernel (tests only: eager and graph steps must split alike)."""
     out = torch.empty_like(query)
     key_cache, value_cache = kv_cache[0], kv_cache[1]
     nd, B = md.num_decodes, md.num_reqs
     if nd > 0:
-        if num_splits is None:
-            num_splits = getattr(md, "decode_num_splits", None)
         paged_decode_attention(query[:nd], key_cache, value_cache, md.block_tables, md.seq_lens, scale,
-                               out=out[:nd], max_seq_len=md.max_seq_len, num_splits=num_splits)
+                               md.max_seq_len, out=out[:nd], **decode_kw)
     if B > nd:
         paged_prefill_attention(query, key_cache, value_cache, md.block_tables, md.seq_lens,
                                 md.query_start_loc, nd, B - nd, md.max_query_len, scale, out)

@@ -102,9 +102,11 @@ def _prefill_kernel(
 def _launch(query, k, v, out, block_tables, seq_lens, query_start_loc, first_req, num_reqs,
             max_query_len, scale, paged, block_size, strides_k, strides_v, stride_bt,
             block_m, block_n):
-    T, hq, d = query.shape
+    _, hq, d = query.shape
     hkv = strides_k[3]
     G = hq // hkv
+    if query.dtype == torch.float32:  # fp32 dots run on FMA units ("ieee"): smaller tiles, no spills
+        block_m, block_n = min(block_m, 32), min(block_n, 32)
     block_m = max(block_m, triton.next_power_of_2(G))
     block_q = block_m // G
     grid = (num_reqs, hkv, triton.cdiv(max_query_len, block_q))

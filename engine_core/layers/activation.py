@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine_core.kernels import triton_available
+
 
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
     d = x.shape[-1] // 2
@@ -13,4 +15,7 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
 
 class SiluAndMul(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and triton_available():
+            from engine_core.kernels.silu_and_mul import silu_and_mul
+            return silu_and_mul(x)
         return silu_and_mul_ref(x)

@@ -3,7 +3,8 @@
 KV cache layout per layer: one tensor [2, num_blocks, block_size, num_kv_heads, head_dim]
 (index 0 = K, 1 = V). A token with slot s lives at block s // block_size, offset s % block_size.
 
-The functions here are the pure-torch reference (CPU path and oracle for the Triton kernels):
+The functions here are the pure-torch reference (CPU path and oracle for the Triton kernels, which
+`Attention` uses instead for CUDA tensors: engine_core/kernels/paged_attention.py):
 - `write_kv_cache_ref`  : scatter K/V rows into their slots (slot -1 = padding, skipped)
 - `paged_attention_ref` : decodes batched in one SDPA (K/V gathered through the block table, length
                           mask); each prefill / chunked-prefill request in its own causal SDPA whose
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine_core.kernels import triton_available
 from engine_core.layers.attention_metadata import AttentionMetadata
 
 
@@ -128,7 +130,8 @@ def causal_attention_ref(query: torch.Tensor, key: torch.Tensor, value: torch.Te
 
 
 class Attention(nn.Module):
-    """Stores this step's K/V in the paged cache and attends over it (pure-torch reference path)."""
+    """Stores this step's K/V in the paged cache and attends over it: Triton kernels on CUDA, the
+    pure-torch reference otherwise."""
 
     def __init__(self, num_heads: int, head_dim: int, scale: float, num_kv_heads: int) -> None:
         super().__init__()
@@ -144,7 +147,18 @@ class Attention(nn.Module):
         q = q.reshape(-1, self.num_heads, self.head_dim)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
-        if kv_cache is None or kv_cache.numel() == 0:
+        if q.is_cuda and triton_available():  # Triton kernels (engine_core/kernels), graph-capturable
+            from engine_core.kernels.paged_attention import (
+                causal_attention,
+                paged_attention,
+            )
+            from engine_core.kernels.reshape_and_cache import reshape_and_cache
+            if kv_cache is None or kv_cache.numel() == 0:
+                o = causal_attention(q, k, v, md, self.scale)
+            else:
+                reshape_and_cache(k, v, kv_cache, md.slot_mapping)
+                o = paged_attention(q, kv_cache, md, self.scale)
+        elif kv_cache is None or kv_cache.numel() == 0:
             o = causal_attention_ref(q, k, v, md, self.scale)
         else:
             write_kv_cache_ref(k, v, kv_cache, md.slot_mapping)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from engine_core.kernels import triton_available
+
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float,
                  residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -34,6 +36,16 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if x.is_cuda and triton_available():
+            # Triton: one pass; with a residual it works in place (x <- normed, residual <- sum),
+            # as vLLM's fused_add_rms_norm does: callers must not reuse x or residual afterwards.
+            from engine_core.kernels.fused_add_rmsnorm import (
+                fused_add_rms_norm,
+                rms_norm,
+            )
+            if residual is None:
+                return rms_norm(x, self.weight, self.eps)
+            return fused_add_rms_norm(x, residual, self.weight, self.eps)
         return rms_norm_ref(x, self.weight, self.eps, residual)
 
     def extra_repr(self) -> str:

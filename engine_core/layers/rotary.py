@@ -11,6 +11,8 @@ import math
 import torch
 from torch import nn
 
+from engine_core.kernels import triton_available
+
 
 def compute_inv_freq(rotary_dim: int, base: float, rope_scaling: dict | None = None) -> torch.Tensor:
     """Inverse frequencies [rotary_dim/2] float32 on CPU (same arithmetic as transformers)."""
@@ -90,6 +92,9 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.cos_sin_cache.device != positions.device:
             self.cos_sin_cache = self.cos_sin_cache.to(positions.device)
+        if q.is_cuda and triton_available():  # Triton: rotates q and k in place (views into qkv)
+            from engine_core.kernels.rotary import rotary_embedding
+            return rotary_embedding(positions, q, k, self.cos_sin_cache, self.head_dim)
         return (apply_rotary_ref(positions, q, self.cos_sin_cache, self.head_dim),
                 apply_rotary_ref(positions, k, self.cos_sin_cache, self.head_dim))
 

@@ -107,6 +107,11 @@ class _ServiceEngineCore(EngineCore):
     def _recover(self, error: Exception) -> None:
         self.counters.executor_restarts += 1
         self.last_error = error  # type: ignore[assignment]
+        self.requeue_all()
+
+    def requeue_all(self) -> None:
+        """Every unfinished request back to waiting, re-prefilled from its tokens (the scheduler
+        also drops the prefix cache: the restarted executor's KV cache is empty)."""
         self.scheduler.requests_for_replay()
 
     def take_pending(self) -> list[RequestOutputDelta]:
@@ -119,7 +124,7 @@ class EngineLoop:
     MAX_CONSECUTIVE_FAILURES = 3
     HEALTH_PROBE_INTERVAL_S = 2.0
     BACKOFF_INITIAL_S = 0.1
-    BACKOFF_MAX_S = 2.0
+    BACKOFF_MAX_S = 1.0
     STATS_PUBLISH_INTERVAL_S = 0.25
     THROUGHPUT_WINDOW_S = 10.0
 
@@ -159,6 +164,8 @@ class EngineLoop:
 
         # Published for the event loop (plain attribute reads; stale by at most one step).
         self.num_waiting = 0
+        self.num_running = 0
+        self._adds_in_inbox = 0  # samples of add commands not applied yet (guarded by _cond)
         self.num_rejected = 0
         self.last_stats = scheduler_pb2.SchedulerStats(max_queue_len=max_queue_len)
         self.down_since: float | None = self._down_since
@@ -187,7 +194,15 @@ class EngineLoop:
             self._cond.notify()
 
     def add(self, call: GenerateCall) -> None:
-        self._submit(("add", call))
+        with self._cond:
+            self._inbox.append(("add", call))
+            self._adds_in_inbox += call.n
+            self._cond.notify()
+
+    def queue_estimate(self) -> tuple[int, int]:
+        """(samples waiting or about to, samples running): what admission control looks at."""
+        with self._cond:
+            return self.num_waiting + self._adds_in_inbox, self.num_running
 
     def abort(self, ids: list[str], stop_str: str | None = None) -> None:
         """Finish engine-level requests: aborted, or stopped by a stop string (stop_str set)."""
@@ -214,7 +229,7 @@ class EngineLoop:
             for fn, args in posts:
                 try:
                     fn(*args)
-                except Exception:  # noqa: BLE001
+                except Exception:
                     logger.exception("delivering an engine result failed")
 
         try:
@@ -258,7 +273,7 @@ class EngineLoop:
                     self._probe()
                 self._publish()
                 self._flush()
-        except BaseException as e:  # noqa: BLE001 - a bug: fail everything loudly, never hang
+        except BaseException as e:
             logger.exception("engine thread crashed")
             self.fatal_error = e
             msg = f"scheduler engine failed: {type(e).__name__}: {e}"
@@ -274,7 +289,7 @@ class EngineLoop:
             if self.executor is not None:
                 try:
                     self.executor.shutdown()
-                except Exception:  # noqa: BLE001
+                except Exception:
                     logger.exception("executor shutdown failed")
 
     def _wait_timeout(self) -> float:
@@ -300,6 +315,15 @@ class EngineLoop:
         self._post(self._resolve, fut, value)
 
     def _add(self, call: GenerateCall) -> None:
+        try:
+            self._add_inner(call)
+        finally:
+            with self._cond:
+                self._adds_in_inbox -= call.n
+                if self.core is not None:
+                    self._publish_queues()
+
+    def _add_inner(self, call: GenerateCall) -> None:
         if self.core is None:
             self._deferred.append(call)  # validated once the executor has described itself
             return
@@ -324,7 +348,7 @@ class EngineLoop:
                 core.take_pending()
             self._resolve_later(call.accepted, CallFailed(grpc.StatusCode.INVALID_ARGUMENT, str(e)))
             return
-        self.num_waiting = len(core.scheduler.waiting)
+        self._publish_queues()
         self._resolve_later(call.accepted, None)
 
     def _abort(self, ids: list[str], stop_str: str | None) -> None:
@@ -343,7 +367,7 @@ class EngineLoop:
         else:
             self.core.finish_requests(ids, stop_reason=stop_str)
         self._route(self.core.take_pending())
-        self.num_waiting = len(self.core.scheduler.waiting)
+        self._publish_queues()
 
     # ------------------------------------------------------------------ stepping
     def _step(self) -> None:
@@ -351,7 +375,7 @@ class EngineLoop:
         steps_before = core.counters.num_steps
         deltas = core.step()
         self._route(deltas)
-        self.num_waiting = len(core.scheduler.waiting)
+        self._publish_queues()
         self._last_contact = time.monotonic()
         error, core.last_error = core.last_error, None
         if error is not None:
@@ -443,7 +467,7 @@ class EngineLoop:
                                                  error_message=message)
             self._finish_message(msg, d, req, now)
             self._post(route.call.queue.put_nowait, msg)
-        self.num_waiting = len(core.scheduler.waiting)
+        self._publish_queues()
 
     # ------------------------------------------------------------------ executor availability
     def _executor_health(self) -> str | None:
@@ -491,7 +515,7 @@ class EngineLoop:
                 self.core.scheduler.finished_by_reason = old.scheduler.finished_by_reason
             else:
                 self.executor.reset()
-                self.core.scheduler.requests_for_replay()  # no-op unless a probe found it down
+                self.core.requeue_all()
         except ExecutorError as e:
             self._down_reason = self.down_reason = str(e)
             self._backoff = min(self._backoff * 2, self.BACKOFF_MAX_S)
@@ -536,6 +560,10 @@ class EngineLoop:
             self._fail_all(msg, code=grpc.StatusCode.UNAVAILABLE, only=expired)
 
     # ------------------------------------------------------------------ stats
+    def _publish_queues(self) -> None:
+        sched = self.core.scheduler
+        self.num_waiting, self.num_running = len(sched.waiting), len(sched.running)
+
     def _publish(self) -> None:
         now = time.monotonic()
         if now - self._last_publish >= self.STATS_PUBLISH_INTERVAL_S:

@@ -88,3 +88,11 @@ class FakeExecutor(Executor):
 
     def shutdown(self) -> None:
         self.shut_down = True
+
+
+def slow_fake_executor(config=None) -> FakeExecutor:
+    """A FakeExecutor whose steps take FAKE_EXECUTOR_STEP_DELAY_S seconds (default 0.02), so
+    streams stay in flight long enough to cancel / fill queues (`--executor ...:slow_fake_executor`)."""
+    import os
+
+    return FakeExecutor(config, step_delay_s=float(os.environ.get("FAKE_EXECUTOR_STEP_DELAY_S", "0.02")))

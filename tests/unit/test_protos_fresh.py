@@ -62,4 +62,4 @@ def test_services_declared():
     assert set(scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].methods_by_name) == {
         "Generate", "Abort", "GetStats", "WatchStats", "GetModelInfo"}
     assert set(tokenizer_pb2.DESCRIPTOR.services_by_name["Tokenizer"].methods_by_name) == {
-        "Encode", "ApplyChatTemplate", "Decode", "DetokenizeStream", "GetInfo"}
+        "Encode", "ApplyChatTemplate", "Decode", "DetokenizeStream", "GetInfo", "DecodeTokens"}

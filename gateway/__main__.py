@@ -1,0 +1,85 @@
+"""`python -m gateway`: the OpenAI-compatible HTTP gateway in front of the scheduler and tokenizer
+services. Prints `gateway listening on HOST:PORT` once it serves (port 0 picks a free port)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+
+from gateway.config import DEFAULT_MAX_BODY_BYTES, GatewayConfig
+from services.grpc_server import SCHEDULER_PORT, TOKENIZER_PORT, configure_logging
+
+logger = logging.getLogger("gateway")
+
+DEFAULT_PORT = 8000
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m gateway", description=__doc__)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: loopback only)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0: any free port)")
+    p.add_argument("--scheduler-address", default=f"127.0.0.1:{SCHEDULER_PORT}")
+    p.add_argument("--tokenizer-address", default=f"127.0.0.1:{TOKENIZER_PORT}")
+    p.add_argument("--model-name", "--served-model-name", dest="model_name", default=None,
+                   help="model name clients use (default: the scheduler's GetModelInfo model_name)")
+    p.add_argument("--model-alias", action="append", default=[], help="another accepted model name (repeatable)")
+    p.add_argument("--api-key", default=os.environ.get("PAGEDSERVE_API_KEY") or None,
+                   help="require `Authorization: Bearer KEY` on /v1/* (default: $PAGEDSERVE_API_KEY; unset: open)")
+    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                   help=f"larger request bodies get 413 (default {DEFAULT_MAX_BODY_BYTES})")
+    p.add_argument("--max-n", type=int, default=128, help="largest n accepted (default 128)")
+    p.add_argument("--root-path", default="", help="ASGI root_path when served behind a path-prefixing proxy")
+    p.add_argument("--shutdown-grace", type=float, default=5.0, help="seconds in-flight requests get on SIGTERM")
+    p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", default="text", choices=["text", "json"])
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> GatewayConfig:
+    return GatewayConfig(scheduler_address=args.scheduler_address, tokenizer_address=args.tokenizer_address,
+                         model_name=args.model_name, model_aliases=tuple(args.model_alias), api_key=args.api_key,
+                         max_body_bytes=args.max_body_bytes, max_n=args.max_n, root_path=args.root_path)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
+
+
+def main(argv: list[str] | None = None) -> int:
+    import uvicorn
+
+    from gateway.app import create_app
+
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level, args.log_format, "gateway")
+    try:
+        sock = bind(args.host, args.port)
+    except OSError as e:
+        logger.error("could not bind %s:%d: %s", args.host, args.port, e)
+        return 1
+    host, port = sock.getsockname()[:2]
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started:
+                print(f"gateway listening on {address}", flush=True)
+
+    config = uvicorn.Config(create_app(config_from_args(args)), log_config=None, log_level=args.log_level,
+                            access_log=args.access_log, timeout_graceful_shutdown=args.shutdown_grace,
+                            backlog=4096)
+    Server(config).run(sockets=[sock])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""`create_app(config)`: the OpenAI-compatible FastAPI application.
+
+    GET  /v1/models              the served model (name from --model-name or the scheduler)
+    GET  /v1/models/{model}
+    POST /v1/completions
+    POST /v1/chat/completions
+    GET  /health                 200 only when both backends are SERVING and the executor answers
+    GET  /version
+
+The gRPC channels are opened in the lifespan (inside the server's event loop) and shared by all
+requests; `app.state.backend` is the `Backend`.
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from gateway.backend import Backend
+from gateway.config import GatewayConfig
+from gateway.errors import install_exception_handlers, model_not_found
+from gateway.middleware import GatewayMiddleware
+from gateway.protocol import ModelCard, ModelList
+from gateway.serving_chat import ChatServing
+from gateway.serving_completions import CompletionsServing
+
+logger = logging.getLogger(__name__)
+
+
+def version() -> str:
+    try:
+        from importlib.metadata import version as _v
+
+        return _v("pagedserve")
+    except Exception:  # noqa: BLE001 (not installed: running from a checkout)
+        return "0.1.0"
+
+
+def create_app(config: GatewayConfig | None = None) -> FastAPI:
+    config = config or GatewayConfig()
+    backend = Backend(config)
+    completions = CompletionsServing(backend, config)
+    chat = ChatServing(backend, config)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        await backend.start()
+        logger.info("gateway: scheduler at %s, tokenizer at %s", config.scheduler_address, config.tokenizer_address)
+        try:
+            yield
+        finally:
+            await backend.close()
+
+    app = FastAPI(title="pagedserve", version=version(), lifespan=lifespan, root_path=config.root_path)
+    app.state.backend = backend
+    app.state.config = config
+    install_exception_handlers(app)
+    app.add_middleware(GatewayMiddleware, api_key=config.api_key, max_body_bytes=config.max_body_bytes)
+
+    def card(facts) -> ModelCard:
+        return ModelCard(id=facts.name, created=facts.created, root=facts.name, max_model_len=facts.max_model_len)
+
+    @app.get("/v1/models")
+    async def list_models() -> Response:
+        facts = await backend.facts()
+        cards = [card(facts)] + [ModelCard(id=a, created=facts.created, root=facts.name,
+                                           max_model_len=facts.max_model_len) for a in config.model_aliases]
+        return Response(ModelList(data=cards).model_dump_json(), media_type="application/json")
+
+    @app.get("/v1/models/{model:path}")
+    async def get_model(model: str) -> Response:
+        facts = await backend.facts()
+        if model not in backend.served_names(facts):
+            raise model_not_found(model)
+        c = card(facts)
+        c.id = model
+        return Response(c.model_dump_json(), media_type="application/json")
+
+    @app.post("/v1/completions")
+    async def create_completion(request: Request) -> Response:
+        return await completions.create(request)
+
+    @app.post("/v1/chat/completions")
+    async def create_chat_completion(request: Request) -> Response:
+        return await chat.create(request)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        ok, checks = await backend.health()
+        return JSONResponse({"status": "ok" if ok else "unhealthy", "checks": checks}, status_code=200 if ok else 503)
+
+    @app.get("/version")
+    async def get_version() -> JSONResponse:
+        return JSONResponse({"version": version()})
+
+    return app

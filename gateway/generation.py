@@ -1,0 +1,268 @@
+"""One prompt's generation: a scheduler Generate call (n samples, demultiplexed by
+GenerateResponse.index) plus, per sample, a tokenizer DetokenizeStream that turns token ids into text
+deltas and watches for stop strings.
+
+    start()   opens the Generate call and waits for its first message, so that admission errors
+              (400 / 429 / 503) surface before any HTTP header is sent;
+    events()  yields SampleEvent(index, text, token_ids, logprobs, finish_reason, stop_reason);
+    close()   cancels whatever is still open: a cancelled Generate call makes the scheduler abort the
+              request and free its blocks (client disconnect), a cancelled DetokenizeStream frees
+              the tokenizer's state.
+
+A stop string found by the detokenizer finishes that sample at once (text trimmed as OpenAI does,
+tokens after it dropped, finish_reason "stop") and is reported to the scheduler with
+Abort(stop_str, indices=[i]), which frees the sample's blocks and sends its final message (usage).
+Tokens the scheduler produced after the stop (one step's worth at most) are not counted.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+
+from engine_core.sampling_params import SamplingParams
+from gateway.backend import Backend, rpc_error_to_api
+from gateway.errors import APIError
+from gateway.params import to_proto
+from services.gen.pagedserve.v1 import common_pb2, scheduler_pb2, tokenizer_pb2
+
+logger = logging.getLogger(__name__)
+
+# Initial-metadata key a scheduler may send as soon as it admits a request (before the first token):
+# the gateway then sends the SSE headers at once instead of after the first token.
+ACCEPTED_METADATA_KEY = "pagedserve-accepted"
+
+_FINISH = {
+    scheduler_pb2.FINISH_REASON_STOP: "stop",
+    scheduler_pb2.FINISH_REASON_LENGTH: "length",
+}
+
+
+@dataclass
+class SampleEvent:
+    index: int  # the sample's index within its prompt (0 .. n-1)
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[common_pb2.TokenLogprobs] | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class _Sample:
+    __slots__ = ("call", "done", "final", "num_tokens", "stopped")
+
+    def __init__(self) -> None:
+        self.call: grpc.aio.StreamStreamCall | None = None
+        self.num_tokens = 0     # output tokens consumed (up to the one completing a stop string)
+        self.stopped = False    # a stop string matched; waiting for the scheduler's final message
+        self.done = False       # the scheduler's final message for this sample arrived
+        self.final: scheduler_pb2.GenerateResponse | None = None
+
+
+class PromptGeneration:
+    def __init__(self, backend: Backend, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams,
+                 *, want_logprobs: bool) -> None:
+        self.backend = backend
+        self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.params = params
+        self.want_logprobs = want_logprobs
+        self.samples = [_Sample() for _ in range(params.n)]
+        self._call: grpc.aio.UnaryStreamCall | None = None
+        self._first: scheduler_pb2.GenerateResponse | None = None
+        self._first_task: asyncio.Future | None = None
+        self._detok_options = tokenizer_pb2.DetokenizeOptions(
+            prompt_token_ids=self.prompt_token_ids[-8:], skip_special_tokens=params.skip_special_tokens,
+            stop=params.stop, include_stop_str_in_output=params.include_stop_str_in_output)
+
+    # ------------------------------------------------------------------ usage
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(self.sample_tokens(i) for i in range(len(self.samples)))
+
+    def sample_tokens(self, index: int) -> int:
+        return self.samples[index].num_tokens
+
+    @property
+    def cached_tokens(self) -> int:
+        return max((s.final.usage.cached_tokens for s in self.samples if s.final is not None and
+                    s.final.HasField("usage")), default=0)
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        """Open the Generate call; return once the scheduler accepted it (or raise its error).
+
+        Acceptance is the first message, or (sooner, for a request that waits in the queue) initial
+        metadata carrying ACCEPTED_METADATA_KEY when the scheduler sends it on admission."""
+        self._call = self.backend.generate(self.request_id, self.prompt_token_ids, to_proto(self.params))
+        read = asyncio.ensure_future(self._read())
+        meta = asyncio.ensure_future(self._call.initial_metadata())
+        meta.add_done_callback(_ignore_result)
+        try:
+            await asyncio.wait((read, meta), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            read.cancel()
+            raise
+        if not read.done() and not meta.cancelled() and meta.exception() is None:
+            if any(k == ACCEPTED_METADATA_KEY for k, _ in (meta.result() or ())):
+                self._first_task = read
+                return
+        self._first = await read
+
+    async def _read(self) -> scheduler_pb2.GenerateResponse | None:
+        try:
+            msg = await self._call.read()
+        except grpc.RpcError as e:
+            raise rpc_error_to_api(e, "scheduler", self.backend.config.retry_after_s) from None
+        return None if msg is grpc.aio.EOF else msg
+
+    def close(self) -> None:
+        if self._first_task is not None:
+            self._first_task.cancel()
+        if self._call is not None and not self._call.done():
+            self._call.cancel()
+        for s in self.samples:
+            if s.call is not None and not s.call.done():
+                s.call.cancel()
+
+    async def events(self) -> AsyncIterator[SampleEvent]:
+        assert self._call is not None, "start() first"
+        if self._first_task is not None:
+            task, self._first_task = self._first_task, None
+            msg = await task
+        else:
+            msg, self._first = self._first, None
+        while True:
+            if msg is None:
+                if all(s.done for s in self.samples):
+                    return
+                raise APIError(503, "The scheduler ended the request's stream before it finished.",
+                               code="service_unavailable")
+            ev = await self._handle(msg)
+            if ev is not None:
+                yield ev
+            if all(s.done for s in self.samples):
+                return
+            msg = await self._read()
+
+    # ------------------------------------------------------------------ one message
+    async def _detok(self, s: _Sample, ids: list[int], final: bool) -> tokenizer_pb2.DetokenizeResponse:
+        req = tokenizer_pb2.DetokenizeRequest(token_ids=ids, finished=final)
+        try:
+            if s.call is None:
+                s.call = self.backend.detokenize_stream()
+                req.options.CopyFrom(self._detok_options)
+            await s.call.write(req)
+            resp = await s.call.read()
+        except grpc.RpcError as e:
+            raise rpc_error_to_api(e, "tokenizer") from None
+        if resp is grpc.aio.EOF:
+            raise APIError(503, "The tokenizer service ended a detokenize stream early.", code="service_unavailable")
+        return resp
+
+    async def _handle(self, msg: scheduler_pb2.GenerateResponse) -> SampleEvent | None:
+        idx = msg.index
+        if not 0 <= idx < len(self.samples):
+            raise APIError(500, f"The scheduler sent sample index {idx} for a request with n={len(self.samples)}.")
+        s = self.samples[idx]
+        if s.done:
+            return None
+        fr = msg.finish_reason
+        final = fr != scheduler_pb2.FINISH_REASON_UNSPECIFIED
+        if fr == scheduler_pb2.FINISH_REASON_ERROR:
+            raise APIError(500, f"Generation failed: {msg.error_message or 'engine error'}", code="engine_error")
+        if s.stopped:  # tokens past our stop string; wait for the final message (usage)
+            if final:
+                s.done, s.final = True, msg
+            return None
+        if fr == scheduler_pb2.FINISH_REASON_ABORT:
+            raise APIError(503, "The scheduler aborted the request (is it shutting down?).",
+                           code="service_unavailable")
+        ids = list(msg.token_ids)
+        lps = list(msg.logprobs) if self.want_logprobs else None
+        if not ids and not final:
+            return None
+        if not ids and s.call is None:  # final message, no text ever: nothing to detokenize
+            d = tokenizer_pb2.DetokenizeResponse(finished=True)
+        else:
+            d = await self._detok(s, ids, final)
+        if d.stop_str:
+            keep = max(0, d.num_output_tokens - s.num_tokens)
+            ids = ids[:keep]
+            if lps is not None:
+                lps = lps[:keep]
+            s.num_tokens += len(ids)
+            s.stopped = True
+            if final:
+                s.done, s.final = True, msg
+            else:
+                await self.backend.abort([self.request_id], stop_str=d.stop_str, indices=[idx])
+            return SampleEvent(idx, d.text, ids, lps, "stop", d.stop_str)
+        s.num_tokens += len(ids)
+        if not final:
+            return SampleEvent(idx, d.text, ids, lps)
+        s.done, s.final = True, msg
+        reason = _FINISH.get(fr, "stop")
+        which = msg.WhichOneof("stop_reason")
+        stop_reason = getattr(msg, which) if which else None
+        return SampleEvent(idx, d.text, ids, lps, reason, stop_reason)
+
+
+def _ignore_result(fut: asyncio.Future) -> None:
+    if not fut.cancelled():
+        fut.exception()  # retrieved: no "exception was never retrieved" warning
+
+
+async def start_all(gens: Sequence[PromptGeneration]) -> None:
+    """Start every generation concurrently; on any failure close them all and raise the first error."""
+    try:
+        results = await asyncio.gather(*(g.start() for g in gens), return_exceptions=True)
+    except BaseException:  # cancelled (client gone): nothing may stay open
+        for g in gens:
+            g.close()
+        raise
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if errors:
+        for g in gens:
+            g.close()
+        raise errors[0]
+
+
+async def merge_events(gens: Sequence[PromptGeneration]) -> AsyncIterator[tuple[int, SampleEvent]]:
+    """(prompt index, event) from every generation as they come. One generation: no tasks at all."""
+    if len(gens) == 1:
+        async for ev in gens[0].events():
+            yield 0, ev
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, g: PromptGeneration) -> None:
+        try:
+            async for ev in g.events():
+                await queue.put((i, ev))
+            await queue.put((i, done))
+        except Exception as e:  # noqa: BLE001 (delivered to the consumer)
+            await queue.put((i, e))
+
+    tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(gens)]
+    try:
+        remaining = len(gens)
+        while remaining:
+            i, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()

@@ -1,0 +1,74 @@
+"""Pure-ASGI middleware (no BaseHTTPMiddleware: it would break streaming and disconnect detection):
+API-key check on /v1/* (401) and the request body size limit (413), both answered in OpenAI's
+error shape before any handler runs."""
+from __future__ import annotations
+
+import hmac
+
+from gateway.errors import APIError, body_too_large, unauthorized
+
+_BODY_METHODS = (b"POST", b"PUT", b"PATCH")
+
+
+class GatewayMiddleware:
+    def __init__(self, app, api_key: str | None = None, max_body_bytes: int | None = None) -> None:
+        self.app = app
+        self.api_key = api_key.encode() if api_key else None
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        root = scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root):]
+        headers = dict(scope.get("headers") or ())
+        if self.api_key is not None and path.startswith("/v1/") and scope.get("method") != "OPTIONS":
+            auth = headers.get(b"authorization", b"")
+            scheme, _, token = auth.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.api_key):
+                await self._reject(unauthorized(), scope, receive, send)
+                return
+        if self.max_body_bytes is not None and scope.get("method", "").encode() in _BODY_METHODS:
+            limit = self.max_body_bytes
+            declared = headers.get(b"content-length")
+            if declared is not None:
+                try:
+                    size = int(declared)
+                except ValueError:
+                    size = None
+                if size is not None and size > limit:
+                    await self._reject(body_too_large(limit, size), scope, receive, send)
+                    return
+            # Chunked (or lying) uploads: buffer up to the limit, then replay to the app.
+            messages, total = [], 0
+            while True:
+                message = await receive()
+                messages.append(message)
+                if message["type"] != "http.request":
+                    break
+                total += len(message.get("body", b""))
+                if total > limit:
+                    await self._reject(body_too_large(limit), scope, receive, send)
+                    return
+                if not message.get("more_body", False):
+                    break
+            replay = iter(messages)
+
+            async def replay_receive():
+                for message in replay:
+                    return message
+                return await receive()
+
+            await self.app(scope, replay_receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    async def _reject(err: APIError, scope, receive, send) -> None:
+        headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else {}
+        headers.update(err.headers)
+        err.headers = headers
+        await err.response()(scope, receive, send)

@@ -1,0 +1,1 @@
+"""The scheduler service: `python -m services.scheduler`."""

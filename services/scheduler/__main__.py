@@ -1,0 +1,5 @@
+import sys
+
+from services.scheduler.server import main
+
+sys.exit(main())

@@ -1,0 +1,332 @@
+"""`python -m services.scheduler`: pagedserve.v1.Scheduler over engine_core's EngineCore.
+
+Token ids in, token ids out: the scheduler and block manager of engine_core drive one executor,
+remote (`--executor-address host:port`, a `python -m services.executor`, through GrpcExecutor) or
+in-process (`--executor-address local`: LocalExecutor, or any `--executor module:callable`).
+
+An asyncio gRPC server: each in-flight Generate call is a coroutine waiting on its own
+asyncio.Queue; the EngineCore lives on one engine thread (services/scheduler/engine_loop.py).
+Status codes are documented in protos/pagedserve/v1/scheduler.proto.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import logging
+from collections.abc import Callable
+
+import grpc
+
+from engine_core.config import EngineConfig
+from engine_core.executor.base import Executor, ExecutorError
+from engine_core.sampling_params import SamplingParams
+from services import convert
+from services.gen.pagedserve.v1 import scheduler_pb2, scheduler_pb2_grpc
+from services.grpc_server import (
+    EXECUTOR_PORT,
+    SCHEDULER_PORT,
+    AioGrpcServer,
+    add_common_args,
+    configure_logging,
+)
+from services.scheduler.engine_loop import (
+    CallFailed,
+    EngineLoop,
+    GenerateCall,
+)
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name
+DEFAULT_LOCAL_EXECUTOR = "engine_core.executor.local:LocalExecutor"
+DEFAULT_MAX_QUEUE_LEN = 1024
+STATS_TIMEOUT_S = 2.0  # a stats request waits at most this long for the engine thread (mid-step)
+
+
+class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
+    def __init__(self, engine: EngineLoop) -> None:
+        self.engine = engine
+        self._calls: dict[str, GenerateCall] = {}  # in-flight Generate calls by request_id
+        self._closing = asyncio.Event()
+
+    def close(self) -> None:
+        """Shutdown: refuse new calls, end WatchStats streams (in-flight Generate calls get the grace)."""
+        self._closing.set()
+
+    def _queue_full(self, n: int) -> bool:
+        """Would the samples that have to wait (the queue plus this request's n, less the free
+        sequence slots) exceed --max-queue-len?"""
+        waiting, running = self.engine.queue_estimate()
+        free_slots = max(0, self.engine.config.max_num_seqs - running)
+        return waiting + n - free_slots > self.engine.max_queue_len
+
+    # ------------------------------------------------------------------ Generate
+    async def Generate(self, request: scheduler_pb2.GenerateRequest, context):
+        engine = self.engine
+        rid = request.request_id
+        if self._closing.is_set():
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the scheduler is shutting down")
+        if engine.fatal_error is not None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the scheduler engine failed: {engine.fatal_error}")
+        if not rid:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id is required")
+        if rid in self._calls:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request_id {rid!r} is already in flight")
+        if not request.prompt_token_ids:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty: at least one token is required")
+        try:
+            params = (convert.sampling_params_from_proto(request.sampling_params)
+                      if request.HasField("sampling_params") else SamplingParams())
+        except (ValueError, TypeError) as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"sampling_params: {e}")
+        down = engine.down_for()
+        if down > engine.executor_timeout_s:
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"executor {engine.executor_name} unavailable for {down:.0f}s ({engine.down_reason})")
+        limit = engine.max_queue_len
+        if limit and self._queue_full(params.n):
+            engine.num_rejected += 1
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"the scheduler's waiting queue is full ({limit} requests); retry later")
+
+        loop = asyncio.get_running_loop()
+        call = GenerateCall(rid, list(request.prompt_token_ids), params, asyncio.Queue(), loop.create_future())
+        self._calls[rid] = call
+        try:
+            engine.add(call)
+            verdict = await call.accepted
+            if isinstance(verdict, CallFailed):
+                call.done = True
+                await context.abort(verdict.code, verdict.message)
+            remaining = params.n
+            while remaining:
+                item = await call.queue.get()
+                if isinstance(item, CallFailed):
+                    call.done = True
+                    await context.abort(item.code, item.message)
+                if item.finish_reason != scheduler_pb2.FINISH_REASON_UNSPECIFIED:
+                    remaining -= 1
+                yield item
+            call.done = True
+        finally:
+            # A cancelled call (client gone, deadline, shutdown) or a failed write: abort in the
+            # engine, which frees the blocks at once (idempotent for finished samples).
+            if not call.done:
+                engine.abort(call.child_ids)
+            if self._calls.get(rid) is call:
+                del self._calls[rid]
+
+    # ------------------------------------------------------------------ Abort
+    async def Abort(self, request: scheduler_pb2.AbortRequest, context):
+        stop_str = request.stop_str if request.HasField("stop_str") else None
+        aborted, unknown, ids = [], [], []
+        for rid in request.request_ids:
+            call = self._calls.get(rid)
+            if call is None or call.done:
+                unknown.append(rid)
+                continue
+            aborted.append(rid)
+            all_ids = call.child_ids
+            if request.indices:
+                bad = [i for i in request.indices if not 0 <= i < call.n]
+                if bad:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                        f"indices: {bad[0]} is out of range for request {rid!r} (n={call.n})")
+                ids.extend(all_ids[i] for i in request.indices)
+            else:
+                ids.extend(all_ids)
+        if ids:
+            self.engine.abort(ids, stop_str)
+        return scheduler_pb2.AbortResponse(aborted_request_ids=aborted, unknown_request_ids=unknown)
+
+    # ------------------------------------------------------------------ stats
+    async def _stats(self, include_requests: bool) -> scheduler_pb2.SchedulerStats:
+        fut = asyncio.get_running_loop().create_future()
+        self.engine.request_stats(include_requests, fut)
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), STATS_TIMEOUT_S)
+        except TimeoutError:  # the engine thread is inside a long step: the last published numbers
+            stats = scheduler_pb2.SchedulerStats()
+            stats.CopyFrom(self.engine.last_stats)
+            return stats
+
+    async def GetStats(self, request, context):
+        return await self._stats(request.include_requests)
+
+    async def WatchStats(self, request, context):
+        interval = max(0.05, request.interval_s or 1.0)
+        while not self._closing.is_set():
+            yield await self._stats(request.include_requests)
+            try:
+                await asyncio.wait_for(self._closing.wait(), interval)
+            except TimeoutError:
+                pass
+
+    async def GetModelInfo(self, request, context):
+        info = self.engine.info
+        if info is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"not connected to executor {self.engine.executor_name} yet")
+        cfg = self.engine.config
+        return scheduler_pb2.ModelInfo(
+            executor=convert.executor_info_to_proto(info), max_num_seqs=cfg.max_num_seqs,
+            max_num_batched_tokens=cfg.max_num_batched_tokens or 0,
+            enable_chunked_prefill=cfg.enable_chunked_prefill, enable_prefix_caching=cfg.enable_prefix_caching,
+            max_logprobs=cfg.max_logprobs)
+
+
+class GuardedExecutor(Executor):
+    """An in-process executor whose failures look like a remote one's: any exception from a step
+    becomes an ExecutorError (replayed, then failed after repeated failures) instead of killing
+    the engine thread."""
+
+    def __init__(self, inner: Executor) -> None:
+        self.inner = inner
+
+    def describe(self):
+        return self.inner.describe()
+
+    def execute(self, scheduler_output):
+        try:
+            return self.inner.execute(scheduler_output)
+        except ExecutorError:
+            raise
+        except Exception as e:
+            logger.exception("executor step failed")
+            raise ExecutorError(f"executor step failed: {type(e).__name__}: {e}") from e
+
+    def reset(self) -> None:
+        self.inner.reset()
+
+    def shutdown(self) -> None:
+        self.inner.shutdown()
+
+    def __getattr__(self, name):  # e.g. LocalExecutor.source
+        return getattr(self.inner, name)
+
+
+# ---------------------------------------------------------------------------- CLI
+def _load_factory(spec: str) -> Callable[..., Executor]:
+    mod, _, attr = spec.partition(":")
+    if not mod or not attr:
+        raise ValueError(f"--executor must be 'module:callable', got {spec!r}")
+    return getattr(importlib.import_module(mod), attr)
+
+
+def executor_factory(args: argparse.Namespace) -> tuple[Callable[[EngineConfig], Executor], str]:
+    """(config -> Executor, a name for logs) from --executor-address / --executor."""
+    address = args.executor_address
+    if address == "local":
+        factory = _load_factory(args.executor)
+        return (lambda config: GuardedExecutor(factory(config))), f"local ({args.executor})"
+    from services.executor_client import GrpcExecutor
+
+    step_timeout = args.step_timeout if args.step_timeout > 0 else None
+    return (lambda _config: GrpcExecutor(address, wait_ready_s=None, step_timeout_s=step_timeout)), address
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m services.scheduler",
+        description="pagedserve scheduler service: queues, paged KV block manager, continuous batching")
+    p.add_argument("model_pos", nargs="?", metavar="MODEL", help="same as --model (only with --executor-address local)")
+    p.add_argument("--model", default=None, help="model for an in-process executor (--executor-address local)")
+    g = p.add_argument_group("executor")
+    g.add_argument("--executor-address", default=f"127.0.0.1:{EXECUTOR_PORT}",
+                   help=f"host:port of the executor service (default 127.0.0.1:{EXECUTOR_PORT}); "
+                        "'local': run the executor in this process (tests, development)")
+    g.add_argument("--executor", default=DEFAULT_LOCAL_EXECUTOR,
+                   help="with --executor-address local: Executor factory 'module:callable' called with the "
+                        f"EngineConfig (default {DEFAULT_LOCAL_EXECUTOR})")
+    g.add_argument("--executor-timeout", type=float, default=30.0,
+                   help="seconds a request waits for an unavailable executor before failing with UNAVAILABLE "
+                        "(it is replayed if the executor comes back sooner; default 30)")
+    g.add_argument("--step-timeout", type=float, default=120.0,
+                   help="seconds one step may take before the executor counts as hung (0: no limit; default 120)")
+    g = p.add_argument_group("admission")
+    g.add_argument("--max-queue-len", type=int, default=DEFAULT_MAX_QUEUE_LEN,
+                   help="waiting requests (samples) beyond which Generate answers RESOURCE_EXHAUSTED "
+                        f"(HTTP 429 at the gateway); 0: unlimited (default {DEFAULT_MAX_QUEUE_LEN})")
+    EngineConfig.add_cli_args(p.add_argument_group("engine (scheduling flags; model flags apply to a local executor)"))
+    add_common_args(p, SCHEDULER_PORT)
+    return p
+
+
+class SchedulerService:
+    """The scheduler gRPC server + its engine thread, inside a running event loop::
+
+        svc = SchedulerService(config, factory, port=0)
+        await svc.start()        # listening; SERVING once the executor is connected
+        ...
+        await svc.stop(grace)    # or svc.server.stop() from a signal, then await svc.wait()
+    """
+
+    def __init__(self, config: EngineConfig, make_executor: Callable[[EngineConfig], Executor], *,
+                 executor_name: str = "executor", host: str = "127.0.0.1", port: int = 0,
+                 executor_timeout_s: float = 30.0, max_queue_len: int = DEFAULT_MAX_QUEUE_LEN,
+                 grace_s: float = 5.0) -> None:
+        self.engine = EngineLoop(config, make_executor, executor_name=executor_name,
+                                 executor_timeout_s=executor_timeout_s, max_queue_len=max_queue_len)
+        self.server = AioGrpcServer("scheduler", [SERVICE_NAME], host, port, grace_s=grace_s)
+        self.servicer = SchedulerServicer(self.engine)
+        scheduler_pb2_grpc.add_SchedulerServicer_to_server(self.servicer, self.server.server)
+        self.server.on_shutdown(self.servicer.close)
+        self.fatal: list[BaseException] = []
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        srv = self.server
+        await srv.start()  # NOT_SERVING until the executor is connected
+
+        def on_health(serving: bool) -> None:
+            if not srv.stopping:
+                loop.create_task(srv.set_serving(serving))
+                logger.info("health: %s", "SERVING" if serving else "NOT_SERVING")
+
+        def on_fatal(e: BaseException) -> None:
+            self.fatal.append(e)
+            srv.stop(0)
+
+        self.engine.start(loop, on_health, on_fatal)
+
+    async def wait(self) -> None:
+        """Until the server has stopped; then stops the engine thread (and the executor client)."""
+        await self.server.wait()
+        await asyncio.to_thread(self.engine.stop)
+
+    async def stop(self, grace: float | None = None) -> None:
+        await self.server.stop(grace)
+        await self.wait()
+
+
+async def serve(args: argparse.Namespace) -> int:
+    try:
+        config = EngineConfig.from_cli_args(args, model=args.model or args.model_pos)
+        factory, executor_name = executor_factory(args)
+    except (ValueError, ImportError, AttributeError) as e:
+        logger.error("bad arguments: %s", e)
+        return 2
+    if args.max_queue_len < 0:
+        logger.error("bad arguments: --max-queue-len must be >= 0")
+        return 2
+    svc = SchedulerService(config, factory, executor_name=executor_name, host=args.host, port=args.port,
+                           executor_timeout_s=args.executor_timeout, max_queue_len=args.max_queue_len,
+                           grace_s=args.shutdown_grace)
+    svc.server.install_signal_handlers()
+    await svc.start()
+    logger.info("scheduler: executor %s, max_num_seqs %d, max_queue_len %s, executor timeout %.0fs",
+                executor_name, config.max_num_seqs, args.max_queue_len or "unlimited", args.executor_timeout)
+    await svc.wait()
+    logger.info("scheduler stopped")
+    return 1 if svc.fatal else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level, args.log_format, "scheduler")
+    return asyncio.run(serve(args))
