@@ -31,9 +31,11 @@ def prompts(n: int, length: int, vocab: int) -> list[list[int]]:
     return torch.randint(100, vocab, (n, length), generator=torch.Generator().manual_seed(0)).tolist()
 
 
-def run_pagedserve(cfg: str, batches: list[int], ps, output_len: int, enforce_eager: bool) -> list[dict]:
+def run_pagedserve(cfg: str, batches: list[int], ps, output_len: int, enforce_eager: bool,
+                   gpu_memory_utilization: float) -> list[dict]:
     llm = LLM(model=f"dummy:{cfg}", dtype="bfloat16", max_model_len=4096, max_num_seqs=max(batches),
-              enforce_eager=enforce_eager, max_num_batched_tokens=8192)
+              enforce_eager=enforce_eager, max_num_batched_tokens=8192,
+              gpu_memory_utilization=gpu_memory_utilization)
     info = llm.engine.core.info
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     llm.generate(ps[:2], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)  # warm-up
@@ -59,7 +61,8 @@ def run_hf(cfg: str, batches: list[int], ps, output_len: int) -> list[dict]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     conf = AutoConfig.for_model(**{k: v for k, v in json.load(open(cfg)).items() if k != "transformers_version"})
-    model = AutoModelForCausalLM.from_config(conf, dtype=torch.bfloat16).cuda().eval()
+    with torch.device("cuda"):  # random init on the GPU: an 8B init on the CPU takes minutes
+        model = AutoModelForCausalLM.from_config(conf, dtype=torch.bfloat16).eval()
     out = []
     with torch.inference_mode():
         ids = torch.tensor(ps[:2], device="cuda")
@@ -89,14 +92,16 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=512)
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--skip-eager", action="store_true")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.5,
+                    help="leaves room for the HF peer in the same process")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     vocab = json.load(open(args.config))["vocab_size"]
     ps = prompts(max(batches), args.input_len, vocab)
 
-    results = run_pagedserve(args.config, batches, ps, args.output_len, enforce_eager=False)
+    results = run_pagedserve(args.config, batches, ps, args.output_len, False, args.gpu_memory_utilization)
     if not args.skip_eager:
-        results += run_pagedserve(args.config, batches, ps, args.output_len, enforce_eager=True)
+        results += run_pagedserve(args.config, batches, ps, args.output_len, True, args.gpu_memory_utilization)
     results += run_hf(args.config, batches, ps, args.output_len)
 
     name = os.path.splitext(os.path.basename(args.config))[0]

@@ -35,6 +35,9 @@ logger = logging.getLogger(__name__)
 # the gateway then sends the SSE headers at once instead of after the first token.
 ACCEPTED_METADATA_KEY = "pagedserve-accepted"
 
+DRAIN_TIMEOUT_S = 1.0
+STOP_FINAL_TIMEOUT_S = 2.0
+
 _FINISH = {
     scheduler_pb2.FINISH_REASON_STOP: "stop",
     scheduler_pb2.FINISH_REASON_LENGTH: "length",
@@ -110,10 +113,10 @@ class PromptGeneration:
         except asyncio.CancelledError:
             read.cancel()
             raise
-        if not read.done() and not meta.cancelled() and meta.exception() is None:
-            if any(k == ACCEPTED_METADATA_KEY for k, _ in (meta.result() or ())):
-                self._first_task = read
-                return
+        if (not read.done() and not meta.cancelled() and meta.exception() is None
+                and any(k == ACCEPTED_METADATA_KEY for k, _ in (meta.result() or ()))):
+            self._first_task = read
+            return
         self._first = await read
 
     async def _read(self) -> scheduler_pb2.GenerateResponse | None:
@@ -139,6 +142,7 @@ class PromptGeneration:
             msg = await task
         else:
             msg, self._first = self._first, None
+        deadline: float | None = None  # for the final messages of stopped samples
         while True:
             if msg is None:
                 if all(s.done for s in self.samples):
@@ -149,8 +153,29 @@ class PromptGeneration:
             if ev is not None:
                 yield ev
             if all(s.done for s in self.samples):
+                await self._drain()
                 return
-            msg = await self._read()
+            if all(s.done or s.stopped for s in self.samples):
+                # Only stopped samples left: their final message (usage) follows our Abort within a
+                # step. Don't wait for a scheduler that missed the Abort: close() cancels the call.
+                loop = asyncio.get_running_loop()
+                if deadline is None:
+                    deadline = loop.time() + STOP_FINAL_TIMEOUT_S
+                try:
+                    msg = await asyncio.wait_for(self._read(), max(0.0, deadline - loop.time()))
+                except TimeoutError:
+                    logger.warning("%s: no final message after Abort(stop_str); cancelling", self.request_id)
+                    return
+            else:
+                msg = await self._read()
+
+    async def _drain(self) -> None:
+        """Every sample finished: read the call's end (its OK status) so that close() has nothing to
+        cancel; a scheduler that does not end the stream promptly gets cancelled by close()."""
+        try:
+            await asyncio.wait_for(self._call.read(), DRAIN_TIMEOUT_S)
+        except (TimeoutError, grpc.RpcError):
+            pass
 
     # ------------------------------------------------------------------ one message
     async def _detok(self, s: _Sample, ids: list[int], final: bool) -> tokenizer_pb2.DetokenizeResponse:

@@ -8,16 +8,13 @@ from __future__ import annotations
 
 from engine_core.sampling_params import SamplingParams
 from gateway.backend import ModelFacts
-from gateway.errors import APIError, bad_request, context_length_exceeded
+from gateway.errors import bad_request, context_length_exceeded
 from gateway.protocol import SamplingFields
 from services.convert import sampling_params_to_proto
 from services.gen.pagedserve.v1 import common_pb2
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 INT32_MAX = 2**31 - 1
-
-# Request field names for SamplingParams fields whose OpenAI name differs per API.
-_FIELD_ALIASES = {"logprobs": "logprobs"}
 
 
 def _param_of(message: str) -> str | None:
@@ -106,5 +103,3 @@ def to_proto(sp: SamplingParams) -> common_pb2.SamplingParams:
         msg.ClearField("include_stop_str_in_output")
     return msg
 
-
-__all__ = ["APIError", "build_sampling_params", "check_prompt_ids", "resolve_max_tokens", "to_proto"]

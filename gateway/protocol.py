@@ -12,7 +12,16 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator, model_serializer
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    field_validator,
+    model_serializer,
+)
 
 Float = Annotated[float, Field(strict=True)]  # JSON numbers only (ints accepted), never strings
 
@@ -23,7 +32,6 @@ PROMPT_SHAPE_MSG = ("must be a string, an array of strings, an array of token id
 # ---------------------------------------------------------------------------- requests
 class StreamOptions(BaseModel):
     include_usage: StrictBool | None = False
-    continuous_usage_stats: StrictBool | None = False  # vLLM: usage on every chunk
 
 
 class SamplingFields(BaseModel):
@@ -116,7 +124,6 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: Any = None
     # vLLM extras
     add_generation_prompt: StrictBool | None = True
-    echo: StrictBool | None = False  # vLLM: prepend the last message's content
 
 
 # ---------------------------------------------------------------------------- responses

@@ -14,10 +14,21 @@ from pydantic import BaseModel, ValidationError
 
 from gateway.backend import Backend, ModelFacts
 from gateway.config import GatewayConfig
-from gateway.errors import APIError, bad_request, model_not_found, validation_error_to_api
+from gateway.errors import (
+    APIError,
+    bad_request,
+    model_not_found,
+    validation_error_to_api,
+)
 from gateway.generation import PromptGeneration, start_all
 from gateway.protocol import PromptTokensDetails, SamplingFields, UsageInfo
-from gateway.streaming import DONE, ClientDisconnected, event_stream, run_until_disconnect, sse_error
+from gateway.streaming import (
+    DONE,
+    ClientDisconnected,
+    event_stream,
+    run_until_disconnect,
+    sse_error,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +104,7 @@ class BaseServing:
                 except APIError as e:
                     logger.info("in-band stream error: %s", e.message)
                     yield sse_error(e)
-                except Exception as e:  # noqa: BLE001 (a bug: still end the stream properly)
+                except Exception as e:
                     logger.exception("stream failed")
                     yield sse_error(APIError(500, f"Internal server error ({type(e).__name__}).",
                                              code="internal_error"))

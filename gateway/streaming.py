@@ -84,6 +84,6 @@ async def run_until_disconnect(request: Request, work: Awaitable[T]) -> T:
     task.cancel()
     try:
         await task
-    except BaseException:  # noqa: BLE001 (cancelled or failed while cancelling: the client is gone anyway)
-        pass
+    except BaseException as e:  # noqa: BLE001 (cancelled or failed while cancelling: the client is gone anyway)
+        logger.debug("work ended after the client left: %r", e)
     raise ClientDisconnected()

@@ -70,6 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
         add_client_parser(sub)
     except ImportError:
         pass
+    try:  # benchmarks/ is not an installed package: the `pagedserve` script needs the repo root on the path
+        from pathlib import Path
+        if (root := str(Path(__file__).resolve().parent.parent)) not in sys.path:
+            sys.path.append(root)
+        from benchmarks.serve_bench import add_bench_parser
+        add_bench_parser(sub)
+    except ImportError:
+        pass
     try:
         from services.healthcheck import add_health_parser
         add_health_parser(sub)

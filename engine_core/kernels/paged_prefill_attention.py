@@ -8,7 +8,9 @@ step it has S = seq_lens[i] tokens in the cache (its prefix of S - L cached toke
 whose K/V the KV write already stored). Query j of the chunk sits at absolute position S - L + j
 and sees keys 0 .. S - L + j: the whole cached prefix plus the chunk, causally.
 
-Tiling: one program per (request, KV head, tile of BLOCK_Q query tokens). Its BLOCK_M = BLOCK_Q * G
+Tiling: one program per (request, KV head, tile of BLOCK_Q query tokens). Defaults BLOCK_M=128 rows,
+BLOCK_N=32 keys, 8 warps: on an H100 (Llama-8B heads, 4 x 2048-token prompts, bf16) 274 TFLOP/s
+against 231 for 64 x 64 / 4 warps, and 471 for torch SDPA's flash kernel on a dense layout. Its BLOCK_M = BLOCK_Q * G
 rows are those query tokens for all G query heads of the KV head (row r = token r // G, head
 r % G), so every K/V tile is loaded once for the whole GQA group and the score tile is a large
 [BLOCK_M, BLOCK_N] matrix product. Keys are streamed in BLOCK_N tiles with the online softmax
@@ -124,7 +126,7 @@ def paged_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_
                             block_tables: torch.Tensor, seq_lens: torch.Tensor,
                             query_start_loc: torch.Tensor, first_req: int, num_reqs: int,
                             max_query_len: int, scale: float, out: torch.Tensor, *,
-                            block_m: int = 64, block_n: int = 64) -> torch.Tensor:
+                            block_m: int = 128, block_n: int = 32) -> torch.Tensor:
     """Attention for requests first_req .. first_req + num_reqs - 1 of the batch.
 
     query/out: [T, Hq, D] for the whole step (rows addressed through query_start_loc, so decode
@@ -146,8 +148,8 @@ def paged_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_
 
 def varlen_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                             query_start_loc: torch.Tensor, num_reqs: int, max_query_len: int,
-                            scale: float, out: torch.Tensor, *, block_m: int = 64,
-                            block_n: int = 64) -> torch.Tensor:
+                            scale: float, out: torch.Tensor, *, block_m: int = 128,
+                            block_n: int = 32) -> torch.Tensor:
     """No KV cache (profiling run): each request attends causally to its own rows of key/value
     [T, Hkv, D]. Same kernel with the paged gather switched off."""
     if num_reqs <= 0 or max_query_len <= 0:

@@ -27,9 +27,17 @@ _DTYPES = {
 
 
 def resolve_device(device: torch.device | str | None) -> torch.device:
+    """auto: CUDA when present, else CPU. A CUDA device always gets an explicit index (memory
+    queries such as torch.cuda.mem_get_info reject a bare "cuda")."""
     if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r} requested but CUDA is not available")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:

@@ -20,12 +20,14 @@ def hf_model_from_config(path: str, dtype: torch.dtype):
 
     cfg = AutoConfig.for_model(**{k: v for k, v in json.load(open(path)).items() if k != "transformers_version"})
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).cuda().eval()
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
     return model
 
 
 def engine_with_weights(path: str, hf, dtype: str, **kw) -> LLM:
-    llm = LLM(model=f"dummy:{path}", dtype=dtype, max_model_len=512, max_num_seqs=16, **kw)
+    llm = LLM(model=f"dummy:{path}", dtype=dtype, max_model_len=512, max_num_seqs=16,
+              gpu_memory_utilization=0.3, **kw)
     llm.engine.core.executor.model.load_weights(hf.state_dict().items())
     return llm
 

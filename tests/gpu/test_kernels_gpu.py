@@ -4,7 +4,7 @@ Shapes: Llama-3.1-8B attention (32 query heads / 8 KV heads / head_dim 128, hidd
 intermediate 14336) and SmolLM2-135M (9 / 3 / 64, hidden 576, intermediate 1536); bf16 like the
 engine on GPU. Attention is compared with the torch reference run in fp32 on the same bf16
 inputs (rel. Frobenius error; bf16 output rounding alone is ~3e-3); the elementwise kernels
-mirror their twin's rounding steps and must match to one bf16 ulp.
+mirror their twin's rounding steps: nearly all elements equal, the rest within two bf16 ulps.
 Also: a decode launch captured in a CUDA graph (grid sized for max_model_len) replays to the same
 bits as eager launches, and a tiny model's forward through the dispatching layers on CUDA matches
 the same model on the CPU torch path.
@@ -175,12 +175,18 @@ def test_varlen_causal_real(model):
     assert rel_err(out, ref) < 1e-2, rel_err(out, ref)
 
 
-def assert_within_one_ulp(out, ref):
-    """bf16 results that mirror the twin's rounding: equal, or one rounding step apart."""
+def assert_bf16_rounding_close(out, ref):
+    """bf16 results that mirror the twin's rounding steps: (nearly always) equal, else within two
+    bf16 ulps. The fp32 arithmetic before a rounding may differ in its last bits (FMA contraction,
+    reduction order), which can flip that rounding; rms_norm and silu_and_mul round twice (the
+    intermediate, then the product), so one flipped intermediate moves the output by up to ~2 ulp
+    (seen: 1.25 for rms_norm on an H100). Where terms cancel (rotary: x1 cos - x2 sin ~ 0) the fp32
+    error, ~2^-22 of the operands' magnitude, can exceed the result's own ulp: a small absolute slack."""
     assert out.dtype == ref.dtype and out.shape == ref.shape
     diff = (out.float() - ref.float()).abs()
-    ulp = torch.finfo(BF16).eps * torch.maximum(out.float().abs(), ref.float().abs()).clamp_min(1e-30)
-    assert bool((diff <= ulp).all()), float((diff / ulp).max())
+    ulp = torch.finfo(BF16).eps * torch.maximum(out.float().abs(), ref.float().abs())
+    slack = 2.0 ** -20 * float(ref.float().abs().max())
+    assert bool((diff <= 2 * ulp + slack).all()), float((diff / (ulp + slack)).max())
     assert float((out == ref).float().mean()) > 0.98
 
 
@@ -189,11 +195,11 @@ def test_rms_norm_real(hidden):
     x = torch.randn(257, hidden, device=DEV).to(BF16)
     res = torch.randn(257, hidden, device=DEV).to(BF16)
     w = (1 + 0.1 * torch.randn(hidden, device=DEV)).to(BF16)
-    assert_within_one_ulp(rms_norm(x, w, 1e-5), rms_norm_ref(x, w, 1e-5))
+    assert_bf16_rounding_close(rms_norm(x, w, 1e-5), rms_norm_ref(x, w, 1e-5))
     ref_out, ref_res = rms_norm_ref(x, w, 1e-5, res)
     out, new_res = fused_add_rms_norm(x.clone(), res.clone(), w, 1e-5)
     assert torch.equal(new_res, ref_res)
-    assert_within_one_ulp(out, ref_out)
+    assert_bf16_rounding_close(out, ref_out)
 
 
 @pytest.mark.parametrize("model", list(SHAPES))
@@ -207,14 +213,14 @@ def test_rotary_real(model):
     ref_q = apply_rotary_ref(positions, q, cache, d)
     ref_k = apply_rotary_ref(positions, k, cache, d)
     rotary_embedding(positions, q, k, cache, d)
-    assert_within_one_ulp(q, ref_q)
-    assert_within_one_ulp(k, ref_k)
+    assert_bf16_rounding_close(q, ref_q)
+    assert_bf16_rounding_close(k, ref_k)
 
 
 @pytest.mark.parametrize("inter", [14336, 1536])
 def test_silu_and_mul_real(inter):
     x = (2 * torch.randn(129, 2 * inter, device=DEV)).to(BF16)
-    assert_within_one_ulp(silu_and_mul(x), silu_and_mul_ref(x))
+    assert_bf16_rounding_close(silu_and_mul(x), silu_and_mul_ref(x))
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])

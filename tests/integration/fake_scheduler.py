@@ -6,7 +6,8 @@ and offset = 0 when greedy, else (seed or a counter) * 7 + i (so seeds reproduce
 Honours max_tokens (LENGTH), stop_token_ids and EOS (STOP), logprobs (fake values), Abort with
 stop_str / indices, cancellation (recorded), and a queue limit (RESOURCE_EXHAUSTED when more than
 `max_in_flight` calls are open). accepted_metadata: send `pagedserve-accepted` initial metadata on
-admission (before the first token, which comes after first_token_delay_s). seed == ERROR_SEED: the engine "fails" after two tokens
+admission (before the first token, which comes after first_token_delay_s). ignore_abort: Abort
+is a no-op (the gateway must not wait for a final message that never comes). seed == ERROR_SEED: the engine "fails" after two tokens
 (FINISH_REASON_ERROR, in-band).
 """
 from __future__ import annotations
@@ -16,7 +17,12 @@ import itertools
 
 import grpc
 
-from services.gen.pagedserve.v1 import common_pb2, executor_pb2, scheduler_pb2, scheduler_pb2_grpc
+from services.gen.pagedserve.v1 import (
+    common_pb2,
+    executor_pb2,
+    scheduler_pb2,
+    scheduler_pb2_grpc,
+)
 
 ERROR_SEED = 666
 SCRIPT_TEXT = " The quick brown fox jumps over the lazy dog. Café 😀 naïve — 你好!"
@@ -25,7 +31,8 @@ SCRIPT_TEXT = " The quick brown fox jumps over the lazy dog. Café 😀 naïve �
 class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
     def __init__(self, script: list[int], *, vocab_size: int, eos_token_id: int, max_model_len: int = 256,
                  model_name: str = "fake-model", token_delay_s: float = 0.002, max_in_flight: int = 0,
-                 first_token_delay_s: float = 0.0, accepted_metadata: bool = False) -> None:
+                 first_token_delay_s: float = 0.0, accepted_metadata: bool = False,
+                 ignore_abort: bool = False) -> None:
         self.script = script
         self.vocab_size = vocab_size
         self.eos = eos_token_id
@@ -35,11 +42,13 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
         self.max_in_flight = max_in_flight
         self.first_token_delay_s = first_token_delay_s
         self.accepted_metadata = accepted_metadata
+        self.ignore_abort = ignore_abort  # an old scheduler: Abort does nothing
         self.running: dict[str, int] = {}  # request id -> live samples
         self.aborts: dict[str, tuple[str | None, set[int] | None]] = {}
         self.cancelled: list[str] = []
         self.finished: list[str] = []
         self.requests: list[scheduler_pb2.GenerateRequest] = []
+        self.abort_calls: list[scheduler_pb2.AbortRequest] = []
         self._counter = itertools.count(1)
 
     def tokens_for(self, sp: common_pb2.SamplingParams, index: int) -> itertools.cycle:
@@ -126,12 +135,17 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
             self.aborts.pop(rid, None)
 
     async def Abort(self, request, context):
+        self.abort_calls.append(request)
         aborted, unknown = [], []
         for rid in request.request_ids:
-            if rid in self.running:
+            if rid in self.running and not self.ignore_abort:
                 aborted.append(rid)
-                self.aborts[rid] = (request.stop_str if request.HasField("stop_str") else None,
-                                    set(request.indices) or None)
+                stop_str = request.stop_str if request.HasField("stop_str") else None
+                prev = self.aborts.get(rid)
+                indices = set(request.indices) or None
+                if prev is not None and prev[1] is not None and indices is not None:
+                    indices |= prev[1]
+                self.aborts[rid] = (stop_str, indices)
             else:
                 unknown.append(rid)
         return scheduler_pb2.AbortResponse(aborted_request_ids=aborted, unknown_request_ids=unknown)

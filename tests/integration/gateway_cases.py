@@ -40,6 +40,7 @@ BAD_REQUESTS: list[Bad] = [
     # wrong types
     Bad("prompt is a number", C, {"prompt": 123}, param="prompt"),
     Bad("prompt empty list", C, {"prompt": []}, param="prompt"),
+    Bad("prompt empty string", C, {"prompt": ""}, param="prompt", contains=("empty",)),
     Bad("prompt mixed list", C, {"prompt": ["a", 1]}, param="prompt"),
     Bad("temperature string", C, {"prompt": "x", "temperature": "hot"}, param="temperature"),
     Bad("n string", C, {"prompt": "x", "n": "2"}, param="n"),

@@ -4,6 +4,7 @@ stack as subprocesses (executor, scheduler, tokenizer, gateway) on free 127.0.0.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -18,7 +19,11 @@ import uvicorn
 from gateway.__main__ import bind
 from gateway.app import create_app
 from gateway.config import GatewayConfig
-from services.gen.pagedserve.v1 import scheduler_pb2, scheduler_pb2_grpc, tokenizer_pb2_grpc
+from services.gen.pagedserve.v1 import (
+    scheduler_pb2,
+    scheduler_pb2_grpc,
+    tokenizer_pb2_grpc,
+)
 from services.grpc_server import AioGrpcServer
 from services.tokenizer.server import SERVICE_NAME as TOKENIZER_SERVICE
 from services.tokenizer.server import TokenizerServicer
@@ -97,10 +102,8 @@ class InProcessStack:
             for server, _ in self._http:
                 server.should_exit = True
             for _, task in self._http:
-                try:
+                with contextlib.suppress(Exception):
                     await asyncio.wait_for(task, 5)
-                except Exception:  # noqa: BLE001
-                    pass
             for srv in self._grpc:
                 await srv.stop(0)
 

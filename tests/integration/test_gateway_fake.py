@@ -15,7 +15,13 @@ import pytest
 
 from gateway.config import GatewayConfig
 from tests.integration.fake_scheduler import ERROR_SEED, SCRIPT_TEXT, FakeScheduler
-from tests.integration.gateway_cases import API_KEY, BAD_REQUESTS, MAX_BODY_BYTES, check_error, send
+from tests.integration.gateway_cases import (
+    API_KEY,
+    BAD_REQUESTS,
+    MAX_BODY_BYTES,
+    check_error,
+    send,
+)
 from tests.integration.gateway_stack import InProcessStack, wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -52,8 +58,8 @@ class Env:
                              max_model_len=MAX_LEN, model_name=MODEL, **kw)
 
     def gateway(self, **kw) -> str:
-        cfg = dict(scheduler_address=self.sched_addr, tokenizer_address=self.tok_addr, api_key=API_KEY,
-                   max_body_bytes=MAX_BODY_BYTES)
+        cfg = {"scheduler_address": self.sched_addr, "tokenizer_address": self.tok_addr, "api_key": API_KEY,
+               "max_body_bytes": MAX_BODY_BYTES}
         cfg.update(kw)
         return self.stack.start_gateway(GatewayConfig(**cfg))
 
@@ -127,7 +133,7 @@ def test_chat_default_max_tokens_fills_context(env):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_stop_string_trims_and_aborts(env, stream):
-    body = dict(model=MODEL, prompt="x", max_tokens=40, temperature=0, stop=["fox", "never"])
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 40, "temperature": 0, "stop": ["fox", "never"]}
     before = len(env.fake.finished)
     if stream:
         events = env.sse("/v1/completions", **body)
@@ -145,11 +151,35 @@ def test_stop_string_trims_and_aborts(env, stream):
     assert not env.fake.running
 
 
+def test_stop_string_with_scheduler_ignoring_abort(env):
+    fake = env.new_fake(ignore_abort=True, token_delay_s=0.05)
+    url = env.gateway(scheduler_address=env.stack.start_scheduler(fake), api_key=None)
+    t0 = time.monotonic()
+    r = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 200, "temperature": 0, "stop": "fox"},
+                   timeout=30).json()
+    assert time.monotonic() - t0 < 5  # not the 10 s the 200 tokens would take
+    assert (r["choices"][0]["text"], r["choices"][0]["finish_reason"]) == (" The quick brown ", "stop")
+    assert r["usage"]["completion_tokens"] == 4
+    assert wait_until(lambda: fake.cancelled and not fake.running, 5)
+
+
 def test_stop_usage_and_include_stop(env):
     r = env.post("/v1/completions", prompt="x", max_tokens=40, temperature=0, stop="fox",
                  include_stop_str_in_output=True).json()
     assert r["choices"][0]["text"] == " The quick brown fox"
     assert r["usage"]["completion_tokens"] == 4  # " The", " quick", " brown", " fox": nothing after the stop
+
+
+def test_stop_string_in_one_sample_aborts_only_that_sample(env):
+    fox = env.tok.encode(" fox", add_special_tokens=False)[0]
+    L = len(env.script)
+    seed = next(s for s in range(1000) if (s * 7) % L == env.script.index(fox) - 3)
+    r = env.post("/v1/completions", prompt="x", n=2, max_tokens=20, temperature=1.0, seed=seed, stop="fox").json()
+    assert [c["text"] for c in r["choices"]] == [" The quick brown ", " quick brown "]  # sample 1: one ahead
+    assert [c["finish_reason"] for c in r["choices"]] == ["stop", "stop"]
+    assert r["usage"]["completion_tokens"] == 4 + 3
+    calls = [(list(a.indices), a.stop_str) for a in env.fake.abort_calls[-2:]]
+    assert calls == [([1], "fox"), ([0], "fox")]
 
 
 def test_stop_token_ids(env):

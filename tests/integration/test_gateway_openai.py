@@ -20,7 +20,13 @@ import openai
 import pytest
 
 from services.gen.pagedserve.v1 import scheduler_pb2, scheduler_pb2_grpc
-from tests.integration.gateway_cases import API_KEY, BAD_REQUESTS, MAX_BODY_BYTES, check_error, send
+from tests.integration.gateway_cases import (
+    API_KEY,
+    BAD_REQUESTS,
+    MAX_BODY_BYTES,
+    check_error,
+    send,
+)
 from tests.integration.gateway_stack import Proc, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -198,7 +204,7 @@ def test_stream_completions_include_usage(stack, greedy):
 
 def test_n2_and_seed_reproducible(stack):
     client = stack.client()
-    kw = dict(model=stack.model, messages=CHAT, max_tokens=4, temperature=1.0, n=2, seed=1234)
+    kw = {"model": stack.model, "messages": CHAT, "max_tokens": 4, "temperature": 1.0, "n": 2, "seed": 1234}
     a = client.chat.completions.create(**kw)
     b = client.chat.completions.create(**kw)
     assert [c.index for c in a.choices] == [0, 1]
@@ -374,8 +380,11 @@ def test_queue_full_429_then_backend_down_503(busy_stack):
             # both clients gone: the scheduler drains
             with grpc.insecure_channel(sched.address) as ch:
                 stub = scheduler_pb2_grpc.SchedulerStub(ch)
-                assert await asyncio.to_thread(wait_until, lambda: (lambda s: s.num_running + s.num_waiting == 0)(
-                    stub.GetStats(scheduler_pb2.GetStatsRequest())), 10)
+                def drained() -> bool:
+                    s = stub.GetStats(scheduler_pb2.GetStatsRequest())
+                    return s.num_running + s.num_waiting == 0
+
+                assert await asyncio.to_thread(wait_until, drained, 10)
 
     asyncio.run(main())
     assert httpx.post(url + "/v1/completions", headers=headers, json={"prompt": [5], "max_tokens": 2}).status_code == 200
@@ -391,9 +400,9 @@ def test_queue_full_429_then_backend_down_503(busy_stack):
 # ---------------------------------------------------------------------------- README
 def test_readme_curl_example(stack):
     readme = (ROOT / "README.md").read_text()
-    block = next(b for b in re.findall(r"```bash\n(.*?)```", readme, re.S) if "curl -N" in b)
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", readme, re.DOTALL) if "curl -N" in b)
     cmd = block.replace("http://127.0.0.1:8000", stack.url)
-    out = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120,
+    out = subprocess.run(["bash", "-c", cmd], check=False, capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PAGEDSERVE_API_KEY": API_KEY})
     assert out.returncode == 0, out.stderr
     events = [line[6:] for line in out.stdout.splitlines() if line.startswith("data: ")]

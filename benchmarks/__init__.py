@@ -1,0 +1,1 @@
+"""Benchmarks: offline throughput, `pagedserve bench serve`, the seed demos, KV utilisation."""
