@@ -137,7 +137,7 @@ def _interpolate(x: Any, env: dict[str, str]) -> Any:
 
 # ---------------------------------------------------------------------------- compose: load + merge
 def load_compose_raw(path: Path) -> dict:
-    return yaml.load(path.read_text(), Loader=_ComposeLoader)  # noqa: S506 - SafeLoader subclass
+    return yaml.load(path.read_text(), Loader=_ComposeLoader)
 
 
 def strip_tags(x: Any) -> Any:
@@ -232,7 +232,7 @@ def healthcheck_argv(svc: dict) -> list[str]:
     raise ValueError(f"unsupported healthcheck test {test!r}")
 
 
-def duration_s(value: str | int | float | None, default: float) -> float:
+def duration_s(value: str | float | None, default: float) -> float:
     """Compose durations: 1h2m3s4ms / 10s / 1.5s."""
     if value is None:
         return default
@@ -262,8 +262,8 @@ def parser_for(module: str) -> argparse.ArgumentParser:
 def option_strings(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
     """Every --flag the parser (or the subcommand argv selects) accepts: what its --help lists."""
     flags: set[str] = set()
-    for action in parser._actions:  # noqa: SLF001 - argparse has no public listing
-        if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
             sub = next((a for a in argv if a in action.choices), None)
             if sub is not None:
                 flags |= option_strings(action.choices[sub], argv)

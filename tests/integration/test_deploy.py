@@ -118,7 +118,7 @@ class LocalCompose:
         hc = self.services[name]["healthcheck"]
         argv = self.rewrite(name, healthcheck_argv(self.services[name]))
         try:
-            return subprocess.run(argv, cwd=ROOT, env=self.environment(self.services[name]), capture_output=True,
+            return subprocess.run(argv, check=False, cwd=ROOT, env=self.environment(self.services[name]), capture_output=True,
                                   timeout=duration_s(hc.get("timeout"), 30)).returncode == 0
         except subprocess.TimeoutExpired:
             return False

