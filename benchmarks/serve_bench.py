@@ -54,8 +54,27 @@ METRICS = ("ttft", "tpot", "itl", "e2el")
 METRIC_TITLES = {"ttft": "TTFT", "tpot": "TPOT", "itl": "ITL", "e2el": "E2E latency"}
 SLO_ALIASES = {"ttft": "ttft", "tpot": "tpot", "e2el": "e2el", "e2e": "e2el", "itl": "itl"}
 
-# Common English words: most are a single token (with their leading space) in BPE vocabularies.
-WORDS = ["the", "of", "and", "to", "in", "is", "was", "for", "on", "are", "with", "as", "at", "be", "by", "this", "had", "not", "but", "from", "or", "have", "an", "they", "which", "one", "you", "were", "her", "all", "she", "there", "would", "their", "we", "him", "been", "has", "when", "who", "will", "more", "no", "if", "out", "so", "said", "what", "up", "its", "about", "into", "than", "them", "can", "only", "other", "new", "some", "could", "time", "these", "two", "may", "then", "do", "first", "any", "my", "now", "such", "like", "our", "over", "man", "me", "even", "most", "made", "after", "also", "did", "many", "before", "must", "through", "back", "years", "where", "much", "your", "way", "well", "down", "should", "because", "each", "just", "those", "people", "how", "too", "little", "state", "good", "very", "make", "world", "still", "own", "see", "men", "work", "long", "get", "here", "between", "both", "life", "being", "under", "never", "day", "same", "another", "know", "while", "last", "might", "us", "great", "old", "year", "off", "come", "since", "against", "go", "came", "right", "used", "take", "three", "small", "house", "water", "city", "light", "night", "world", "hand", "part", "place", "case", "week", "company", "system", "program", "question", "number", "point", "home", "group", "school", "story", "fact", "money", "month", "lot", "study", "book", "eye", "job", "word", "business", "issue", "side", "kind", "head", "service", "friend", "power", "hour", "game", "line", "end", "member", "law", "car", "name", "president", "team", "minute", "idea", "body", "information", "back", "parent", "face", "others", "level", "office", "door", "health", "person", "art", "war", "history", "party", "result", "change", "morning", "reason", "research", "girl", "guy", "moment", "air", "teacher", "force", "education"]
+# Common English words, each a single token in SmolLM2's vocabulary (with or without a leading space),
+# and in most BPE vocabularies: a prompt of N words is about N tokens.
+WORDS = (
+    "the", "of", "and", "to", "in", "is", "was", "for", "on", "are", "with", "as", "at", "be", "by", "this", "had",
+    "not", "but", "from", "or", "have", "an", "they", "which", "one", "you", "were", "her", "all", "she", "there",
+    "would", "their", "we", "him", "been", "has", "when", "who", "will", "more", "no", "if", "out", "so", "said",
+    "what", "up", "its", "about", "into", "than", "them", "can", "only", "other", "new", "some", "could", "time",
+    "these", "two", "may", "then", "do", "first", "any", "my", "now", "such", "like", "our", "over", "man", "me",
+    "even", "most", "made", "after", "also", "did", "many", "before", "must", "through", "back", "years", "where",
+    "much", "your", "way", "well", "down", "should", "because", "each", "just", "those", "people", "how", "too",
+    "little", "state", "good", "very", "make", "world", "still", "own", "see", "men", "work", "long", "get",
+    "here", "between", "both", "life", "being", "under", "never", "day", "same", "another", "know", "while",
+    "last", "might", "us", "great", "old", "year", "off", "come", "since", "against", "go", "came", "right",
+    "used", "take", "three", "small", "house", "water", "city", "light", "night", "hand", "part", "place", "case",
+    "week", "company", "system", "program", "question", "number", "point", "home", "group", "school", "story",
+    "fact", "money", "month", "lot", "study", "book", "eye", "job", "word", "business", "issue", "side", "kind",
+    "head", "service", "friend", "power", "hour", "game", "line", "end", "member", "law", "car", "name",
+    "president", "team", "minute", "idea", "body", "information", "parent", "face", "others", "level", "office",
+    "door", "health", "person", "art", "war", "history", "party", "result", "change", "reason", "research", "girl",
+    "moment", "air", "teacher", "force", "education",
+)
 
 
 # ---------------------------------------------------------------------------- requests and datasets
@@ -544,9 +563,10 @@ def plot_sweep(runs: list[dict[str, Any]], path: str, title: str) -> None:
     a1.set_ylabel("tokens / s")
     a1.legend(loc="upper left", fontsize=8)
     a1.set_title("throughput")
-    for name, style in (("ttft", "o-"), ("tpot", "s-"), ("e2el", "^-")):
-        for stat, alpha in (("p50", 1.0), ("p99", 0.5)):
-            a2.plot(x, [m[f"{stat}_{name}_ms"] for m in r], style, alpha=alpha, label=f"{name.upper()} {stat}")
+    for name, marker, color in (("ttft", "o", "tab:blue"), ("tpot", "s", "tab:orange"), ("e2el", "^", "tab:purple")):
+        for stat, line in (("p50", "-"), ("p99", "--")):
+            a2.plot(x, [m[f"{stat}_{name}_ms"] for m in r], marker + line, color=color, alpha=1.0 if stat == "p50"
+                    else 0.6, label=f"{name.upper()} {stat}")
     a2.set_yscale("log")
     a2.set_ylabel("ms (log)")
     a2.set_title("latency")

@@ -267,7 +267,8 @@ def option_strings(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]
             sub = next((a for a in argv if a in action.choices), None)
             if sub is not None:
                 flags |= option_strings(action.choices[sub], argv)
-        flags.update(action.option_strings)
+        if action.help != argparse.SUPPRESS:  # hidden flags are not part of the interface
+            flags.update(action.option_strings)
     return flags
 
 

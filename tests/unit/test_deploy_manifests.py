@@ -212,6 +212,12 @@ def test_compose_monitoring_files_exist_and_parse(compose_cpu):
                 elif f.suffix == ".json":
                     dash = json.loads(f.read_text())
                     assert dash.get("panels") or dash.get("rows"), f
+    # the dashboard's datasources are the provisioned ones (or a dashboard variable)
+    provisioned = {d["uid"] for d in yaml.safe_load(
+        (ROOT / "deploy/grafana/provisioning/datasources/datasources.yml").read_text())["datasources"]}
+    dashboard = (ROOT / "deploy/grafana/pagedserve.json").read_text()
+    for uid in re.findall(r'"datasource":\s*\{[^}]*"uid":\s*"([^"]+)"', dashboard):
+        assert uid in provisioned or uid.startswith("$"), f"dashboard datasource uid {uid!r} is not provisioned"
     prom = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
     targets = {t for job in prom["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
     assert f"gateway:{SERVICE_PORTS['gateway']}" in targets
@@ -360,14 +366,17 @@ def test_k8s_overlays_device_and_gpu(rendered):
 def test_k8s_pdb_hpa_and_network_policy(rendered):
     for resources in rendered.values():
         deps = _by(resources, "Deployment")
-        for pdb in _by(resources, "PodDisruptionBudget").values():
-            sel = pdb["spec"]["selector"]["matchLabels"]
-            hits = [d for d in deps.values() if sel.items() <= d["spec"]["template"]["metadata"]["labels"].items()]
-            assert len(hits) == 1 and hits[0]["spec"]["replicas"] > pdb["spec"]["minAvailable"], pdb["metadata"]
         (hpa,) = _by(resources, "HorizontalPodAutoscaler").values()
         assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
                                                  "name": "pagedserve-gateway"}
         assert hpa["spec"]["minReplicas"] >= 2
+        assert "replicas" not in deps["pagedserve-gateway"]["spec"], "the HPA owns the gateway's replica count"
+        for pdb in _by(resources, "PodDisruptionBudget").values():
+            sel = pdb["spec"]["selector"]["matchLabels"]
+            hits = [d for d in deps.values() if sel.items() <= d["spec"]["template"]["metadata"]["labels"].items()]
+            assert len(hits) == 1, pdb["metadata"]
+            replicas = hits[0]["spec"].get("replicas") or hpa["spec"]["minReplicas"]
+            assert replicas > pdb["spec"]["minAvailable"], pdb["metadata"]
         policies = _by(resources, "NetworkPolicy")
         deny = policies["pagedserve-default-deny-ingress"]
         assert deny["spec"]["podSelector"] == {} and deny["spec"]["policyTypes"] == ["Ingress"]
