@@ -78,8 +78,10 @@ def describe_device(device: str) -> tuple[str, str]:
 
 
 def prompts_for(level: int, args: argparse.Namespace) -> int:
+    """max(--min-prompts, level x --prompts-per-level), capped by --max-prompts but never below the
+    level itself (fewer requests than the concurrency would not load the server at that level)."""
     n = max(args.min_prompts, level * args.prompts_per_level)
-    return min(n, args.max_prompts) if args.max_prompts else n
+    return max(level, min(n, args.max_prompts)) if args.max_prompts else n
 
 
 def run_engine(engine: str, args: argparse.Namespace, levels: list[int], device: str, log_dir: str) -> list[dict]:
@@ -177,13 +179,30 @@ def plot(results: dict[str, list[dict]], path: str, title: str) -> None:
         ax.set_yscale("log")
         xs = sorted({r["max_concurrency"] for runs in results.values() for r in runs})
         ax.set_xticks(xs, [str(v) for v in xs])
-        ax.minorticks_off()
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_title(meta: dict) -> str:
+    return (f"naive HF server vs pagedserve · {meta['model']} ({meta['weights']}, {meta['dtype']}) · {meta['device']} · "
+            f"{meta['input_len']} in / {meta['output_len']} out · {meta['date']}")
+
+
+def replot(path: str) -> int:
+    with open(path) as f:
+        data = json.load(f)
+    print(data["table_markdown"])
+    plot(data["results"], path.removesuffix(".json") + ".png", plot_title(data["meta"]))
+    print(f"wrote {path.removesuffix('.json')}.png")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokenizer", default=None, help="bench prompt tokenizer (default: random words)")
     ap.add_argument("--prompts-per-level", type=int, default=1, help="requests per level = level x this (default 1)")
     ap.add_argument("--min-prompts", type=int, default=4)
-    ap.add_argument("--max-prompts", type=int, default=None)
+    ap.add_argument("--max-prompts", type=int, default=None, help="cap per level (never below the level)")
     ap.add_argument("--num-warmups", type=int, default=2)
     ap.add_argument("--goodput", nargs="+", default=None, metavar="KEY:MS", help="e.g. ttft:1000 tpot:100")
     ap.add_argument("--seed", type=int, default=0)
@@ -210,8 +229,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpu-kv-cache-gb", type=float, default=1.0)
     ap.add_argument("--startup-timeout", type=float, default=900.0)
     ap.add_argument("--results-dir", default=RESULTS)
+    ap.add_argument("--merge", default=None, metavar="JSON",
+                    help="an earlier seed_demo JSON whose results are kept for the engines not run now "
+                         "(run --engines hf_baseline, then --engines pagedserve --merge <its JSON>)")
     ap.add_argument("--disable-tqdm", action="store_true")
+    ap.add_argument("--plot-only", default=None, metavar="JSON",
+                    help="redraw the PNG and reprint the table of an earlier run's JSON (no servers)")
     args = ap.parse_args(argv)
+    if args.plot_only:
+        return replot(args.plot_only)
 
     device = args.device
     if device == "auto":
@@ -234,6 +260,13 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = tempfile.mkdtemp(prefix="seed_demo_logs_")
     t0 = time.perf_counter()
     results: dict[str, list[dict]] = {}
+    merged_from = None
+    if args.merge:
+        with open(args.merge) as f:
+            old = json.load(f)
+        results = {e: runs for e, runs in old["results"].items() if e not in engines}
+        merged_from = {"file": os.path.basename(args.merge), "engines": sorted(results),
+                       "command": old["meta"]["command"], "date": old["meta"]["date"]}
     for engine in engines:
         results[engine] = run_engine(engine, args, levels, device, log_dir)
     elapsed = time.perf_counter() - t0
@@ -255,8 +288,7 @@ def main(argv: list[str] | None = None) -> int:
               f"throughput; TTFT p99 {ps['p99_ttft_ms']:.0f} ms vs {hf['p99_ttft_ms']:.0f} ms "
               f"(target >= 20x and lower p99: {'met' if summary['meets_targets'] else 'NOT met'})")
 
-    import torch
-    import transformers
+    from importlib.metadata import version
 
     date = dt.date.today().isoformat()
     meta = {"date": date, "device": desc, "command": " ".join(["python", *sys.argv]) if argv is None
@@ -264,16 +296,18 @@ def main(argv: list[str] | None = None) -> int:
             "model": model_name, "weights": weights, "dtype": dtype, "endpoint": args.endpoint,
             "input_len": args.input_len, "output_len": args.output_len, "range_ratio": args.range_ratio,
             "concurrency": levels, "prompts_per_level": {str(c): prompts_for(c, args) for c in levels},
-            "num_warmups": args.num_warmups, "elapsed_s": elapsed, "torch": torch.__version__,
-            "transformers": transformers.__version__, "pagedserve_args": args.pagedserve_args,
-            "baseline_args": args.baseline_args, "engines": {e: LABELS[e] for e in engines}}
+            "num_warmups": args.num_warmups, "elapsed_s": elapsed, "torch": version("torch"),
+            "transformers": version("transformers"), "merged_from": merged_from, "pagedserve_args": args.pagedserve_args,
+            "baseline_args": args.baseline_args, "engines": {e: LABELS[e] for e in results}}
     os.makedirs(args.results_dir, exist_ok=True)
     base = os.path.join(args.results_dir, f"seed_demo_{slug}_{model_name}_{date}")
     with open(base + ".json", "w") as f:
         json.dump({"meta": meta, "summary": summary, "table_markdown": md, "results": results}, f, indent=2)
-    plot(results, base + ".png", f"naive HF server vs pagedserve · {model_name} ({weights}, {dtype}) · {desc} · "
-         f"{args.input_len} in / {args.output_len} out · {date}")
-    print(f"\nwrote {base}.json and .png (server logs: {log_dir})")
+    try:
+        plot(results, base + ".png", plot_title(meta))
+        print(f"\nwrote {base}.json and .png (server logs: {log_dir})")
+    except ImportError as e:  # a GPU image without matplotlib: the JSON has everything; plot it elsewhere
+        print(f"\nwrote {base}.json; no plot ({e}); server logs: {log_dir}")
     failed = sum(r["failed"] for runs in results.values() for r in runs)
     return 1 if failed else 0
 

@@ -576,7 +576,10 @@ def plot_sweep(runs: list[dict[str, Any]], path: str, title: str) -> None:
         if by_conc:
             ax.set_xscale("log", base=2)
         ax.set_xticks(x, labels, fontsize=8)
-        ax.minorticks_off()
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -700,15 +703,18 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     if path:
         stem = path.removesuffix(".json")
         os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+        out["files"].append(path)
         if not args.no_plot:
             title = (f"{model} · {args.endpoint} · {args.dataset_name} dataset, {args.num_prompts} prompts · "
                      f"{meta['device']} · {date}")
-            plot_latency(runs, stem + "_latency.png", title, args.percentiles)
-            out["files"].append(stem + "_latency.png")
-            if len(runs) > 1:
-                plot_sweep(runs, stem + "_throughput.png", title)
-                out["files"].append(stem + "_throughput.png")
-        out["files"].insert(0, path)
+            try:
+                plot_latency(runs, stem + "_latency.png", title, args.percentiles)
+                out["files"].append(stem + "_latency.png")
+                if len(runs) > 1:
+                    plot_sweep(runs, stem + "_throughput.png", title)
+                    out["files"].append(stem + "_throughput.png")
+            except ImportError as e:  # e.g. a GPU image without matplotlib: keep the numbers
+                print(f"warning: no plots ({e})", file=sys.stderr)
         with open(path, "w") as f:
             json.dump(out, f, indent=2)
         print(f"wrote {', '.join(out['files'])}", flush=True)

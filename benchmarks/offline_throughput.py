@@ -1,0 +1,274 @@
+"""Offline GPU throughput in ONE run, same GPU, same (dummy) weights' configs (issue 6):
+
+  1. nano-vllm's shape: 256 requests, prompt lengths U[100, 1024], output lengths U[100, 1024]
+     (ignore_eos), Qwen3-0.6B and SmolLM2-135M configs: pagedserve vs HF `generate_batch`
+     (transformers' continuous batching). HF's generate_batch takes one max_new_tokens for the whole
+     batch, so it generates the same *total* number of output tokens with every request at the mean
+     length (recorded in the JSON) — a more regular workload than ours.
+  2. Llama-3.1-8B config, batch 1, 128 in / 256 out: decode tok/s vs HF `generate` and vs the
+     bandwidth roofline (weight bytes / measured device copy bandwidth).
+  3. Llama-3.1-8B config, batch 64 decode throughput vs HF `generate`.
+
+    python benchmarks/offline_throughput.py --parts 1,2,3 [--profile]
+
+Writes benchmarks/results/offline_throughput_<gpu>_<date>.json + .png.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import os
+import random
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from engine_core.llm import LLM  # noqa: E402
+from engine_core.sampling_params import SamplingParams  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CONFIGS = os.path.join(HERE, "configs")
+RESULTS = os.path.join(HERE, "results")
+
+
+def cfg_path(name: str) -> str:
+    return os.path.join(CONFIGS, name + ".json")
+
+
+def hf_model(cfg: str):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    conf = AutoConfig.for_model(**{k: v for k, v in json.load(open(cfg)).items() if k != "transformers_version"})
+    with torch.device("cuda"):  # random init straight on the GPU
+        return AutoModelForCausalLM.from_config(conf, dtype=torch.bfloat16).eval()
+
+
+def free() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def timed(fn):
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    return out, time.perf_counter() - t0
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth (bytes/s): read + write of a 2 GiB buffer."""
+    x = torch.empty(2**30, dtype=torch.bfloat16, device="cuda")
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    _, t = timed(lambda: [y.copy_(x) for _ in range(10)])
+    bw = 2 * x.numel() * x.element_size() * 10 / t
+    del x, y
+    free()
+    return bw
+
+
+# ---------------------------------------------------------------------------------- part 1
+def part1(name: str, n: int, seed: int = 0) -> list[dict]:
+    cfg = cfg_path(name)
+    vocab = json.load(open(cfg))["vocab_size"]
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(100, vocab) for _ in range(rng.randint(100, 1024))] for _ in range(n)]
+    out_lens = [rng.randint(100, 1024) for _ in range(n)]
+    llm = LLM(model=f"dummy:{cfg}", dtype="bfloat16", max_model_len=2048, max_num_seqs=256,
+              max_num_batched_tokens=8192, gpu_memory_utilization=0.6)
+    llm.generate(prompts[:4], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in out_lens]
+    res, el = timed(lambda: llm.generate(prompts, params, use_tqdm=False))
+    toks = sum(len(r.outputs[0].token_ids) for r in res)
+    ours = {"part": 1, "config": name, "engine": "pagedserve", "requests": n, "output_tokens": toks,
+            "elapsed_s": el, "output_tok_s": toks / el}
+    print(ours, flush=True)
+    del llm, res
+    free()
+
+    try:
+        return [ours, _part1_hf(cfg, name, prompts, out_lens)]
+    except Exception as e:  # the peer failing must not lose our numbers
+        print(f"HF generate_batch failed: {e!r}", flush=True)
+        return [ours, {"part": 1, "config": name, "engine": "hf_generate_batch", "error": repr(e)}]
+
+
+def _part1_hf(cfg: str, name: str, prompts: list[list[int]], out_lens: list[int]) -> dict:
+    from transformers import GenerationConfig
+
+    n = len(prompts)
+    model = hf_model(cfg)
+    mean_out = round(sum(out_lens) / n)
+    gc_ = GenerationConfig(max_new_tokens=mean_out, min_new_tokens=mean_out, do_sample=False,
+                           eos_token_id=None, pad_token_id=0)
+    model.generate_batch(prompts[:4], generation_config=GenerationConfig(max_new_tokens=8, do_sample=False,
+                                                                         eos_token_id=None, pad_token_id=0))
+    hf_res, el = timed(lambda: model.generate_batch(prompts, generation_config=gc_))
+    toks = sum(len(o.generated_tokens) for o in hf_res.values())
+    hf = {"part": 1, "config": name, "engine": "hf_generate_batch", "requests": n, "output_tokens": toks,
+          "elapsed_s": el, "output_tok_s": toks / el, "note": f"every request at the mean output length {mean_out}"}
+    print(hf, flush=True)
+    del model
+    free()
+    return hf
+
+
+# ---------------------------------------------------------------------------------- parts 2, 3
+def llama_parts(parts: set[int], profile: bool) -> list[dict]:
+    cfg = cfg_path("llama-3.1-8b-instruct")
+    vocab = json.load(open(cfg))["vocab_size"]
+    g = torch.Generator().manual_seed(0)
+    out: list[dict] = []
+    bw = copy_bandwidth()
+    llm = LLM(model=f"dummy:{cfg}", dtype="bfloat16", max_model_len=2048, max_num_seqs=64,
+              max_num_batched_tokens=8192, gpu_memory_utilization=0.55)
+    model = llm.engine.core.executor.model
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    roofline = bw / weight_bytes
+    llm.generate([[5] * 16], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+    if 2 in parts:
+        p = torch.randint(100, vocab, (1, 128), generator=g).tolist()
+        res, el = timed(lambda: llm.generate(p, SamplingParams(temperature=0, max_tokens=256, ignore_eos=True),
+                                             use_tqdm=False))
+        # Decode rate: exclude the prefill step (time to first token measured separately).
+        _, t_prefill = timed(lambda: llm.generate(p, SamplingParams(temperature=0, max_tokens=1), use_tqdm=False))
+        decode = 255 / (el - t_prefill)
+        out.append({"part": 2, "config": "llama-3.1-8b-instruct", "engine": "pagedserve", "batch": 1,
+                    "output_tok_s": 256 / el, "decode_tok_s": decode, "roofline_tok_s": roofline,
+                    "pct_of_roofline": 100 * decode / roofline, "copy_bandwidth_GBps": bw / 1e9,
+                    "weight_bytes": weight_bytes})
+        print(out[-1], flush=True)
+    if 3 in parts:
+        p = torch.randint(100, vocab, (64, 128), generator=g).tolist()
+        res, el = timed(lambda: llm.generate(p, SamplingParams(temperature=0, max_tokens=256, ignore_eos=True),
+                                             use_tqdm=False))
+        toks = sum(len(r.outputs[0].token_ids) for r in res)
+        out.append({"part": 3, "config": "llama-3.1-8b-instruct", "engine": "pagedserve", "batch": 64,
+                    "output_tok_s": toks / el})
+        print(out[-1], flush=True)
+    if profile:
+        out.append({"part": 2, "profile": profile_decode(llm, vocab)})
+    del llm, model
+    free()
+
+    hf = hf_model(cfg)
+    for part, bs in ((2, 1), (3, 64)):
+        if part not in parts:
+            continue
+        ids = torch.randint(100, vocab, (bs, 128), generator=g).cuda()
+        kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0)
+        with torch.inference_mode():
+            hf.generate(ids, max_new_tokens=4, **kw)
+            _, el = timed(lambda: hf.generate(ids, max_new_tokens=256, min_new_tokens=256, **kw))
+            _, t1 = timed(lambda: hf.generate(ids, max_new_tokens=1, **kw))
+        row = {"part": part, "config": "llama-3.1-8b-instruct", "engine": "hf_generate", "batch": bs,
+               "output_tok_s": 256 * bs / el}
+        if bs == 1:
+            row.update(decode_tok_s=255 / (el - t1), roofline_tok_s=roofline,
+                       pct_of_roofline=100 * (255 / (el - t1)) / roofline)
+        out.append(row)
+        print(row, flush=True)
+    del hf
+    free()
+    return out
+
+
+def profile_decode(llm: LLM, vocab: int) -> str:
+    """torch profiler over bs1 decode steps: where the time goes (kernels, launch gaps, host)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    eng = llm.engine
+    eng.add_request("prof", [7] * 128, SamplingParams(temperature=0, max_tokens=64, ignore_eos=True))
+    for _ in range(8):
+        eng.step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(20):
+            eng.step()
+        torch.cuda.synchronize()
+    while eng.has_unfinished_requests():
+        eng.step()
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=18)
+    cpu = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18)
+    print(table)
+    print(cpu)
+    return table + "\n" + cpu
+
+
+def plot(rows: list[dict], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if "output_tok_s" in r]
+    groups = sorted({(r["part"], r["config"], r.get("batch", r.get("requests"))) for r in rows})
+    fig, axes = plt.subplots(1, len(groups), figsize=(3.6 * len(groups), 3.8))
+    for ax, (part, cfg, b) in zip(axes if len(groups) > 1 else [axes], groups):
+        sel = [r for r in rows if (r["part"], r["config"], r.get("batch", r.get("requests"))) == (part, cfg, b)]
+        ax.bar([r["engine"] for r in sel], [r["output_tok_s"] for r in sel],
+               color=["#3b7dd8" if r["engine"] == "pagedserve" else "#999" for r in sel])
+        ax.set_title(f"part {part}: {cfg}\n{'batch' if part > 1 else 'requests'} {b}", fontsize=8)
+        ax.set_ylabel("output tok/s")
+        ax.tick_params(axis="x", labelsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--parts", default="1,2,3")
+    ap.add_argument("--num-requests", type=int, default=256)
+    ap.add_argument("--part1-configs", default="qwen3-0.6b,smollm2-135m-instruct")
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args()
+    parts = {int(p) for p in args.parts.split(",")}
+    rows: list[dict] = []
+    if 1 in parts:
+        for name in args.part1_configs.split(","):
+            rows += part1(name, args.num_requests)
+    if parts & {2, 3}:
+        rows += llama_parts(parts, args.profile)
+
+    print("\n%-6s %-24s %-20s %12s" % ("part", "config", "engine", "out tok/s"))
+    ratios = {}
+    for r in rows:
+        if "output_tok_s" in r:
+            print("%-6d %-24s %-20s %12.1f" % (r["part"], r["config"], r["engine"], r["output_tok_s"]))
+    for part in sorted(parts):
+        for cfg in sorted({r["config"] for r in rows if r.get("part") == part and "config" in r}):
+            ours = [r for r in rows if r.get("part") == part and r.get("config") == cfg and r["engine"] == "pagedserve"]
+            peer = [r for r in rows if r.get("part") == part and r.get("config") == cfg and r["engine"] != "pagedserve"]
+            if ours and peer:
+                ratios[f"part{part}_{cfg}"] = ours[0]["output_tok_s"] / peer[0]["output_tok_s"]
+    for k, v in ratios.items():
+        print(f"pagedserve / HF {k}: {v:.2f}x")
+    for r in rows:
+        if "pct_of_roofline" in r:
+            print(f"{r['engine']} bs1 decode {r['decode_tok_s']:.1f} tok/s = {r['pct_of_roofline']:.1f}% of "
+                  f"roofline {r['roofline_tok_s']:.1f} tok/s")
+
+    date = dt.date.today().isoformat()
+    gpu = torch.cuda.get_device_name()
+    meta = {"date": date, "device": gpu, "torch": torch.__version__, "command": " ".join(["python"] + sys.argv),
+            "weights": "dummy (random), bf16"}
+    os.makedirs(RESULTS, exist_ok=True)
+    base = os.path.join(RESULTS, f"offline_throughput_{gpu.split()[1].lower() if ' ' in gpu else 'gpu'}"
+                        f"{args.tag}_{date}")
+    with open(base + ".json", "w") as f:
+        json.dump({"meta": meta, "results": rows, "ratios": ratios}, f, indent=2)
+    plot(rows, base + ".png", f"pagedserve vs HF transformers on {gpu} — {date}")
+    print(f"wrote {base}.json")
+
+
+if __name__ == "__main__":
+    main()
