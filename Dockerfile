@@ -75,7 +75,8 @@ ENV HOME=/home/app \
 RUN mkdir -p /home/app/.cache /models && chown -R app:app /home/app /models
 WORKDIR /app
 USER 10001:10001
-# Ports: gateway 8000 (HTTP), scheduler 50051, tokenizer 50052, executor 50053 (gRPC).
-EXPOSE 8000 50051 50052 50053
+# Ports: gateway 8000 (HTTP: API, /metrics, /dashboard), scheduler 50051, tokenizer 50052, executor
+# 50053 (gRPC); Prometheus metrics of the scheduler 9051 and the executor 9053.
+EXPOSE 8000 50051 50052 50053 9051 9053
 ENTRYPOINT ["/usr/bin/tini", "--"]
-CMD ["pagedserve", "serve", "--host", "0.0.0.0"]
+CMD ["pagedserve", "serve", "--host", "0.0.0.0", "--scheduler-metrics-port", "9051", "--executor-metrics-port", "9053"]

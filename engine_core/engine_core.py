@@ -28,6 +28,9 @@ class EngineCounters:
     requests_added: int = 0
     executor_restarts: int = 0
     busy_time_s: float = 0.0
+    # Speculative decoding (stay 0 while it is off; the metrics then leave the acceptance rate out).
+    spec_decode_num_draft_tokens: int = 0
+    spec_decode_num_accepted_tokens: int = 0
 
 
 class EngineCore:
@@ -79,7 +82,7 @@ class EngineCore:
             raise ValueError("EngineCore takes one sequence per request; fan out n>1 into child requests")
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    arrival_time: float | None = None) -> Request:
+                    arrival_time: float | None = None, trace_context: dict[str, str] | None = None) -> Request:
         self.validate_request(prompt_token_ids, params)
         req = Request(
             request_id=request_id,
@@ -87,6 +90,7 @@ class EngineCore:
             sampling_params=params,
             eos_token_ids=tuple(self.info.eos_token_ids),
             arrival_time=arrival_time if arrival_time is not None else time.monotonic(),
+            trace_context=trace_context,
         )
         self.scheduler.add_request(req)
         self.counters.requests_added += 1

@@ -31,9 +31,9 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, executor: Executor | None = None,
                  tokenizer: Tokenizer | None = None) -> None:
         if executor is None:
-            from engine_core.executor.local import LocalExecutor
+            from engine_core.executor import make_executor
 
-            executor = LocalExecutor(config)
+            executor = make_executor(config)  # LocalExecutor, or MultiprocExecutor for TP > 1
         self.config = config
         self.core = EngineCore(config, executor)
         self.tokenizer = tokenizer if tokenizer is not None else self._load_tokenizer(config, executor)

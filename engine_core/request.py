@@ -50,6 +50,8 @@ class Request:
     first_token_time: float | None = None
     # Block hashes of the full blocks of all_token_ids, filled lazily by the block manager.
     block_hashes: list[bytes] = field(default_factory=list)
+    # W3C trace context handed to the executor with the request (None: not traced).
+    trace_context: dict[str, str] | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

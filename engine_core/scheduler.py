@@ -207,6 +207,7 @@ class Scheduler:
                 block_ids=self.block_manager.get_block_ids(req.request_id),
                 num_computed_tokens=num_computed,
                 output_token_ids=list(req.output_token_ids),
+                trace_context=req.trace_context,
             ))
             scheduled.append((req, num_new))
             budget -= num_new

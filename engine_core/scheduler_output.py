@@ -23,6 +23,9 @@ class NewRequestData:
     block_ids: list[int]
     num_computed_tokens: int  # tokens already in the KV cache (prefix-cache hit)
     output_token_ids: list[int] = field(default_factory=list)  # non-empty when resumed/replayed
+    # W3C trace context (traceparent/tracestate) of a traced request, so the executor's spans join
+    # the request's trace (services/tracing.py); None when the request is not traced.
+    trace_context: dict[str, str] | None = None
 
 
 @dataclass

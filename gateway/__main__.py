@@ -1,12 +1,20 @@
 """`python -m gateway`: the OpenAI-compatible HTTP gateway in front of the scheduler and tokenizer
-services. Prints `gateway listening on HOST:PORT` once it serves (port 0 picks a free port)."""
+services. Prints `gateway listening on HOST:PORT` once it serves (port 0 picks a free port).
+
+`--workers N` (N > 1) runs N uvicorn worker processes on the one bound socket; their Prometheus
+metrics are merged through prometheus_client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR: a
+temporary directory unless set, emptied at start; docs/observability.md)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import os
+import shutil
 import socket
 import sys
+import tempfile
 
 from gateway.config import DEFAULT_MAX_BODY_BYTES, GatewayConfig
 from services.grpc_server import SCHEDULER_PORT, TOKENIZER_PORT, configure_logging
@@ -35,13 +43,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", default="text", choices=["text", "json"])
+    p.add_argument("--workers", type=int, default=1,
+                   help="worker processes sharing the port (default 1; >1: multiprocess Prometheus metrics)")
+    p.add_argument("--dashboard-interval", type=float, default=0.5,
+                   help="seconds between the live dashboard's snapshots (default 0.5)")
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     return GatewayConfig(scheduler_address=args.scheduler_address, tokenizer_address=args.tokenizer_address,
                          model_name=args.model_name, model_aliases=tuple(args.model_alias), api_key=args.api_key,
-                         max_body_bytes=args.max_body_bytes, max_n=args.max_n, root_path=args.root_path)
+                         max_body_bytes=args.max_body_bytes, max_n=args.max_n, root_path=args.root_path,
+                         dashboard_interval_s=args.dashboard_interval)
+
+
+CONFIG_ENV = "PAGEDSERVE_GATEWAY_CONFIG"
+LOGGING_ENV = "PAGEDSERVE_GATEWAY_LOGGING"
+
+
+def create_app_from_env():
+    """uvicorn factory for the worker processes of `--workers N` (the parent passes the settings in
+    the environment: workers are spawned, not forked)."""
+    from gateway.app import create_app
+
+    level, fmt = os.environ.get(LOGGING_ENV, "info:text").split(":", 1)
+    configure_logging(level, fmt, "gateway")
+    raw = json.loads(os.environ[CONFIG_ENV])
+    raw["model_aliases"] = tuple(raw.get("model_aliases") or ())
+    return create_app(GatewayConfig(**raw))
+
+
+def prepare_multiprocess_metrics() -> tuple[str, bool]:
+    """PROMETHEUS_MULTIPROC_DIR for the workers: the given directory emptied of old files (stale
+    counters would be merged in), or a new temporary one (removed at exit). (dir, created)."""
+    from gateway.metrics import MULTIPROC_ENV
+
+    path = os.environ.get(MULTIPROC_ENV)
+    if path:
+        os.makedirs(path, exist_ok=True)
+        for name in os.listdir(path):
+            if name.endswith(".db"):
+                os.unlink(os.path.join(path, name))
+        return path, False
+    path = tempfile.mkdtemp(prefix="pagedserve-prometheus-")
+    os.environ[MULTIPROC_ENV] = path
+    return path, True
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -67,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     host, port = sock.getsockname()[:2]
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if args.workers > 1:
+        return run_workers(args, sock, address)
 
     class Server(uvicorn.Server):
         async def startup(self, sockets=None) -> None:
@@ -78,6 +126,28 @@ def main(argv: list[str] | None = None) -> int:
                             access_log=args.access_log, timeout_graceful_shutdown=args.shutdown_grace,
                             backlog=4096)
     Server(config).run(sockets=[sock])
+    return 0
+
+
+def run_workers(args: argparse.Namespace, sock: socket.socket, address: str) -> int:
+    import uvicorn
+    from uvicorn.supervisors import Multiprocess
+
+    metrics_dir, created = prepare_multiprocess_metrics()
+    os.environ[CONFIG_ENV] = json.dumps(dataclasses.asdict(config_from_args(args)))
+    os.environ[LOGGING_ENV] = f"{args.log_level}:{args.log_format}"
+    config = uvicorn.Config("gateway.__main__:create_app_from_env", factory=True, workers=args.workers,
+                            log_config=None, log_level=args.log_level, access_log=args.access_log,
+                            timeout_graceful_shutdown=args.shutdown_grace, backlog=4096)
+    logger.info("gateway: %d workers, metrics merged in %s", args.workers, metrics_dir)
+    # The socket is bound and listening: connections wait in its backlog until a worker accepts.
+    sock.listen(4096)
+    print(f"gateway listening on {address}", flush=True)
+    try:
+        Multiprocess(config, sockets=[sock]).run()
+    finally:
+        if created:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 

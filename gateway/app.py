@@ -6,6 +6,8 @@
     POST /v1/chat/completions
     GET  /health                 200 only when both backends are SERVING and the executor answers
     GET  /version
+    GET  /metrics                Prometheus metrics (gateway/metrics.py; every worker's with --workers > 1)
+    GET  /dashboard              live dashboard (gateway/dashboard.py), fed by GET /dashboard/stream (SSE)
 
 The gRPC channels are opened in the lifespan (inside the server's event loop) and shared by all
 requests; `app.state.backend` is the `Backend`.
@@ -18,6 +20,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from gateway import dashboard as dashboard_mod
+from gateway import metrics as metrics_mod
 from gateway.backend import Backend
 from gateway.config import GatewayConfig
 from gateway.errors import install_exception_handlers, model_not_found
@@ -25,6 +29,8 @@ from gateway.middleware import GatewayMiddleware
 from gateway.protocol import ModelCard, ModelList
 from gateway.serving_chat import ChatServing
 from gateway.serving_completions import CompletionsServing
+from gateway.telemetry import TelemetryMiddleware
+from services import tracing
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +44,21 @@ def version() -> str:
         return "0.1.0"
 
 
+def _no_native_telemetry() -> dict:
+    """FastAPI >= 0.16x instruments itself with the global OpenTelemetry providers (a second root
+    span per request, spans for /health polls, its own HTTP metrics). gateway/telemetry.py owns the
+    request's span, metrics and id, so turn that off where the option exists."""
+    import inspect
+
+    if "telemetry" in inspect.signature(FastAPI.__init__).parameters:
+        return {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
+    return {}
+
+
 def create_app(config: GatewayConfig | None = None) -> FastAPI:
     config = config or GatewayConfig()
+    tracing.setup_tracing("gateway")  # as the OTEL_* variables say; off by default
+    metrics_mod.GatewayMetrics.get()
     backend = Backend(config)
     completions = CompletionsServing(backend, config)
     chat = ChatServing(backend, config)
@@ -51,13 +70,17 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
         try:
             yield
         finally:
+            await hub.close()
             await backend.close()
 
-    app = FastAPI(title="pagedserve", version=version(), lifespan=lifespan, root_path=config.root_path)
+    app = FastAPI(title="pagedserve", version=version(), lifespan=lifespan, root_path=config.root_path,
+                  **_no_native_telemetry())
     app.state.backend = backend
     app.state.config = config
     install_exception_handlers(app)
     app.add_middleware(GatewayMiddleware, api_key=config.api_key, max_body_bytes=config.max_body_bytes)
+    app.add_middleware(TelemetryMiddleware)  # outermost: request id, HTTP metrics, the request's span
+    hub = dashboard_mod.install(app, backend, config.dashboard_interval_s)
 
     def card(facts) -> ModelCard:
         return ModelCard(id=facts.name, created=facts.created, root=facts.name, max_model_len=facts.max_model_len)
@@ -94,5 +117,10 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
     @app.get("/version")
     async def get_version() -> JSONResponse:
         return JSONResponse({"version": version()})
+
+    @app.get("/metrics", include_in_schema=False)
+    async def get_metrics() -> Response:
+        body, content_type = metrics_mod.render()
+        return Response(body, media_type=content_type)
 
     return app

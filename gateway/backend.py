@@ -32,6 +32,7 @@ from services.gen.pagedserve.v1 import (
     tokenizer_pb2,
     tokenizer_pb2_grpc,
 )
+from services import tracing
 from services.grpc_server import channel_options
 
 logger = logging.getLogger(__name__)
@@ -151,32 +152,39 @@ class Backend:
 
     # ------------------------------------------------------------------ tokenizer
     async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        try:
-            resp = await self.tokenizer.Encode(
-                tokenizer_pb2.EncodeRequest(text=text, add_special_tokens=add_special_tokens),
-                timeout=self.config.rpc_timeout_s)
-        except grpc.RpcError as e:
-            raise self._error(e, "tokenizer") from None
+        from gateway.telemetry import span
+
+        with span("tokenize", **{"pagedserve.prompt_chars": len(text)}):
+            try:
+                resp = await self.tokenizer.Encode(
+                    tokenizer_pb2.EncodeRequest(text=text, add_special_tokens=add_special_tokens),
+                    timeout=self.config.rpc_timeout_s, metadata=tracing.grpc_metadata())
+            except grpc.RpcError as e:
+                raise self._error(e, "tokenizer") from None
         return list(resp.token_ids)
 
     async def apply_chat_template(self, messages: Sequence[tokenizer_pb2.ChatMessage],
                                   add_generation_prompt: bool = True) -> tuple[str, list[int]]:
+        from gateway.telemetry import span
+
         req = tokenizer_pb2.ApplyChatTemplateRequest(messages=messages, add_generation_prompt=add_generation_prompt,
                                                      tokenize=True)
-        try:
-            resp = await self.tokenizer.ApplyChatTemplate(req, timeout=self.config.rpc_timeout_s)
-        except grpc.RpcError as e:
-            err = self._error(e, "tokenizer")
-            if err.status == 400:
-                err.param = "messages"
-            raise err from None
+        with span("tokenize", **{"pagedserve.messages": len(messages)}):
+            try:
+                resp = await self.tokenizer.ApplyChatTemplate(req, timeout=self.config.rpc_timeout_s,
+                                                              metadata=tracing.grpc_metadata())
+            except grpc.RpcError as e:
+                err = self._error(e, "tokenizer")
+                if err.status == 400:
+                    err.param = "messages"
+                raise err from None
         return resp.prompt, list(resp.token_ids)
 
     async def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         try:
             resp = await self.tokenizer.Decode(
                 tokenizer_pb2.DecodeRequest(token_ids=list(token_ids), skip_special_tokens=skip_special_tokens),
-                timeout=self.config.rpc_timeout_s)
+                timeout=self.config.rpc_timeout_s, metadata=tracing.grpc_metadata())
         except grpc.RpcError as e:
             raise self._error(e, "tokenizer") from None
         return resp.text
@@ -195,14 +203,20 @@ class Backend:
                 cache[t] = (text, raw)
         return {t: cache[t] for t in token_ids}
 
-    def detokenize_stream(self) -> grpc.aio.StreamStreamCall:
-        return self.tokenizer.DetokenizeStream()
+    def detokenize_stream(self, metadata=None) -> grpc.aio.StreamStreamCall:
+        return self.tokenizer.DetokenizeStream(metadata=metadata)
+
+    @property
+    def model_label(self) -> str:
+        """The served model name for metric labels ("" until the facts are fetched)."""
+        return self._facts.name if self._facts is not None else ""
 
     # ------------------------------------------------------------------ scheduler
     def generate(self, request_id: str, prompt_token_ids: Sequence[int],
-                 sampling_params) -> grpc.aio.UnaryStreamCall:
+                 sampling_params, metadata=None) -> grpc.aio.UnaryStreamCall:
         return self.scheduler.Generate(scheduler_pb2.GenerateRequest(
-            request_id=request_id, prompt_token_ids=list(prompt_token_ids), sampling_params=sampling_params))
+            request_id=request_id, prompt_token_ids=list(prompt_token_ids), sampling_params=sampling_params),
+            metadata=metadata)
 
     async def abort(self, request_ids: Sequence[str], *, stop_str: str | None = None,
                     indices: Sequence[int] = ()) -> None:
@@ -211,7 +225,8 @@ class Backend:
         if stop_str is not None:
             req.stop_str = stop_str
         try:
-            await self.scheduler.Abort(req, timeout=min(5.0, self.config.rpc_timeout_s))
+            await self.scheduler.Abort(req, timeout=min(5.0, self.config.rpc_timeout_s),
+                                       metadata=tracing.grpc_metadata())
         except grpc.RpcError as e:
             logger.warning("Abort(%s) failed: %s", list(request_ids), self._error(e, "scheduler").message)
 

@@ -25,3 +25,5 @@ class GatewayConfig:
     health_timeout_s: float = 3.0
     # Retry-After seconds on a 429 (the scheduler queue full).
     retry_after_s: int = 1
+    # Seconds between the live dashboard's snapshots (Scheduler.WatchStats interval).
+    dashboard_interval_s: float = 0.5

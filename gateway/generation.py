@@ -18,15 +18,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 import grpc
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 
 from engine_core.sampling_params import SamplingParams
 from gateway.backend import Backend, rpc_error_to_api
 from gateway.errors import APIError
+from gateway.metrics import WINDOW, GatewayMetrics
 from gateway.params import to_proto
+from gateway.telemetry import REQUEST_START
+from services import tracing
 from services.gen.pagedserve.v1 import common_pb2, scheduler_pb2, tokenizer_pb2
 
 logger = logging.getLogger(__name__)
@@ -55,7 +61,7 @@ class SampleEvent:
 
 
 class _Sample:
-    __slots__ = ("call", "done", "final", "num_tokens", "stopped")
+    __slots__ = ("call", "done", "final", "last_token_at", "num_tokens", "reason", "stopped")
 
     def __init__(self) -> None:
         self.call: grpc.aio.StreamStreamCall | None = None
@@ -63,6 +69,8 @@ class _Sample:
         self.stopped = False    # a stop string matched; waiting for the scheduler's final message
         self.done = False       # the scheduler's final message for this sample arrived
         self.final: scheduler_pb2.GenerateResponse | None = None
+        self.reason: str | None = None  # finish reason as the client saw it (metrics)
+        self.last_token_at: float | None = None  # perf_counter() of the last token-bearing message
 
 
 class PromptGeneration:
@@ -80,6 +88,18 @@ class PromptGeneration:
         self._detok_options = tokenizer_pb2.DetokenizeOptions(
             prompt_token_ids=self.prompt_token_ids[-8:], skip_special_tokens=params.skip_special_tokens,
             stop=params.stop, include_stop_str_in_output=params.include_stop_str_in_output)
+        # Observability: arrival of the HTTP request, the parent trace context (the request's span),
+        # this generation's spans, and whether its metrics were recorded (once, at close()).
+        self._arrival = REQUEST_START.get() or time.perf_counter()
+        self._first_token_at: float | None = None
+        self._started = False
+        self._recorded = False
+        self._parent_ctx = otel_context.get_current() if tracing.enabled() else None
+        self._gen_span: trace.Span | None = None
+        self._detok_span: trace.Span | None = None
+        self._detok_md: list[tuple[str, str]] | None = None
+        self._detok_busy_s = 0.0
+        self._detok_calls = 0
 
     # ------------------------------------------------------------------ usage
     @property
@@ -104,7 +124,18 @@ class PromptGeneration:
 
         Acceptance is the first message, or (sooner, for a request that waits in the queue) initial
         metadata carrying ACCEPTED_METADATA_KEY when the scheduler sends it on admission."""
-        self._call = self.backend.generate(self.request_id, self.prompt_token_ids, to_proto(self.params))
+        metadata = None
+        if self._parent_ctx is not None:
+            self._gen_span = tracing.tracer().start_span(
+                "generate", context=self._parent_ctx, kind=trace.SpanKind.CLIENT,
+                attributes={"rpc.system": "grpc", "rpc.method": "pagedserve.v1.Scheduler/Generate",
+                            "pagedserve.request_id": self.request_id,
+                            "pagedserve.prompt_tokens": len(self.prompt_token_ids), "pagedserve.n": self.params.n})
+            metadata = tracing.grpc_metadata(trace.set_span_in_context(self._gen_span))
+        else:
+            metadata = tracing.grpc_metadata()
+        self._call = self.backend.generate(self.request_id, self.prompt_token_ids, to_proto(self.params),
+                                           metadata=metadata)
         read = asyncio.ensure_future(self._read())
         meta = asyncio.ensure_future(self._call.initial_metadata())
         meta.add_done_callback(_ignore_result)
@@ -116,8 +147,10 @@ class PromptGeneration:
         if (not read.done() and not meta.cancelled() and meta.exception() is None
                 and any(k == ACCEPTED_METADATA_KEY for k, _ in (meta.result() or ()))):
             self._first_task = read
+            self._started = True
             return
         self._first = await read
+        self._started = True
 
     async def _read(self) -> scheduler_pb2.GenerateResponse | None:
         try:
@@ -134,6 +167,58 @@ class PromptGeneration:
         for s in self.samples:
             if s.call is not None and not s.call.done():
                 s.call.cancel()
+        if not self._recorded:
+            self._recorded = True
+            self._record()
+
+    # ------------------------------------------------------------------ observability
+    def _record(self) -> None:
+        """Metrics and spans of this generation, once, when it is closed (however it ended)."""
+        now = time.perf_counter()
+        completion = self.completion_tokens
+        for span, extra in ((self._detok_span, {"pagedserve.detokenize_calls": self._detok_calls,
+                                                "pagedserve.detokenize_busy_s": round(self._detok_busy_s, 6)}),
+                            (self._gen_span, {"pagedserve.completion_tokens": completion})):
+            if span is not None:
+                span.set_attributes(extra)
+                span.end()
+        self._gen_span = self._detok_span = None
+        if not self._started:  # refused (400 / 429 / 503): only the HTTP status counts
+            return
+        m = GatewayMetrics.get()
+        model = self.backend.model_label
+        m.prompt_tokens.labels(model).inc(len(self.prompt_token_ids))
+        m.generation_tokens.labels(model).inc(completion)
+        m.request_prompt_tokens.labels(model).observe(len(self.prompt_token_ids))
+        m.request_generation_tokens.labels(model).observe(completion)
+        e2e = now - self._arrival
+        m.e2e.labels(model).observe(e2e)
+        WINDOW.add_e2e(e2e)
+        for s in self.samples:
+            m.request_success.labels(model, s.reason or "abort").inc()
+            fm = s.final.metrics if s.final is not None and s.final.HasField("metrics") else None
+            if fm is not None:
+                m.queue_time.labels(model).observe(fm.queue_time_s)
+                if fm.time_to_first_token_s:
+                    m.prefill_time.labels(model).observe(fm.prefill_time_s)
+                    m.decode_time.labels(model).observe(fm.decode_time_s)
+
+    def _tokens_arrived(self, s: _Sample, n: int) -> None:
+        now = time.perf_counter()
+        model = self.backend.model_label
+        m = GatewayMetrics.get()
+        if self._first_token_at is None:
+            self._first_token_at = now
+            ttft = now - self._arrival
+            m.ttft.labels(model).observe(ttft)
+            WINDOW.add_ttft(ttft)
+        elif s.last_token_at is not None:
+            gap = (now - s.last_token_at) / n
+            itl = m.itl.labels(model)
+            for _ in range(n):
+                itl.observe(gap)
+                WINDOW.add_itl(gap)
+        s.last_token_at = now
 
     async def events(self) -> AsyncIterator[SampleEvent]:
         assert self._call is not None, "start() first"
@@ -180,14 +265,26 @@ class PromptGeneration:
     # ------------------------------------------------------------------ one message
     async def _detok(self, s: _Sample, ids: list[int], final: bool) -> tokenizer_pb2.DetokenizeResponse:
         req = tokenizer_pb2.DetokenizeRequest(token_ids=ids, finished=final)
+        t0 = time.perf_counter()
         try:
             if s.call is None:
-                s.call = self.backend.detokenize_stream()
+                if self._detok_md is None:
+                    if self._parent_ctx is not None:  # one aggregated span for every sample's stream
+                        self._detok_span = tracing.tracer().start_span(
+                            "detokenize", context=self._parent_ctx, kind=trace.SpanKind.CLIENT,
+                            attributes={"rpc.system": "grpc", "rpc.method": "pagedserve.v1.Tokenizer/DetokenizeStream"})
+                        self._detok_md = tracing.grpc_metadata(trace.set_span_in_context(self._detok_span)) or []
+                    else:
+                        self._detok_md = tracing.grpc_metadata() or []
+                s.call = self.backend.detokenize_stream(metadata=self._detok_md or None)
                 req.options.CopyFrom(self._detok_options)
             await s.call.write(req)
             resp = await s.call.read()
         except grpc.RpcError as e:
             raise rpc_error_to_api(e, "tokenizer") from None
+        finally:
+            self._detok_busy_s += time.perf_counter() - t0
+            self._detok_calls += 1
         if resp is grpc.aio.EOF:
             raise APIError(503, "The tokenizer service ended a detokenize stream early.", code="service_unavailable")
         return resp
@@ -202,12 +299,14 @@ class PromptGeneration:
         fr = msg.finish_reason
         final = fr != scheduler_pb2.FINISH_REASON_UNSPECIFIED
         if fr == scheduler_pb2.FINISH_REASON_ERROR:
+            s.reason = "error"
             raise APIError(500, f"Generation failed: {msg.error_message or 'engine error'}", code="engine_error")
         if s.stopped:  # tokens past our stop string; wait for the final message (usage)
             if final:
                 s.done, s.final = True, msg
             return None
         if fr == scheduler_pb2.FINISH_REASON_ABORT:
+            s.reason = "abort"
             raise APIError(503, "The scheduler aborted the request (is it shutting down?).",
                            code="service_unavailable")
         ids = list(msg.token_ids)
@@ -224,17 +323,23 @@ class PromptGeneration:
             if lps is not None:
                 lps = lps[:keep]
             s.num_tokens += len(ids)
+            if ids:
+                self._tokens_arrived(s, len(ids))
             s.stopped = True
+            s.reason = "stop"
             if final:
                 s.done, s.final = True, msg
             else:
                 await self.backend.abort([self.request_id], stop_str=d.stop_str, indices=[idx])
             return SampleEvent(idx, d.text, ids, lps, "stop", d.stop_str)
         s.num_tokens += len(ids)
+        if ids:
+            self._tokens_arrived(s, len(ids))
         if not final:
             return SampleEvent(idx, d.text, ids, lps)
         s.done, s.final = True, msg
         reason = _FINISH.get(fr, "stop")
+        s.reason = reason
         which = msg.WhichOneof("stop_reason")
         stop_reason = getattr(msg, which) if which else None
         return SampleEvent(idx, d.text, ids, lps, reason, stop_reason)

@@ -22,6 +22,7 @@ from gateway.errors import (
 )
 from gateway.generation import PromptGeneration, start_all
 from gateway.protocol import PromptTokensDetails, SamplingFields, UsageInfo
+from services import tracing
 from gateway.streaming import (
     DONE,
     ClientDisconnected,
@@ -39,7 +40,9 @@ CLIENT_CLOSED_REQUEST = 499
 
 
 def random_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
+    """`<prefix>-<the HTTP request's id>` (gateway/telemetry.py), so the completion id, the
+    scheduler's request id and every log line of the request share it; a fresh one outside a request."""
+    return f"{prefix}-{tracing.REQUEST_ID.get() or uuid.uuid4().hex}"
 
 
 class BaseServing:

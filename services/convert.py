@@ -121,6 +121,8 @@ def scheduler_output_to_proto(so: SchedulerOutput) -> executor_pb2.StepBatch:
                 m.output_token_ids.extend(r.output_token_ids)
             if spec and r.req_id in spec:
                 m.spec_token_ids.extend(spec[r.req_id])
+            if r.trace_context:
+                m.trace_context.update(r.trace_context)
             new.append(m)
     except KeyError as e:
         raise ValueError(f"step {so.step_id}: request {e.args[0]!r} is scheduled but has no "
@@ -172,7 +174,8 @@ def scheduler_output_from_proto(msg: executor_pb2.StepBatch) -> SchedulerOutput:
         new_reqs.append(NewRequestData(
             req_id=r.req_id, prompt_token_ids=list(r.prompt_token_ids), sampling_params=sp,
             block_ids=list(r.block_ids), num_computed_tokens=r.num_computed_tokens,
-            output_token_ids=list(r.output_token_ids)))
+            output_token_ids=list(r.output_token_ids),
+            trace_context=dict(r.trace_context) if r.trace_context else None))
         ids.append(r.req_id)
         counts.append(r.num_scheduled_tokens)
         if r.spec_token_ids:

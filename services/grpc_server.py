@@ -88,12 +88,18 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str = "info", fmt: str = "text", service: str | None = None) -> None:
+    """Root logger to stderr. Every line carries the request it belongs to when there is one
+    (services.tracing.REQUEST_ID: text ` [req=<id>]`, JSON `request_id`, plus `trace_id` / `span_id`
+    while tracing)."""
+    from services.tracing import RequestLogFilter
+
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RequestLogFilter())
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
         prefix = f"{service} " if service else ""
-        handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(name)s%(_req)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -108,6 +114,9 @@ def add_common_args(parser: argparse.ArgumentParser, default_port: int) -> argpa
                    help="seconds in-flight RPCs get on SIGTERM")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     g.add_argument("--log-format", default="text", choices=["text", "json"])
+    g.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics on http://HOST:PORT/metrics (0: any free port; default: off)")
+    g.add_argument("--metrics-host", default=None, help="bind address of the metrics endpoint (default: --host)")
     return parser
 
 

@@ -221,6 +221,9 @@ class Stack:
         from services.tokenizer.server import SERVICE_NAME as TOKENIZER_SERVICE
 
         executor_argv = [*py, "services.executor", *model, "--port", str(ports["executor"]), *common, *eflags]
+        # Metrics endpoints face Prometheus like the gateway does: they bind the gateway's --host.
+        if args.executor_metrics_port is not None:
+            executor_argv += ["--metrics-port", str(args.executor_metrics_port), "--metrics-host", args.host]
         if args.executor_factory:
             executor_argv += ["--executor", args.executor_factory]
         tokenizer_argv = [*py, "services.tokenizer", *model, "--port", str(ports["tokenizer"]), *common]
@@ -234,6 +237,8 @@ class Stack:
         scheduler_argv = [*py, "services.scheduler", "--executor-address", executor_address,
                           "--port", str(ports["scheduler"]), "--max-queue-len", str(args.max_queue_len),
                           "--executor-timeout", str(args.executor_timeout), *common, *eflags]
+        if args.scheduler_metrics_port is not None:
+            scheduler_argv += ["--metrics-port", str(args.scheduler_metrics_port), "--metrics-host", args.host]
         self.executor = Service("executor", executor_argv, executor_address, EXECUTOR_SERVICE, restart=True)
         self.tokenizer = Service("tokenizer", tokenizer_argv, _address(gh, ports["tokenizer"]), TOKENIZER_SERVICE)
         self.scheduler = Service("scheduler", scheduler_argv, _address(gh, ports["scheduler"]), SCHEDULER_SERVICE)
@@ -431,6 +436,10 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"default {SCHEDULER_PORT}; 0: any free port")
     g.add_argument("--tokenizer-port", type=int, default=TOKENIZER_PORT,
                    help=f"default {TOKENIZER_PORT}; 0: any free port")
+    g.add_argument("--scheduler-metrics-port", type=int, default=None,
+                   help="serve the scheduler's Prometheus metrics on --host:PORT/metrics (e.g. 9051; default off)")
+    g.add_argument("--executor-metrics-port", type=int, default=None,
+                   help="serve the executor's Prometheus metrics on --host:PORT/metrics (e.g. 9053; default off)")
     g = p.add_argument_group("serving")
     g.add_argument("--served-model-name", default=None, help="model name in the API (default: from the model)")
     g.add_argument("--api-key", default=None, help="require this bearer token at the gateway")

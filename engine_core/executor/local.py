@@ -1,4 +1,8 @@
-"""In-process executor: loads the model, sizes and allocates the KV cache, runs steps."""
+"""In-process executor: loads the model, sizes and allocates the KV cache, runs steps.
+
+With a `tp` (TPGroup, world_size > 1) it is one tensor-parallel rank inside a MultiprocExecutor
+worker: it loads only its shard, caches only its KV heads, and agrees on the KV block count with
+the other ranks (the minimum), so one block table is valid on every rank."""
 from __future__ import annotations
 
 import logging
@@ -6,6 +10,7 @@ import logging
 import torch
 
 from engine_core.config import EngineConfig
+from engine_core.distributed import TPGroup, attention_shard, check_tensor_parallel
 from engine_core.executor.base import Executor, ExecutorInfo
 from engine_core.executor.model_runner import ModelRunner
 from engine_core.loader import load_model
@@ -18,23 +23,35 @@ logger = logging.getLogger(__name__)
 CPU_DEFAULT_KV_GB = 1.0
 
 
+def model_spec(config: EngineConfig) -> str | None:
+    """The MODEL argument to resolve, honouring --load-format dummy."""
+    model = config.model
+    if config.load_format == "dummy" and not str(model).startswith("dummy:"):
+        model = f"dummy:{model}"  # random weights from the model's config (GPU speed work)
+    return model
+
+
 class LocalExecutor(Executor):
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, tp: TPGroup | None = None) -> None:
+        if tp is None and config.tensor_parallel_size > 1:
+            raise ValueError(f"LocalExecutor runs on one device; tensor_parallel_size="
+                             f"{config.tensor_parallel_size} needs MultiprocExecutor (engine_core.executor.make_executor)")
         self.config = config
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
-        model = config.model
-        if config.load_format == "dummy" and not str(model).startswith("dummy:"):
-            model = f"dummy:{model}"  # random weights from the model's config (GPU speed work)
-        self.source = resolve_model(model)
+        self.tp = tp if tp is not None else TPGroup(device=self.device)
+        self.source = resolve_model(model_spec(config))
         mc = self.source.config
+        check_tensor_parallel(mc, self.tp.world_size)
+        self.num_kv_heads = attention_shard(mc.num_attention_heads, mc.num_key_value_heads,
+                                            self.tp.world_size, self.tp.rank).num_kv_heads
         config.resolve_limits(mc.max_model_len_limit)  # sliding-window models: capped (not implemented)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         torch.manual_seed(config.seed)
-        self.model = load_model(self.source, dtype=self.dtype, device=self.device)
+        self.model = load_model(self.source, dtype=self.dtype, device=self.device, tp=self.tp)
         self.model.eval()
-        self.num_blocks = self._num_kv_blocks()
+        self.num_blocks = self.tp.min_int(self._num_kv_blocks())  # every rank: the same block count
         capacity = (self.num_blocks - 1) * config.block_size
         if capacity < config.max_model_len:
             raise ValueError(
@@ -43,14 +60,17 @@ class LocalExecutor(Executor):
         self.runner = ModelRunner(self.model, mc, device=self.device, dtype=self.dtype,
                                   block_size=config.block_size, num_blocks=self.num_blocks, seed=config.seed,
                                   cuda_graphs=not config.enforce_eager, max_num_seqs=config.max_num_seqs,
-                                  max_model_len=config.max_model_len)
-        logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB); max concurrency at "
-                    "max_model_len=%d: %.1fx", self.num_blocks, config.block_size, capacity,
-                    self.num_blocks * self._block_bytes() / 2**30, config.max_model_len,
-                    capacity / config.max_model_len)
+                                  max_model_len=config.max_model_len, num_kv_heads=self.num_kv_heads)
+        if self.tp.is_driver:
+            logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB%s); max concurrency at "
+                        "max_model_len=%d: %.1fx", self.num_blocks, config.block_size, capacity,
+                        self.num_blocks * self._block_bytes() / 2**30,
+                        f" per rank, {self.tp.world_size} ranks" if self.tp.world_size > 1 else "",
+                        config.max_model_len, capacity / config.max_model_len)
 
     def _block_bytes(self) -> int:
-        return ModelRunner.kv_bytes_per_block(self.source.config, self.config.block_size, self.dtype)
+        return ModelRunner.kv_bytes_per_block(self.source.config, self.config.block_size, self.dtype,
+                                              self.num_kv_heads)
 
     def _num_kv_blocks(self) -> int:
         cfg = self.config
@@ -86,7 +106,7 @@ class LocalExecutor(Executor):
             dtype=str(self.dtype).removeprefix("torch."),
             device=str(self.device),
             num_layers=mc.num_hidden_layers,
-            num_kv_heads=mc.num_key_value_heads,
+            num_kv_heads=self.num_kv_heads,  # cached on this device (this rank's share under TP)
             head_dim=mc.head_dim,
             kv_cache_bytes=self.num_blocks * self._block_bytes(),
             eos_token_ids=list(mc.eos_token_ids),

@@ -27,7 +27,8 @@ logger = logging.getLogger(__name__)
 class ModelRunner:
     def __init__(self, model: nn.Module, model_config: ModelConfig, *, device: torch.device,
                  dtype: torch.dtype, block_size: int, num_blocks: int, seed: int = 0,
-                 cuda_graphs: bool = False, max_num_seqs: int = 256, max_model_len: int = 8192) -> None:
+                 cuda_graphs: bool = False, max_num_seqs: int = 256, max_model_len: int = 8192,
+                 num_kv_heads: int | None = None) -> None:
         self.model = model
         self.model_config = model_config
         self.device = device
@@ -42,10 +43,12 @@ class ModelRunner:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
         mc = model_config
+        # KV heads held here: all of the model's, or this tensor-parallel rank's share.
+        self.num_kv_heads = num_kv_heads or mc.num_key_value_heads
         # One tensor per layer: [2 (K,V), num_blocks, block_size, num_kv_heads, head_dim]. Zeroed so
         # padded gathers never read NaN garbage.
         self.kv_caches = [
-            torch.zeros(2, num_blocks, block_size, mc.num_key_value_heads, mc.head_dim, dtype=dtype, device=device)
+            torch.zeros(2, num_blocks, block_size, self.num_kv_heads, mc.head_dim, dtype=dtype, device=device)
             for _ in range(mc.num_hidden_layers)
         ]
         self.graph_runner: CudaGraphRunner | None = None
@@ -55,9 +58,9 @@ class ModelRunner:
             self.graph_runner.capture()
 
     @staticmethod
-    def kv_bytes_per_block(mc: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    def kv_bytes_per_block(mc: ModelConfig, block_size: int, dtype: torch.dtype, num_kv_heads: int | None = None) -> int:
         elem = torch.empty(0, dtype=dtype).element_size()
-        return 2 * mc.num_hidden_layers * block_size * mc.num_key_value_heads * mc.head_dim * elem
+        return 2 * mc.num_hidden_layers * block_size * (num_kv_heads or mc.num_key_value_heads) * mc.head_dim * elem
 
     # ------------------------------------------------------------------ state from deltas
     def _apply_deltas(self, so: SchedulerOutput) -> None:

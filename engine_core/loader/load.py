@@ -11,6 +11,7 @@ import time
 import torch
 from torch import nn
 
+from engine_core.distributed import TPGroup, check_tensor_parallel
 from engine_core.loader.dummy_loader import init_dummy_weights
 from engine_core.loader.gguf_loader import iter_gguf_weights
 from engine_core.loader.model_source import ModelSource, resolve_model
@@ -63,18 +64,22 @@ def _default_dtype(dtype: torch.dtype):
 
 
 def load_model(source: ModelSource | str | os.PathLike | None, dtype: torch.dtype | str | None = None,
-               device: torch.device | str | None = None, seed: int = 0) -> nn.Module:
+               device: torch.device | str | None = None, seed: int = 0, tp: TPGroup | None = None) -> nn.Module:
     """Instantiate and fill the model for `source` (a ModelSource or anything resolve_model takes).
-    Returns it in eval mode on `device` in `dtype`."""
+    Returns it in eval mode on `device` in `dtype`. With `tp` (world_size > 1) this rank's shard:
+    every weight_loader keeps its slice; safetensors are read lazily, slice by slice."""
     if not isinstance(source, ModelSource):
         source = resolve_model(source)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     config = source.config
     model_cls = get_model_class(config.architecture)
+    sharded = tp is not None and tp.world_size > 1
+    if sharded:
+        check_tensor_parallel(config, tp.world_size)
     t0 = time.perf_counter()
     with torch.device(device), _default_dtype(dtype):
-        model = model_cls(config)
+        model = model_cls(config, tp=tp) if sharded else model_cls(config)
 
     if source.kind == "dummy":
         init_dummy_weights(model, seed=seed)
@@ -82,7 +87,7 @@ def load_model(source: ModelSource | str | os.PathLike | None, dtype: torch.dtyp
         if source.kind == "gguf":
             weights = iter_gguf_weights(source.path, config)
         elif source.kind == "hf":
-            weights = iter_safetensors_weights(source.path, device)
+            weights = iter_safetensors_weights(source.path, device, lazy=sharded)
         else:
             raise ValueError(f"unknown model source kind {source.kind!r}")
         loaded = model.load_weights(weights)
@@ -90,6 +95,7 @@ def load_model(source: ModelSource | str | os.PathLike | None, dtype: torch.dtyp
         if missing:
             raise ValueError(f"{source.path}: checkpoint lacks {len(missing)} parameter(s), e.g. {missing[:5]}")
     model.eval()
-    logger.info("loaded %s (%s, %s) on %s as %s in %.2fs", source.name, source.kind, config.architecture,
-                device, dtype, time.perf_counter() - t0)
+    logger.info("loaded %s (%s, %s) on %s as %s in %.2fs%s", source.name, source.kind, config.architecture,
+                device, dtype, time.perf_counter() - t0,
+                f" (tensor-parallel rank {tp.rank} of {tp.world_size})" if sharded else "")
     return model

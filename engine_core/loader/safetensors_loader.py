@@ -22,7 +22,28 @@ def safetensors_files(model_dir: str) -> list[str]:
     return hf_files or files
 
 
-def iter_safetensors_weights(model_dir: str, device: torch.device | str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+class LazyTensor:
+    """A checkpoint tensor not read yet (tensor-parallel loading): `narrow` reads only the rows or
+    columns a rank keeps, `materialize` the whole tensor. Valid while its file is open, i.e. while
+    the loader consumes it inside the iteration that yielded it."""
+
+    def __init__(self, tensor_slice) -> None:
+        self._slice = tensor_slice
+        self.shape = tuple(tensor_slice.get_shape())
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        index = [slice(None)] * len(self.shape)
+        index[dim] = slice(start, start + length)
+        return self._slice[tuple(index)]
+
+    def materialize(self) -> torch.Tensor:
+        return self._slice[:]
+
+
+def iter_safetensors_weights(model_dir: str, device: torch.device | str = "cpu",
+                             lazy: bool = False) -> Iterator[tuple[str, torch.Tensor | LazyTensor]]:
+    """(name, tensor) for every checkpoint tensor; lazy=True yields LazyTensors instead (a
+    tensor-parallel rank reads only its slices)."""
     from safetensors import safe_open
 
     files = safetensors_files(model_dir)
@@ -32,4 +53,4 @@ def iter_safetensors_weights(model_dir: str, device: torch.device | str = "cpu")
     for path in files:
         with safe_open(path, framework="pt", device=dev) as f:
             for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
-                yield name, f.get_tensor(name)
+                yield name, (LazyTensor(f.get_slice(name)) if lazy else f.get_tensor(name))

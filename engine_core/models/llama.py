@@ -6,6 +6,12 @@ which `load_weights` fills shard by shard (the vLLM / nano-vllm stacked-params m
 
     hidden = model(input_ids [T], positions [T], kv_caches (one per layer), md)  -> [T, hidden]
     logits = model.compute_logits(hidden[rows])                                   -> [N, vocab] fp32
+
+Tensor parallelism: pass `tp` (engine_core.distributed.TPGroup). Attention then holds this rank's
+Q heads and the KV heads they use (qkv_proj column-parallel, o_proj row-parallel + all-reduce), the
+MLP a slice of the intermediate dim (gate_up column-parallel, down row-parallel + all-reduce), the
+embedding and LM head a vocab slice; norms and RoPE are replicated. `load_weights` is unchanged:
+every parameter's weight_loader keeps only this rank's slice of the full checkpoint tensor.
 """
 from __future__ import annotations
 
@@ -15,15 +21,16 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from engine_core.distributed import TPGroup
 from engine_core.layers.activation import SiluAndMul
 from engine_core.layers.attention import Attention
 from engine_core.layers.attention_metadata import AttentionMetadata
 from engine_core.layers.layernorm import RMSNorm
 from engine_core.layers.linear import (
-    Linear,
     LMHead,
     MergedLinear,
     QKVLinear,
+    RowParallelLinear,
     VocabEmbedding,
     default_weight_loader,
 )
@@ -34,16 +41,17 @@ _EMPTY = torch.empty(0)
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding) -> None:
+    def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding, tp: TPGroup | None = None) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
-        self.q_size = config.q_size
-        self.kv_size = config.kv_size
-        self.qkv_proj = QKVLinear(config.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads,
-                                  bias=config.attention_bias)
-        self.o_proj = Linear(self.q_size, config.hidden_size, bias=False)
+        self.qkv_proj = QKVLinear(config.hidden_size, self.head_dim, config.num_attention_heads,
+                                  config.num_key_value_heads, bias=config.attention_bias, tp=tp)
+        # This rank's heads (all of them without tensor parallelism).
+        self.num_heads = self.qkv_proj.num_heads
+        self.num_kv_heads = self.qkv_proj.num_kv_heads
+        self.q_size = self.qkv_proj.q_size
+        self.kv_size = self.qkv_proj.kv_size
+        self.o_proj = RowParallelLinear(config.q_size, config.hidden_size, bias=False, tp=tp)
         self.qk_norm = config.qk_norm
         if self.qk_norm:  # Qwen3: RMSNorm over each head's channels, before RoPE
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -64,10 +72,10 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, tp: TPGroup | None = None) -> None:
         super().__init__()
-        self.gate_up_proj = MergedLinear(config.hidden_size, [config.intermediate_size] * 2, bias=False)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj = MergedLinear(config.hidden_size, [config.intermediate_size] * 2, bias=False, tp=tp)
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=False, tp=tp)
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,10 +83,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding) -> None:
+    def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding, tp: TPGroup | None = None) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, rotary_emb)
-        self.mlp = LlamaMLP(config)
+        self.self_attn = LlamaAttention(config, rotary_emb, tp)
+        self.mlp = LlamaMLP(config, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -95,12 +103,12 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, tp: TPGroup | None = None) -> None:
         super().__init__()
-        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, tp=tp)
         self.rotary_emb = get_rope(config.head_dim, config.max_position_embeddings, config.rope_theta,
                                    config.rope_scaling)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, self.rotary_emb)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, self.rotary_emb, tp)
                                     for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -127,11 +135,11 @@ class LlamaForCausalLM(nn.Module):
     # checkpoint entries that are not parameters of ours
     ignored_weight_suffixes: ClassVar[tuple[str, ...]] = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, tp: TPGroup | None = None) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config)
-        self.lm_head = LMHead(config.hidden_size, config.vocab_size)
+        self.model = LlamaModel(config, tp)
+        self.lm_head = LMHead(config.hidden_size, config.vocab_size, tp=tp)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

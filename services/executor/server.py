@@ -1,4 +1,5 @@
-"""`python -m services.executor`: serve an engine_core Executor (LocalExecutor by default) over gRPC.
+"""`python -m services.executor`: serve an engine_core Executor over gRPC (by default make_executor:
+LocalExecutor, or MultiprocExecutor with one worker process per GPU for --tensor-parallel-size N > 1).
 
 Every executor call (construction included) runs on one dedicated thread, so thread-local state
 (torch grad mode, the current CUDA device and stream) is the same for loading and for every step,
@@ -17,6 +18,7 @@ import importlib
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from typing import Any
@@ -24,7 +26,7 @@ from typing import Any
 import grpc
 
 from engine_core.executor.base import Executor, ExecutorError, ExecutorInfo
-from services import convert
+from services import convert, tracing
 from services.gen.pagedserve.v1 import executor_pb2, executor_pb2_grpc
 from services.grpc_server import (
     EXECUTOR_PORT,
@@ -36,7 +38,7 @@ from services.grpc_server import (
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = executor_pb2.DESCRIPTOR.services_by_name["Executor"].full_name
-DEFAULT_EXECUTOR = "engine_core.executor.local:LocalExecutor"
+DEFAULT_EXECUTOR = "engine_core.executor:make_executor"  # LocalExecutor; MultiprocExecutor for TP > 1
 _EOF = object()
 
 
@@ -75,6 +77,91 @@ def _describe_error(e: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"executor failed: {type(e).__name__}: {e}"
 
 
+class _TracedRequest:
+    """A traced request's executor-side timeline: one `executor.prefill` span (first step that has
+    it -> the step that sampled its first token) and one aggregated `executor.decode` span (-> the
+    end of the last step it was in), with step counts and the executor time it shared. The decode
+    span is exported when the executor learns the request is gone: the next StepBatch's
+    finished_req_ids (or a Reset / shutdown), so after the last request of a burst it waits for
+    the next step; its times are those of the steps it ran in."""
+
+    __slots__ = ("busy_s", "context", "decode_start_ns", "last_end_ns", "prefill_start_ns", "prefill_steps",
+                 "steps", "tokens")
+
+    def __init__(self, context, start_ns: int) -> None:
+        self.context = context
+        self.prefill_start_ns = start_ns
+        self.decode_start_ns: int | None = None
+        self.prefill_steps = 0
+        self.last_end_ns = start_ns
+        self.steps = 0
+        self.tokens = 0
+        self.busy_s = 0.0
+
+
+class StepTracer:
+    """Per-request executor spans for requests whose NewRequestData carries a trace context."""
+
+    def __init__(self) -> None:
+        self._reqs: dict[str, _TracedRequest] = {}
+        self._lock = threading.Lock()  # steps run on a handler thread; reset() may come from another
+
+    def _end(self, rid: str, end_ns: int, reason: str) -> None:
+        t = self._reqs.pop(rid, None)
+        if t is None or t.decode_start_ns is None:
+            return
+        tracing.record_span("executor.decode", t.context, t.decode_start_ns, t.last_end_ns,
+                            {"pagedserve.request_id": rid, "pagedserve.decode_steps": t.steps,
+                             "pagedserve.completion_tokens": t.tokens,
+                             "pagedserve.executor_busy_s": round(t.busy_s, 6), "pagedserve.end": reason})
+
+    def before(self, so, start_ns: int) -> None:
+        with self._lock:
+            self._before(so, start_ns)
+
+    def _before(self, so, start_ns: int) -> None:
+        for rid in so.finished_req_ids:
+            if rid in self._reqs:
+                self._end(rid, start_ns, "finished")
+        for r in so.scheduled_new_reqs:
+            if r.trace_context:
+                ctx = tracing.context_from_carrier(r.trace_context)
+                self._reqs[r.req_id] = _TracedRequest(ctx, start_ns)
+
+    def after(self, so, out, seconds: float, end_ns: int) -> None:
+        if not self._reqs:
+            return
+        with self._lock:
+            self._after(so, out, seconds, end_ns)
+
+    def _after(self, so, out, seconds: float, end_ns: int) -> None:
+        sampled = dict(zip(out.req_ids, out.sampled_token_ids))
+        for rid, n in so.num_scheduled_tokens.items():
+            t = self._reqs.get(rid)
+            if t is None:
+                continue
+            toks = sampled.get(rid) or ()
+            t.last_end_ns = end_ns
+            if t.decode_start_ns is None:
+                t.prefill_steps += 1
+                if toks:  # the first token: prefill done
+                    tracing.record_span("executor.prefill", t.context, t.prefill_start_ns, end_ns,
+                                        {"pagedserve.request_id": rid, "pagedserve.prefill_steps": t.prefill_steps,
+                                         "pagedserve.batch_tokens": so.total_num_scheduled_tokens})
+                    t.decode_start_ns = end_ns
+                    t.tokens += len(toks)
+            else:
+                t.steps += 1
+                t.busy_s += seconds
+                t.tokens += len(toks)
+
+    def reset(self) -> None:
+        now = time.time_ns()
+        with self._lock:
+            for rid in list(self._reqs):
+                self._end(rid, now, "reset")
+
+
 class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
     """pagedserve.v1.Executor over an engine_core Executor.
 
@@ -90,6 +177,9 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
         self._closing = threading.Event()
         self._streams: set[queue.SimpleQueue] = set()
         self._streams_lock = threading.Lock()
+        self.metrics = None  # services.metrics.ExecutorMetrics when --metrics-port is on
+        self._held: set[str] = set()  # requests with executor state (for the metrics)
+        self._tracer = StepTracer()
         if executor is not None:
             self.load(lambda: executor)
 
@@ -101,6 +191,8 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
 
         ex, info = self._thread.call(build)
         self._info, self._info_pb = info, convert.executor_info_to_proto(info)
+        if self.metrics is not None:
+            self.metrics.set_info(info)
         self._executor = ex
         return info
 
@@ -111,6 +203,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
     def close_streams(self) -> None:
         """Shutdown: every Step stream ends (UNAVAILABLE) once its current step is answered."""
         self._closing.set()
+        self._tracer.reset()
         with self._streams_lock:
             for q in self._streams:
                 q.put(_EOF)
@@ -135,6 +228,8 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
 
     def Reset(self, request, context):
         self._check_ready(context)
+        self._held.clear()
+        self._tracer.reset()
         try:
             self._thread.call(self._executor.reset)
         except Exception as e:
@@ -182,11 +277,26 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
         except ValueError as e:
             error = grpc.StatusCode.INVALID_ARGUMENT, f"malformed step {batch.step_id}: {e}"
         if error is None:
+            traced = tracing.enabled()
+            if traced:
+                self._tracer.before(so, time.time_ns())
             try:
+                t0 = time.perf_counter()
                 out = self._thread.call(self._executor.execute, so)
+                seconds = time.perf_counter() - t0
+                if traced:
+                    self._tracer.after(so, out, seconds, time.time_ns())
+                if self.metrics is not None:
+                    held = self._held
+                    held.difference_update(so.finished_req_ids)
+                    held.update(r.req_id for r in so.scheduled_new_reqs)
+                    self.metrics.observe_step(seconds, so.total_num_scheduled_tokens, len(so.num_scheduled_tokens),
+                                              len(held))
                 return convert.model_runner_output_to_proto(out)
             except Exception as e:
                 code, msg = _describe_error(e)
+                if self.metrics is not None:
+                    self.metrics.failed(code.name)
                 if code == grpc.StatusCode.INTERNAL:
                     logger.exception("step %d failed", batch.step_id)
                 else:
@@ -234,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("bad arguments: %s", e)
         return 2
 
+    tracing.setup_tracing("executor")
     servicer = ExecutorServicer()
     srv = GrpcServer("executor", [SERVICE_NAME], args.host, args.port, max_workers=args.max_workers,
                      grace_s=args.shutdown_grace)
@@ -241,6 +352,17 @@ def main(argv: list[str] | None = None) -> int:
     srv.on_shutdown(servicer.close_streams)
     srv.install_signal_handlers()
     srv.start()  # health NOT_SERVING while the model loads
+    if args.metrics_port is not None:
+        from services.metrics import ExecutorMetrics, maybe_start_metrics_server
+
+        servicer.metrics = ExecutorMetrics.get()
+        try:
+            maybe_start_metrics_server("executor", args)
+        except OSError as e:
+            logger.error("could not serve metrics on port %s: %s", args.metrics_port, e)
+            srv.stop(0)
+            srv.wait()
+            return 1
 
     result: dict = {}
 

@@ -73,6 +73,8 @@ class GenerateCall:
     accepted: asyncio.Future
     submitted: float = field(default_factory=time.monotonic)
     done: bool = False
+    # W3C trace context for the executor's spans (services/tracing.py); None: not traced.
+    trace_context: dict[str, str] | None = None
 
     @property
     def n(self) -> int:
@@ -168,6 +170,8 @@ class EngineLoop:
         self._adds_in_inbox = 0  # samples of add commands not applied yet (guarded by _cond)
         self.num_rejected = 0
         self.last_stats = scheduler_pb2.SchedulerStats(max_queue_len=max_queue_len)
+        self.metrics = None  # services.metrics.SchedulerMetrics when --metrics-port is on
+        self._published_steps = -1
         self.down_since: float | None = self._down_since
         self.down_reason = self._down_reason
         self.fatal_error: BaseException | None = None
@@ -337,7 +341,8 @@ class EngineLoop:
             for i, (cid, child) in enumerate(zip(ids, children)):
                 if cid in self._routes:
                     raise ValueError(f"request_id {cid!r} is already in use")
-                req = core.add_request(cid, call.prompt_token_ids, child, arrival_time=call.submitted)
+                req = core.add_request(cid, call.prompt_token_ids, child, arrival_time=call.submitted,
+                                       trace_context=call.trace_context)
                 added.append(cid)
                 self._routes[cid] = _Route(call, i, req)
         except ValueError as e:
@@ -373,7 +378,12 @@ class EngineLoop:
     def _step(self) -> None:
         core = self.core
         steps_before = core.counters.num_steps
+        t0 = time.perf_counter()
         deltas = core.step()
+        if core.counters.num_steps > steps_before and self.metrics is not None:
+            sched = core.scheduler
+            self.metrics.observe_step(core.info.model_name, time.perf_counter() - t0, sched._last_step_tokens,
+                                      sched._last_step_seqs)
         self._route(deltas)
         self._publish_queues()
         self._last_contact = time.monotonic()
@@ -566,9 +576,14 @@ class EngineLoop:
 
     def _publish(self) -> None:
         now = time.monotonic()
-        if now - self._last_publish >= self.STATS_PUBLISH_INTERVAL_S:
+        # Also right away when the engine goes idle, so an idle scrape sees the final numbers.
+        idle_news = (self.core is not None and not self.core.has_unfinished_requests()
+                     and self.core.counters.num_steps != self._published_steps)
+        if idle_news or now - self._last_publish >= self.STATS_PUBLISH_INTERVAL_S:
             self._last_publish = now
             self.last_stats = self.stats_proto(False)
+            if self.core is not None:
+                self._published_steps = self.core.counters.num_steps
 
     def _rates(self, now: float) -> tuple[float, float]:
         c = self.core.counters

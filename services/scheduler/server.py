@@ -21,7 +21,7 @@ import grpc
 from engine_core.config import EngineConfig
 from engine_core.executor.base import Executor, ExecutorError
 from engine_core.sampling_params import SamplingParams
-from services import convert
+from services import convert, tracing
 from services.gen.pagedserve.v1 import scheduler_pb2, scheduler_pb2_grpc
 from services.grpc_server import (
     EXECUTOR_PORT,
@@ -39,7 +39,7 @@ from services.scheduler.engine_loop import (
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name
-DEFAULT_LOCAL_EXECUTOR = "engine_core.executor.local:LocalExecutor"
+DEFAULT_LOCAL_EXECUTOR = "engine_core.executor:make_executor"  # LocalExecutor; MultiprocExecutor for TP > 1
 DEFAULT_MAX_QUEUE_LEN = 1024
 STATS_TIMEOUT_S = 2.0  # a stats request waits at most this long for the engine thread (mid-step)
 
@@ -63,6 +63,22 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
     # ------------------------------------------------------------------ Generate
     async def Generate(self, request: scheduler_pb2.GenerateRequest, context):
+        span = tracing.server_span(context, "scheduler.Generate",
+                                   {"pagedserve.request_id": request.request_id,
+                                    "pagedserve.prompt_tokens": len(request.prompt_token_ids)})
+        gen = self._generate(request, context, span)
+        try:
+            async for msg in gen:
+                yield msg
+        except BaseException as e:
+            if not isinstance(e, GeneratorExit | asyncio.CancelledError):
+                span.set_error(e)
+            raise
+        finally:
+            await gen.aclose()  # its finally aborts the request in the engine now, not at GC time
+            span.end()
+
+    async def _generate(self, request: scheduler_pb2.GenerateRequest, context, span: tracing.server_span):
         engine = self.engine
         rid = request.request_id
         if self._closing.is_set():
@@ -92,6 +108,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
         loop = asyncio.get_running_loop()
         call = GenerateCall(rid, list(request.prompt_token_ids), params, asyncio.Queue(), loop.create_future())
+        if tracing.span_is_sampled(span.span):
+            call.trace_context = tracing.carrier(span.context)
         self._calls[rid] = call
         try:
             engine.add(call)
@@ -107,6 +125,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                     await context.abort(item.code, item.message)
                 if item.finish_reason != scheduler_pb2.FINISH_REASON_UNSPECIFIED:
                     remaining -= 1
+                    if span.span is not None:
+                        _request_spans(span, call, item)
                 yield item
             call.done = True
         finally:
@@ -174,6 +194,28 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             max_num_batched_tokens=cfg.max_num_batched_tokens or 0,
             enable_chunked_prefill=cfg.enable_chunked_prefill, enable_prefix_caching=cfg.enable_prefix_caching,
             max_logprobs=cfg.max_logprobs)
+
+
+def _request_spans(span: tracing.server_span, call: GenerateCall, final: scheduler_pb2.GenerateResponse) -> None:
+    """queue / prefill / decode (aggregated) spans of one finished sample, from its timings."""
+    m = final.metrics
+    t0 = call.submitted
+    attrs = {"pagedserve.sample_index": final.index}
+    queue_end = t0 + m.queue_time_s
+    first_token = t0 + m.time_to_first_token_s if m.time_to_first_token_s else None
+    end = t0 + m.e2e_latency_s
+    parent = span.context
+    tracing.record_span("queue", parent, tracing.mono_to_ns(t0), tracing.mono_to_ns(queue_end if m.queue_time_s
+                                                                                    else end), attrs)
+    if first_token is None:
+        return
+    tracing.record_span("prefill", parent, tracing.mono_to_ns(queue_end), tracing.mono_to_ns(first_token),
+                        {**attrs, "pagedserve.prompt_tokens": final.usage.prompt_tokens,
+                         "pagedserve.cached_tokens": final.usage.cached_tokens})
+    tracing.record_span("decode", parent, tracing.mono_to_ns(first_token), tracing.mono_to_ns(end),
+                        {**attrs, "pagedserve.completion_tokens": final.usage.completion_tokens,
+                         "pagedserve.num_preemptions": m.num_preemptions,
+                         "pagedserve.finish_reason": scheduler_pb2.FinishReason.Name(final.finish_reason)})
 
 
 class GuardedExecutor(Executor):
@@ -317,8 +359,22 @@ async def serve(args: argparse.Namespace) -> int:
     svc = SchedulerService(config, factory, executor_name=executor_name, host=args.host, port=args.port,
                            executor_timeout_s=args.executor_timeout, max_queue_len=args.max_queue_len,
                            grace_s=args.shutdown_grace)
+    tracing.setup_tracing("scheduler")
+    if args.metrics_port is not None:
+        from services.metrics import SchedulerMetrics, maybe_start_metrics_server
+
+        metrics = SchedulerMetrics.get()
+        metrics.bind(svc.engine)
+        svc.engine.metrics = metrics
     svc.server.install_signal_handlers()
     await svc.start()
+    if args.metrics_port is not None:
+        try:
+            maybe_start_metrics_server("scheduler", args)
+        except OSError as e:
+            logger.error("could not serve metrics on port %s: %s", args.metrics_port, e)
+            await svc.stop(0)
+            return 1
     logger.info("scheduler: executor %s, max_num_seqs %d, max_queue_len %s, executor timeout %.0fs",
                 executor_name, config.max_num_seqs, args.max_queue_len or "unlimited", args.executor_timeout)
     await svc.wait()

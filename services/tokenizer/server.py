@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Sequence
 
 import grpc
 
+from services import tracing
 from services.gen.pagedserve.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from services.grpc_server import (
     TOKENIZER_PORT,
@@ -127,6 +128,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
             await context.abort(grpc.StatusCode.INTERNAL, f"{what} failed: {type(e).__name__}: {e}")
 
     # ------------------------------------------------------------------ RPCs
+    @tracing.traced_rpc("tokenizer.Encode")
     async def Encode(self, request, context):
         await self._check_ready(context)
         add = request.add_special_tokens if request.HasField("add_special_tokens") else True
@@ -157,6 +159,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
         ids = self.tokenizer.encode(text, add_special_tokens=False) if request.tokenize else []
         return text, ids
 
+    @tracing.traced_rpc("tokenizer.ApplyChatTemplate")
     async def ApplyChatTemplate(self, request, context):
         await self._check_ready(context)
         text, ids = await self._call(context, "ApplyChatTemplate", self._render_chat, request)
@@ -166,6 +169,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
         self._check_ids(ids)
         return self.tokenizer.decode(ids, skip_special_tokens=skip)
 
+    @tracing.traced_rpc("tokenizer.Decode")
     async def Decode(self, request, context):
         await self._check_ready(context)
         skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
@@ -191,6 +195,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
         return tokenizer_pb2.DetokenizeResponse(text=text, finished=done, stop_str=detok.stop_str or "",
                                                 num_output_tokens=len(detok.output_token_ids))
 
+    @tracing.traced_rpc("tokenizer.DetokenizeStream")
     async def DetokenizeStream(self, request_iterator: AsyncIterator, context):
         await self._check_ready(context)
         detok = None
@@ -223,6 +228,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
                 cache[t] = (text, raw if raw is not None else text.encode("utf-8", "surrogatepass"))
         return [cache[t][0] for t in ids], [cache[t][1] for t in ids]
 
+    @tracing.traced_rpc("tokenizer.DecodeTokens")
     async def DecodeTokens(self, request, context):
         await self._check_ready(context)
         ids = list(request.token_ids)
@@ -301,11 +307,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def serve(args: argparse.Namespace) -> int:
+    tracing.setup_tracing("tokenizer")
     srv = AioGrpcServer("tokenizer", [SERVICE_NAME], args.host, args.port, grace_s=args.shutdown_grace)
     servicer = TokenizerServicer(max_model_len=args.max_model_len)
     tokenizer_pb2_grpc.add_TokenizerServicer_to_server(servicer, srv.server)
     srv.install_signal_handlers()
     await srv.start()  # NOT_SERVING while the tokenizer loads
+    if args.metrics_port is not None:  # process metrics (CPU, memory, open fds) of the tokenizer
+        from services.metrics import maybe_start_metrics_server
+
+        try:
+            maybe_start_metrics_server("tokenizer", args)
+        except OSError as e:
+            logger.error("could not serve metrics on port %s: %s", args.metrics_port, e)
+            await srv.stop(0)
+            return 1
     model = args.model or args.model_pos
     try:
         tok, name = await asyncio.to_thread(load, model, args.tokenizer)

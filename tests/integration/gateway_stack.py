@@ -115,6 +115,7 @@ class InProcessStack:
 
 # ---------------------------------------------------------------------------- real processes
 _LISTEN = re.compile(r"listening on (\S+)")
+_METRICS = re.compile(r"^(\w+) metrics on http://(\S+)/metrics")
 
 
 class Proc:
@@ -128,11 +129,15 @@ class Proc:
                                   stderr=subprocess.STDOUT, text=True, env=full_env)
         self.lines: list[str] = []
         self.address: str | None = None
+        self.metrics_address: str | None = None  # `<name> metrics on http://HOST:PORT/metrics` (--metrics-port)
         ready = threading.Event()
 
         def pump() -> None:
             for line in self.p.stdout:
                 self.lines.append(line)
+                mm = _METRICS.match(line)
+                if mm and mm.group(1) == name:
+                    self.metrics_address = mm.group(2)
                 m = _LISTEN.search(line)
                 if m and self.address is None and line.startswith(f"{name} listening"):
                     self.address = m.group(1)

@@ -88,7 +88,7 @@ class LocalCompose:
             argv = [sys.executable, "-m", "services.cli", *argv[1:]]
         out = []
         for i, a in enumerate(argv):
-            if i > 0 and argv[i - 1] == "--port":
+            if i > 0 and argv[i - 1] in ("--port", "--metrics-port"):
                 a = str(self.ports[(service, int(a))])
             out.append(self._rewrite_token(service, a))
         return out

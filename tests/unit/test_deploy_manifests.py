@@ -67,6 +67,9 @@ COMPOSE_NON_FLAG_VARS = {
     "GRAFANA_ADMIN_PASSWORD": "grafana environment",
 }
 SERVICE_PORTS = {"executor": 50053, "scheduler": 50051, "tokenizer": 50052, "gateway": 8000}
+# Prometheus metrics ports (--metrics-port); the gateway serves /metrics on its API port.
+METRICS_PORTS = {"executor": 9053, "scheduler": 9051}
+MONITORING_NAMESPACE = {"kubernetes.io/metadata.name": "monitoring"}  # where NetworkPolicies let Prometheus in
 K8S_VERSIONS = ["1.29.0", "1.33.0"]  # native gRPC probes are GA since 1.27
 
 
@@ -130,7 +133,10 @@ def test_compose_commands_and_healthchecks_parse_with_the_service_clis(compose_g
             module, ns, _ = parse_command(svc["command"])
             assert module == expected_module[name]
             assert ns.port == SERVICE_PORTS[name] and ns.host == "0.0.0.0", name
-            assert [str(ns.port)] == [str(p) for p in svc.get("expose", [])] or name == "gateway"
+            metrics_port = getattr(ns, "metrics_port", None)  # the gateway serves /metrics on --port
+            assert metrics_port == METRICS_PORTS.get(name), name
+            want_expose = [ns.port] + ([metrics_port] if metrics_port is not None else [])
+            assert want_expose == [int(p) for p in svc.get("expose", [])] or name == "gateway"
             # the healthcheck is the health CLI, on this service's own port
             hc = healthcheck_argv(svc)
             hmodule, hns, _ = parse_command(hc)
@@ -221,6 +227,26 @@ def test_compose_monitoring_files_exist_and_parse(compose_cpu):
     prom = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
     targets = {t for job in prom["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
     assert f"gateway:{SERVICE_PORTS['gateway']}" in targets
+    for name, port in METRICS_PORTS.items():  # every metrics port the compose services open is scraped
+        assert f"{name}:{port}" in targets, name
+        _, ns, _ = parse_command(compose_cpu["services"][name]["command"])
+        assert getattr(ns, "metrics_port", None) == port
+    # every metric the dashboard queries is one the services export
+    exported = _exported_metric_names()
+    for expr in re.findall(r'"expr":\s*"((?:[^"\\]|\\.)*)"', dashboard):
+        for name in re.findall(r"pagedserve:[a-z0-9_:]+", expr):
+            base = re.sub(r"_(bucket|sum|count|total)$", "", name)
+            assert name in exported or base in exported, f"the dashboard queries {name}, which nothing exports"
+
+
+def _exported_metric_names() -> set[str]:
+    """Metric family names the gateway, scheduler and executor define (prefix `pagedserve:`)."""
+    names = set()
+    for f in ("gateway/metrics.py", "services/metrics.py"):
+        text = (ROOT / f).read_text()
+        names |= {"pagedserve:" + n for n in re.findall(r'PREFIX \+ "([a-z_]+)"', text)}
+        names |= {"pagedserve:" + n for n in re.findall(r'(?:gauge|counter)\("([a-z_]+)"', text)}
+    return names
 
 
 # ============================================================================ Kubernetes
@@ -278,7 +304,14 @@ def test_k8s_args_probes_and_ports_match_the_clis(rendered):
             _, ns, _ = parse_command(expand_k8s_args(argv, env))
             assert ns.port == SERVICE_PORTS[component] and ns.host == "0.0.0.0", (overlay, component)
             ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-            assert list(ports.values()) == [ns.port], (overlay, component)
+            metrics_port = getattr(ns, "metrics_port", None)
+            assert metrics_port == METRICS_PORTS.get(component), (overlay, component)
+            want = [ns.port] + ([metrics_port] if metrics_port is not None else [])
+            assert list(ports.values()) == want, (overlay, component)
+            annotations = dep["spec"]["template"]["metadata"]["annotations"]
+            assert annotations["prometheus.io/port"] == str(metrics_port or ns.port)  # the gateway: /metrics on --port
+            if metrics_port is not None:
+                assert ports["metrics"] == metrics_port
             for probe_name in ("startupProbe", "readinessProbe", "livenessProbe"):
                 probe = c[probe_name]
                 if "grpc" in probe:
@@ -382,21 +415,30 @@ def test_k8s_pdb_hpa_and_network_policy(rendered):
         assert deny["spec"]["podSelector"] == {} and deny["spec"]["policyTypes"] == ["Ingress"]
         assert "ingress" not in deny["spec"]
         open_to_all = []
+        metrics_rules = {}
+        serving_rules = []
         for pol in policies.values():
             for rule in pol["spec"].get("ingress", []):
+                comp = pol["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"]
+                ports = [p["port"] for p in rule.get("ports", [])]
+                if comp in METRICS_PORTS and ports == [METRICS_PORTS[comp]]:
+                    # the metrics port: only from the monitoring namespace, nothing else on that rule
+                    assert rule["from"] == [{"namespaceSelector": {"matchLabels": MONITORING_NAMESPACE}}], comp
+                    metrics_rules[comp] = rule
+                    continue
+                serving_rules.append((pol, rule))
                 if not rule.get("from") or any("namespaceSelector" in f or "ipBlock" in f for f in rule["from"]):
-                    open_to_all.append(pol["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"])
-                for p in rule.get("ports", []):  # each policy opens the port its pods listen on
-                    comp = pol["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"]
-                    assert p["port"] == SERVICE_PORTS[comp], pol["metadata"]["name"]
+                    open_to_all.append(comp)
+                for p in ports:  # each policy opens the port its pods listen on
+                    assert p == SERVICE_PORTS[comp], pol["metadata"]["name"]
         assert open_to_all == ["gateway"]
+        assert set(metrics_rules) == set(METRICS_PORTS)
         # who may call whom: DESIGN.md §1's arrows
         callers = {}
-        for pol in policies.values():
+        for pol, rule in serving_rules:
             comp = pol["spec"]["podSelector"].get("matchLabels", {}).get("app.kubernetes.io/component")
-            for rule in pol["spec"].get("ingress", []):
-                for f in rule.get("from", []):
-                    callers[comp] = f["podSelector"]["matchLabels"]["app.kubernetes.io/component"]
+            for f in rule.get("from", []):
+                callers[comp] = f["podSelector"]["matchLabels"]["app.kubernetes.io/component"]
         assert callers == {"scheduler": "gateway", "tokenizer": "gateway", "executor": "scheduler"}
 
 
@@ -422,7 +464,7 @@ def test_dockerfile_matches_the_deployment():
     assert re.search(r"^ARG VARIANT=cuda$", text, flags=re.MULTILINE) and "FROM base-${VARIANT}" in text
     assert "download.pytorch.org/whl/cpu" in text, "the CPU variant installs the CPU torch wheel"
     exposed = {int(p) for line in re.findall(r"^EXPOSE (.*)$", text, flags=re.MULTILINE) for p in line.split()}
-    assert exposed == set(SERVICE_PORTS.values())
+    assert exposed == set(SERVICE_PORTS.values()) | set(METRICS_PORTS.values())
     for path in ("/home/app/.cache",):  # the writable cache dir the read-only-root deployments mount
         assert path in text
     ignore = (ROOT / ".dockerignore").read_text().split()

@@ -139,7 +139,7 @@ def test_random_dataset_lengths_and_determinism():
 
 def test_random_dataset_from_token_ids():
     class FakeTok:  # ids -> "w<id>" words: decode/encode round-trips exactly
-        all_special_ids = [0]
+        all_special_ids = (0,)
 
         def __len__(self):
             return 400
