@@ -88,6 +88,8 @@ def run_engine(engine: str, args: argparse.Namespace, levels: list[int], device:
     max_len = max(256, args.input_len + args.output_len + 64)
     if engine == "hf_baseline":
         extra = ["--max-model-len", str(max_len)]
+        if args.server_tokenizer:
+            extra += ["--tokenizer", args.server_tokenizer]
         if args.dtype != "auto":
             extra += ["--dtype", args.dtype]
         extra += shlex.split(args.baseline_args)
@@ -96,7 +98,9 @@ def run_engine(engine: str, args: argparse.Namespace, levels: list[int], device:
     else:
         model = f"dummy:{args.dummy_config}" if args.dummy_config else args.model
         extra = ["--max-model-len", str(max_len), "--max-num-seqs", str(max(max(levels), 1)), "--quiet"]
-        if args.dummy_config:
+        if args.server_tokenizer:
+            extra += ["--tokenizer", args.server_tokenizer]
+        elif args.dummy_config:
             from engine_core.loader.model_source import embedded_gguf_path
 
             extra += ["--tokenizer", embedded_gguf_path()]
@@ -217,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--range-ratio", type=float, default=0.0)
     ap.add_argument("--endpoint", default="/v1/completions", choices=["/v1/completions", "/v1/chat/completions"])
     ap.add_argument("--tokenizer", default=None, help="bench prompt tokenizer (default: random words)")
+    ap.add_argument("--server-tokenizer", default=None,
+                    help="tokenizer (GGUF or HF dir) both servers use with --dummy-config (default: embedded SmolLM2)")
     ap.add_argument("--prompts-per-level", type=int, default=1, help="requests per level = level x this (default 1)")
     ap.add_argument("--min-prompts", type=int, default=4)
     ap.add_argument("--max-prompts", type=int, default=None, help="cap per level (never below the level)")

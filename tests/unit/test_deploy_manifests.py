@@ -244,8 +244,8 @@ def _exported_metric_names() -> set[str]:
     names = set()
     for f in ("gateway/metrics.py", "services/metrics.py"):
         text = (ROOT / f).read_text()
-        names |= {"pagedserve:" + n for n in re.findall(r'PREFIX \+ "([a-z_]+)"', text)}
-        names |= {"pagedserve:" + n for n in re.findall(r'(?:gauge|counter)\("([a-z_]+)"', text)}
+        names |= {"pagedserve:" + n for n in re.findall(r'PREFIX \+ "([a-z0-9_]+)"', text)}
+        names |= {"pagedserve:" + n for n in re.findall(r'(?:gauge|counter)\("([a-z0-9_]+)"', text)}
     return names
 
 
@@ -308,8 +308,9 @@ def test_k8s_args_probes_and_ports_match_the_clis(rendered):
             assert metrics_port == METRICS_PORTS.get(component), (overlay, component)
             want = [ns.port] + ([metrics_port] if metrics_port is not None else [])
             assert list(ports.values()) == want, (overlay, component)
-            annotations = dep["spec"]["template"]["metadata"]["annotations"]
-            assert annotations["prometheus.io/port"] == str(metrics_port or ns.port)  # the gateway: /metrics on --port
+            annotations = dep["spec"]["template"]["metadata"].get("annotations", {})
+            if component in METRICS_PORTS or component == "gateway":  # the gateway: /metrics on --port
+                assert annotations["prometheus.io/port"] == str(metrics_port or ns.port), (overlay, component)
             if metrics_port is not None:
                 assert ports["metrics"] == metrics_port
             for probe_name in ("startupProbe", "readinessProbe", "livenessProbe"):
