@@ -4,7 +4,7 @@
 # servers use its tokenizer exported to an HF directory (.whl/tok/smollm2).
 set -u
 export PYTHONPATH=$PWD
-pip install --no-deps --no-index .whl/gpu/*.whl 2>&1 | grep -v -i warn | tail -3; python -c "import uvicorn, fastapi; print(\"deps ok\")"
+python -m pip install --no-deps --no-index .whl/gpu/*.whl 2>&1 | grep -v -i warn | tail -3; python -c "import uvicorn, fastapi; print(\"deps ok\")"
 timeout 540 python benchmarks/seed_demo.py --device cuda --dummy-config benchmarks/configs/smollm2-135m-instruct.json \
   --server-tokenizer .whl/tok/smollm2 --concurrency 1,4,16,64 --input-len 128 --output-len 32 --min-prompts 2 \
   --disable-tqdm 2>&1 | grep -v -i warn | tail -30
