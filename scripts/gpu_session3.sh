@@ -7,5 +7,5 @@ export PYTHONPATH=$PWD
 python -m pip install --no-deps --no-index .whl/gpu/*.whl 2>&1 | grep -v -i warn | tail -3; python -c "import uvicorn, fastapi; print(\"deps ok\")"
 timeout 540 python benchmarks/seed_demo.py --device cuda --dummy-config benchmarks/configs/smollm2-135m-instruct.json \
   --server-tokenizer .whl/tok/smollm2 --concurrency 1,4,16,64 --input-len 128 --output-len 32 --min-prompts 2 \
-  --disable-tqdm 2>&1 | grep -v -i warn | tail -30
+  --engines pagedserve,hf_baseline --disable-tqdm 2>&1 | grep -v -i warn | tail -30
 mkdir -p "$OUT/results" && cp benchmarks/results/seed_demo_* "$OUT/results/" 2>/dev/null
