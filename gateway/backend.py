@@ -26,13 +26,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.config import GatewayConfig
 from gateway.errors import APIError
+from services import tracing
 from services.gen.pagedserve.v1 import (
     scheduler_pb2,
     scheduler_pb2_grpc,
     tokenizer_pb2,
     tokenizer_pb2_grpc,
 )
-from services import tracing
 from services.grpc_server import channel_options
 
 logger = logging.getLogger(__name__)

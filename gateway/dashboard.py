@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import logging
 import time
@@ -151,10 +152,8 @@ class DashboardHub:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(BaseException):  # cancelled, or a failure already logged
                 await self._task
-            except BaseException:  # noqa: BLE001
-                pass
             self._task = None
 
     def _publish(self, data: bytes) -> None:
@@ -187,7 +186,7 @@ class DashboardHub:
                 raise
             except grpc.RpcError as e:
                 error = f"scheduler unavailable: {e.code().name}"
-            except Exception as e:  # noqa: BLE001 - keep retrying while someone watches
+            except Exception as e:
                 logger.exception("dashboard stream failed")
                 error = f"{type(e).__name__}: {e}"
             self._publish(json.dumps({"error": error, "t": time.time()}).encode())

@@ -22,7 +22,6 @@ from gateway.errors import (
 )
 from gateway.generation import PromptGeneration, start_all
 from gateway.protocol import PromptTokensDetails, SamplingFields, UsageInfo
-from services import tracing
 from gateway.streaming import (
     DONE,
     ClientDisconnected,
@@ -30,6 +29,7 @@ from gateway.streaming import (
     run_until_disconnect,
     sse_error,
 )
+from services import tracing
 
 logger = logging.getLogger(__name__)
 

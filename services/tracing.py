@@ -119,9 +119,13 @@ def _otlp_exporter():
     protocol = (os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
                 or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc").strip().lower()
     if protocol.startswith("http"):
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+            OTLPSpanExporter,
+        )
     else:
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+            OTLPSpanExporter,
+        )
     return OTLPSpanExporter()
 
 
@@ -190,7 +194,7 @@ def shutdown_tracing() -> None:
     if callable(shutdown):
         try:
             shutdown()
-        except Exception:  # noqa: BLE001
+        except Exception:
             logger.debug("tracer provider shutdown failed", exc_info=True)
 
 
@@ -264,7 +268,7 @@ def record_span(name: str, parent: otel_context.Context | None, start_ns: int, e
 
 
 # ---------------------------------------------------------------------------- server spans
-class server_span:  # noqa: N801 - used like a function: `with server_span(context, "Encode"):`
+class server_span:
     """A SERVER span for one RPC, child of the caller's context from the invocation metadata, with
     REQUEST_ID set for the RPC's log lines. A no-op (but the request id) when tracing is off.
     Works for async handlers (`async with` or `with`) and async generators (no attach/detach across
@@ -308,7 +312,7 @@ class server_span:  # noqa: N801 - used like a function: `with server_span(conte
                 pass
             self._rid_token = None
 
-    def __enter__(self) -> server_span:
+    def __enter__(self):
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

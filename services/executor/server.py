@@ -136,7 +136,7 @@ class StepTracer:
 
     def _after(self, so, out, seconds: float, end_ns: int) -> None:
         sampled = dict(zip(out.req_ids, out.sampled_token_ids))
-        for rid, n in so.num_scheduled_tokens.items():
+        for rid in so.num_scheduled_tokens:
             t = self._reqs.get(rid)
             if t is None:
                 continue

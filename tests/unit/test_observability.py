@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(code: str, env: dict | None = None) -> str:
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True, text=True,
-                         timeout=120, env={**os.environ, **(env or {})})
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], check=False, cwd=ROOT, capture_output=True,
+                         text=True, timeout=120, env={**os.environ, **(env or {})})
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
 
