@@ -52,16 +52,20 @@ class TelemetryMiddleware:
         start = time.perf_counter()
         start_token = REQUEST_START.set(start)
         status = 500  # the app raised before answering: Starlette's error middleware sends 500
+        counted = False
         metrics = GatewayMetrics.get()
         in_flight = metrics.http_in_flight.labels(endpoint)
         in_flight.inc()
         rid_header = (b"x-request-id", rid.encode())
 
         async def send_with_id(message) -> None:
-            nonlocal status
+            nonlocal status, counted
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message = {**message, "headers": [*message.get("headers", ()), rid_header]}
+                # counted when the answer starts (a client that has its response sees it counted)
+                metrics.http_requests.labels(endpoint, method, str(status)).inc()
+                counted = True
             await send(message)
 
         try:
@@ -82,7 +86,8 @@ class TelemetryMiddleware:
                 await self.app(scope, receive, send_with_id)
         finally:
             in_flight.dec()
-            metrics.http_requests.labels(endpoint, method, str(status)).inc()
+            if not counted:
+                metrics.http_requests.labels(endpoint, method, str(status)).inc()
             metrics.http_duration.labels(endpoint).observe(time.perf_counter() - start)
             REQUEST_START.reset(start_token)
             tracing.REQUEST_ID.reset(rid_token)

@@ -26,15 +26,16 @@
     return (frac * 100).toFixed(digits === undefined ? 1 : digits) + "%";
   }
 
-  // A stable colour per request id (golden-angle hue from a string hash).
+  // A stable colour per request: hues a golden angle apart in order of first sight, so requests
+  // seen together get well separated colours; lightness alternates to separate them further.
   const colourCache = new Map();
+  let colourCount = 0;
   function colourFor(id) {
     let c = colourCache.get(id);
     if (c) return c;
-    let h = 2166136261;
-    for (let i = 0; i < id.length; i++) { h ^= id.charCodeAt(i); h = Math.imul(h, 16777619); }
-    const hue = ((h >>> 0) % 360 + (colourCache.size * 137.508)) % 360;
-    c = "hsl(" + hue.toFixed(0) + ", 70%, 58%)";
+    const n = colourCount++;
+    const hue = (n * 137.508 + 200) % 360;
+    c = "hsl(" + hue.toFixed(0) + ", 72%, " + (n % 2 ? 62 : 52) + "%)";
     if (colourCache.size > 5000) colourCache.clear();
     colourCache.set(id, c);
     return c;
@@ -98,8 +99,8 @@
     const total = snap.num_kv_blocks || 0;
     // Cells sized so every usable block (ids 1..total) fits the canvas width at a readable height.
     const width = canvas.clientWidth || canvas.width;
-    let cell = Math.floor(Math.sqrt((width * 300) / Math.max(1, total)));
-    cell = Math.max(2, Math.min(22, cell));
+    let cell = Math.floor(Math.sqrt((width * 280) / Math.max(1, total)));
+    cell = Math.max(2, Math.min(34, cell));
     const cols = Math.max(1, Math.floor(width / cell));
     const rows = Math.ceil(total / cols);
     const height = Math.max(40, rows * cell);

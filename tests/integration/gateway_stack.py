@@ -125,6 +125,7 @@ class Proc:
         self.name = name
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                     **(env or {})}
+        full_env = {k: v for k, v in full_env.items() if v is not None}  # env={"X": None} removes X
         self.p = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True, env=full_env)
         self.lines: list[str] = []

@@ -40,8 +40,9 @@ class ObservedStack:
     def __init__(self, trace_dir: Path) -> None:
         self.trace_dir = trace_dir
         env = {"PAGEDSERVE_TRACE_TEST_DIR": str(trace_dir)}
-        for k in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_TRACES_EXPORTER", "OTEL_SDK_DISABLED", "PROMETHEUS_MULTIPROC_DIR"):
-            env[k] = ""  # only the test exporter, whatever the machine has set
+        for k in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_TRACES_EXPORTER",
+                  "OTEL_SDK_DISABLED", "PROMETHEUS_MULTIPROC_DIR"):
+            env[k] = None  # removed: only the test exporter, whatever the machine has set
         self.procs: list[Proc] = []
         try:
             self.executor = self._start(["-m", "services.executor", "--port", "0", "--device", "cpu",
@@ -162,8 +163,11 @@ def test_metrics_counters_equal_the_load(stack):
     assert bad.headers["x-request-id"]
     assert samples == 7 and prompt_tokens > 0 and completion_tokens > 0
 
-    after = scrape(gw)
     H = "pagedserve:http_requests_total"
+    # the last generation's metrics are recorded as its response ends: let the scrape catch up
+    assert wait_until(lambda: delta(scrape(gw), before, "pagedserve:e2e_request_latency_seconds_count")
+                      >= len(completions) + len(chats), 10, 0.1)
+    after = scrape(gw)
     assert delta(after, before, H, endpoint="/v1/completions", status="200") == len(completions)
     assert delta(after, before, H, endpoint="/v1/chat/completions", status="200") == len(chats)
     assert delta(after, before, H, endpoint="/v1/completions", status="400") == 1
@@ -182,10 +186,11 @@ def test_metrics_counters_equal_the_load(stack):
     assert 0 < delta(after, before, "pagedserve:inter_token_latency_seconds_count") <= completion_tokens
     assert all(lab["model_name"] == stack.model for lab, _ in after["pagedserve:prompt_tokens_total"])
 
-    # scheduler: the engine's view of the same load (it may also count the aborted 400? no: refused before)
-    sched = scrape(f"http://{stack.scheduler.metrics_address}/metrics")
-    assert wait_until(lambda: total(scrape(f"http://{stack.scheduler.metrics_address}/metrics"),
-                                    "pagedserve:num_requests_running") == 0, 5)
+    # scheduler: the engine's view of the same load (the 400 never reached it)
+    sched_url = f"http://{stack.scheduler.metrics_address}/metrics"
+    assert wait_until(lambda: delta(scrape(sched_url), sched_before, "pagedserve:scheduler_requests_finished_total")
+                      >= samples and total(scrape(sched_url), "pagedserve:num_requests_running") == 0, 10, 0.1)
+    sched = scrape(sched_url)
     assert delta(sched, sched_before, "pagedserve:scheduler_requests_finished_total") == samples
     assert delta(sched, sched_before, "pagedserve:prefix_cache_queries_total") >= prompt_tokens
     for name in ("pagedserve:num_requests_waiting", "pagedserve:kv_cache_usage_perc", "pagedserve:num_kv_blocks",

@@ -23,9 +23,16 @@ from services.gen.pagedserve.v1 import scheduler_pb2
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _run(code: str, env: dict | None = None) -> str:
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], check=False, cwd=ROOT, capture_output=True,
-                         text=True, timeout=120, env={**os.environ, **(env or {})})
+def _env(extra: dict | None) -> dict:
+    """os.environ + extra; None values remove the variable (an empty PROMETHEUS_MULTIPROC_DIR is not
+    "unset" for prometheus_client: it writes its files into the working directory)."""
+    env = {**os.environ, **(extra or {})}
+    return {k: v for k, v in env.items() if v is not None}
+
+
+def _run(code: str, env: dict | None = None, cwd: Path = ROOT) -> str:
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], check=False, cwd=cwd, capture_output=True,
+                         text=True, timeout=120, env=_env(env))
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
 
@@ -124,7 +131,7 @@ def test_multiprocess_metrics_merge_workers(tmp_path):
     """
     for n in (5, 7):
         subprocess.run([sys.executable, "-c", textwrap.dedent(work), str(n)], cwd=ROOT, check=True, timeout=60,
-                       env={**os.environ, **env})
+                       env=_env(env))
     out = _run("""
         from gateway.metrics import render
         body, ctype = render()
@@ -162,8 +169,8 @@ def test_tracing_propagation_and_test_exporter(tmp_path):
         ctx = tracing.context_from_carrier(carrier)
         tracing.record_span("from-carrier", ctx, 1, 2)
         print(format(root.get_span_context().trace_id, "032x"))
-    """, {"PAGEDSERVE_TRACE_TEST_DIR": str(tmp_path), "OTEL_EXPORTER_OTLP_ENDPOINT": "", "OTEL_TRACES_EXPORTER": "",
-          "OTEL_SDK_DISABLED": ""})
+    """, {"PAGEDSERVE_TRACE_TEST_DIR": str(tmp_path), "OTEL_EXPORTER_OTLP_ENDPOINT": None, "OTEL_TRACES_EXPORTER": None,
+          "OTEL_SDK_DISABLED": None})
     trace_id = out.split()[-1]
     (f,) = tmp_path.glob("unit-*.jsonl")
     spans = {s["name"]: s for s in map(json.loads, f.read_text().splitlines())}
@@ -180,8 +187,8 @@ def test_tracing_is_off_by_default():
     out = _run("""
         from services import tracing
         print(tracing.setup_tracing("unit"), tracing.grpc_metadata(request_id=""), tracing.carrier())
-    """, {"PAGEDSERVE_TRACE_TEST_DIR": "", "OTEL_EXPORTER_OTLP_ENDPOINT": "", "OTEL_TRACES_EXPORTER": "",
-          "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": ""})
+    """, {"PAGEDSERVE_TRACE_TEST_DIR": None, "OTEL_EXPORTER_OTLP_ENDPOINT": None, "OTEL_TRACES_EXPORTER": None,
+          "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": None})
     assert out.split() == ["False", "None", "{}"]
 
 
