@@ -16,13 +16,14 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine_core.llm import LLM  # noqa: E402
-from engine_core.sampling_params import SamplingParams  # noqa: E402
+from engine_core.llm import LLM
+from engine_core.sampling_params import SamplingParams
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -60,7 +61,7 @@ def run_pagedserve(cfg: str, batches: list[int], ps, output_len: int, enforce_ea
 def run_hf(cfg: str, batches: list[int], ps, output_len: int) -> list[dict]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    conf = AutoConfig.for_model(**{k: v for k, v in json.load(open(cfg)).items() if k != "transformers_version"})
+    conf = AutoConfig.for_model(**{k: v for k, v in json.loads(Path(cfg).read_text()).items() if k != "transformers_version"})
     with torch.device("cuda"):  # random init on the GPU: an 8B init on the CPU takes minutes
         model = AutoModelForCausalLM.from_config(conf, dtype=torch.bfloat16).eval()
     out = []
@@ -96,7 +97,7 @@ def main() -> None:
                     help="leaves room for the HF peer in the same process")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
-    vocab = json.load(open(args.config))["vocab_size"]
+    vocab = json.loads(Path(args.config).read_text())["vocab_size"]
     ps = prompts(max(batches), args.input_len, vocab)
 
     results = run_pagedserve(args.config, batches, ps, args.output_len, False, args.gpu_memory_utilization)
@@ -109,9 +110,9 @@ def main() -> None:
     hf = {r["batch"]: r for r in results if r["engine"] == "hf_transformers_generate"}
     ratios = {f"bs{b}": ours[b]["output_tok_s"] / hf[b]["output_tok_s"] for b in batches}
     print(f"\n{name}: {args.input_len} in / {args.output_len} out, bf16, {torch.cuda.get_device_name()}")
-    print("%-28s %6s %12s" % ("engine", "batch", "out tok/s"))
+    print(f"{'engine':<28} {'batch':>6} {'out tok/s':>12}")
     for r in results:
-        print("%-28s %6d %12.1f" % (r["engine"], r["batch"], r["output_tok_s"]))
+        print(f"{r['engine']:<28} {r['batch']:>6d} {r['output_tok_s']:>12.1f}")
     for k, v in ratios.items():
         print(f"pagedserve / HF transformers at {k}: {v:.2f}x")
 

@@ -20,9 +20,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine_core.llm import LLM  # noqa: E402
-from engine_core.loader.model_source import resolve_model  # noqa: E402
-from engine_core.sampling_params import SamplingParams  # noqa: E402
+from engine_core.llm import LLM
+from engine_core.loader.model_source import resolve_model
+from engine_core.sampling_params import SamplingParams
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -128,10 +128,10 @@ def main() -> None:
     ours = next(r for r in results if r["engine"] == "pagedserve" and r["concurrency"] == args.num_requests)
     ratios = {r["engine"]: ours["output_tok_s"] / r["output_tok_s"]
               for r in results if r["engine"] != "pagedserve" and "output_tok_s" in r}
-    print("\n%-34s %12s %10s" % ("engine", "concurrency", "out tok/s"))
+    print(f"\n{'engine':<34} {'concurrency':>12} {'out tok/s':>10}")
     for r in results:
         if "output_tok_s" in r:
-            print("%-34s %12d %10.1f" % (r["engine"], r["concurrency"], r["output_tok_s"]))
+            print(f"{r['engine']:<34} {r['concurrency']:>12d} {r['output_tok_s']:>10.1f}")
     for k, v in ratios.items():
         print(f"pagedserve (concurrency {args.num_requests}) / {k}: {v:.2f}x")
 

@@ -23,13 +23,14 @@ import os
 import random
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine_core.llm import LLM  # noqa: E402
-from engine_core.sampling_params import SamplingParams  # noqa: E402
+from engine_core.llm import LLM
+from engine_core.sampling_params import SamplingParams
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIGS = os.path.join(HERE, "configs")
@@ -43,7 +44,7 @@ def cfg_path(name: str) -> str:
 def hf_model(cfg: str):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    conf = AutoConfig.for_model(**{k: v for k, v in json.load(open(cfg)).items() if k != "transformers_version"})
+    conf = AutoConfig.for_model(**{k: v for k, v in json.loads(Path(cfg).read_text()).items() if k != "transformers_version"})
     with torch.device("cuda"):  # random init straight on the GPU
         return AutoModelForCausalLM.from_config(conf, dtype=torch.bfloat16).eval()
 
@@ -69,7 +70,7 @@ def copy_bandwidth() -> float:
         y.copy_(x)
     _, t = timed(lambda: [y.copy_(x) for _ in range(10)])
     bw = 2 * x.numel() * x.element_size() * 10 / t
-    del x, y
+    x = y = None  # release before the benchmarks
     free()
     return bw
 
@@ -77,7 +78,7 @@ def copy_bandwidth() -> float:
 # ---------------------------------------------------------------------------------- part 1
 def part1(name: str, n: int, seed: int = 0) -> list[dict]:
     cfg = cfg_path(name)
-    vocab = json.load(open(cfg))["vocab_size"]
+    vocab = json.loads(Path(cfg).read_text())["vocab_size"]
     rng = random.Random(seed)
     prompts = [[rng.randrange(100, vocab) for _ in range(rng.randint(100, 1024))] for _ in range(n)]
     out_lens = [rng.randint(100, 1024) for _ in range(n)]
@@ -90,12 +91,12 @@ def part1(name: str, n: int, seed: int = 0) -> list[dict]:
     ours = {"part": 1, "config": name, "engine": "pagedserve", "requests": n, "output_tokens": toks,
             "elapsed_s": el, "output_tok_s": toks / el}
     print(ours, flush=True)
-    del llm, res
+    llm = res = None
     free()
 
     try:
         return [ours, _part1_hf(cfg, name, prompts, out_lens)]
-    except Exception as e:  # the peer failing must not lose our numbers
+    except Exception as e:  # noqa: BLE001 - the peer failing must not lose our numbers
         print(f"HF generate_batch failed: {e!r}", flush=True)
         return [ours, {"part": 1, "config": name, "engine": "hf_generate_batch", "error": repr(e)}]
 
@@ -115,7 +116,7 @@ def _part1_hf(cfg: str, name: str, prompts: list[list[int]], out_lens: list[int]
     hf = {"part": 1, "config": name, "engine": "hf_generate_batch", "requests": n, "output_tokens": toks,
           "elapsed_s": el, "output_tok_s": toks / el, "note": f"every request at the mean output length {mean_out}"}
     print(hf, flush=True)
-    del model
+    model = None
     free()
     return hf
 
@@ -123,7 +124,7 @@ def _part1_hf(cfg: str, name: str, prompts: list[list[int]], out_lens: list[int]
 # ---------------------------------------------------------------------------------- parts 2, 3
 def llama_parts(parts: set[int], profile: bool) -> list[dict]:
     cfg = cfg_path("llama-3.1-8b-instruct")
-    vocab = json.load(open(cfg))["vocab_size"]
+    vocab = json.loads(Path(cfg).read_text())["vocab_size"]
     g = torch.Generator().manual_seed(0)
     out: list[dict] = []
     bw = copy_bandwidth()
@@ -155,7 +156,7 @@ def llama_parts(parts: set[int], profile: bool) -> list[dict]:
         print(out[-1], flush=True)
     if profile:
         out.append({"part": 2, "profile": profile_decode(llm, vocab)})
-    del llm, model
+    llm = model = None
     free()
 
     hf = hf_model(cfg)
@@ -163,11 +164,11 @@ def llama_parts(parts: set[int], profile: bool) -> list[dict]:
         if part not in parts:
             continue
         ids = torch.randint(100, vocab, (bs, 128), generator=g).cuda()
-        kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0)
+        kw = {"attention_mask": torch.ones_like(ids), "do_sample": False, "pad_token_id": 0}
         with torch.inference_mode():
             hf.generate(ids, max_new_tokens=4, **kw)
-            _, el = timed(lambda: hf.generate(ids, max_new_tokens=256, min_new_tokens=256, **kw))
-            _, t1 = timed(lambda: hf.generate(ids, max_new_tokens=1, **kw))
+            _, el = timed(lambda ids=ids, kw=kw: hf.generate(ids, max_new_tokens=256, min_new_tokens=256, **kw))
+            _, t1 = timed(lambda ids=ids, kw=kw: hf.generate(ids, max_new_tokens=1, **kw))
         row = {"part": part, "config": "llama-3.1-8b-instruct", "engine": "hf_generate", "batch": bs,
                "output_tok_s": 256 * bs / el}
         if bs == 1:
@@ -175,7 +176,7 @@ def llama_parts(parts: set[int], profile: bool) -> list[dict]:
                        pct_of_roofline=100 * (255 / (el - t1)) / roofline)
         out.append(row)
         print(row, flush=True)
-    del hf
+    hf = None
     free()
     return out
 
@@ -239,11 +240,11 @@ def main() -> None:
     if parts & {2, 3}:
         rows += llama_parts(parts, args.profile)
 
-    print("\n%-6s %-24s %-20s %12s" % ("part", "config", "engine", "out tok/s"))
+    print(f"\n{'part':<6} {'config':<24} {'engine':<20} {'out tok/s':>12}")
     ratios = {}
     for r in rows:
         if "output_tok_s" in r:
-            print("%-6d %-24s %-20s %12.1f" % (r["part"], r["config"], r["engine"], r["output_tok_s"]))
+            print(f"{r['part']:<6d} {r['config']:<24} {r['engine']:<20} {r['output_tok_s']:>12.1f}")
     for part in sorted(parts):
         for cfg in sorted({r["config"] for r in rows if r.get("part") == part and "config" in r}):
             ours = [r for r in rows if r.get("part") == part and r.get("config") == cfg and r["engine"] == "pagedserve"]

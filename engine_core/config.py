@@ -94,7 +94,7 @@ class EngineConfig:
         return parser
 
     @classmethod
-    def from_cli_args(cls, args: argparse.Namespace, model: str | None = None) -> "EngineConfig":
+    def from_cli_args(cls, args: argparse.Namespace, model: str | None = None) -> EngineConfig:
         kwargs = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
         if model is not None:
             kwargs["model"] = model

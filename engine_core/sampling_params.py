@@ -92,7 +92,7 @@ class SamplingParams:
                 if t >= vocab_size:
                     raise ValueError(f"{name} contains token id {t}, outside the vocabulary (size {vocab_size})")
 
-    def for_child(self, index: int) -> "SamplingParams":
+    def for_child(self, index: int) -> SamplingParams:
         """The params of the index-th of n parallel samples: n=1, and a distinct seed when seeded,
         so the n outputs differ yet the whole request stays reproducible."""
         seed = None if self.seed is None else self.seed + index

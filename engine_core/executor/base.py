@@ -42,5 +42,5 @@ class Executor(ABC):
     def reset(self) -> None:
         """Forget every request (after a restart, the scheduler replays them as new)."""
 
-    def shutdown(self) -> None:  # noqa: B027 - optional hook
+    def shutdown(self) -> None:
         pass

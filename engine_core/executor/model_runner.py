@@ -19,7 +19,11 @@ from engine_core.layers.attention_metadata import AttentionMetadata
 from engine_core.layers.sampler import Sampler, SamplerOutput, make_generator
 from engine_core.model_config import ModelConfig
 from engine_core.sampling_metadata import SamplingMetadata
-from engine_core.scheduler_output import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
+from engine_core.scheduler_output import (
+    ModelRunnerOutput,
+    SchedulerOutput,
+    TokenLogprobs,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
-import pytest
 import torch
 
 from engine_core.llm import LLM
@@ -18,7 +18,7 @@ SMOL = os.path.join(CONFIGS, "smollm2-135m-instruct.json")
 def hf_model_from_config(path: str, dtype: torch.dtype):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = AutoConfig.for_model(**{k: v for k, v in json.load(open(path)).items() if k != "transformers_version"})
+    cfg = AutoConfig.for_model(**{k: v for k, v in json.loads(Path(path).read_text()).items() if k != "transformers_version"})
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()

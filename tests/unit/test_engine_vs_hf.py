@@ -19,8 +19,8 @@ PROMPTS = [
     "Once upon a time, in a land far away, there lived a dragon who",
     "1, 2, 3, 4,",
     "Translate to French: I like cheese.",
-    "A paged KV cache stores keys and values in fixed-size blocks so that memory fragmentation "
-    "stays low and many sequences share the GPU. Explain why this matters for serving:",
+    ("A paged KV cache stores keys and values in fixed-size blocks so that memory fragmentation "
+     "stays low and many sequences share the GPU. Explain why this matters for serving:"),
     "Q: What is 7 times 8?\nA:",
     "The three primary colors are",
     "In Python, a list comprehension",

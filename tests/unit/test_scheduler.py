@@ -8,8 +8,8 @@ from engine_core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 
 
 def make_sched(**kw) -> Scheduler:
-    args = dict(num_blocks=64, block_size=4, max_model_len=64, max_num_seqs=8, max_num_batched_tokens=16,
-                enable_chunked_prefill=True, enable_prefix_caching=False)
+    args = {"num_blocks": 64, "block_size": 4, "max_model_len": 64, "max_num_seqs": 8,
+            "max_num_batched_tokens": 16, "enable_chunked_prefill": True, "enable_prefix_caching": False}
     args.update(kw)
     return Scheduler(**args)
 
