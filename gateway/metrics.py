@@ -17,12 +17,10 @@ created several times in one process (tests) share them.
 """
 from __future__ import annotations
 
-import os as _os
+# Must run before prometheus_client loads (it reads the env var at import).
+import services.prometheus_env  # noqa: F401
 
-# prometheus_client takes a *set but empty* PROMETHEUS_MULTIPROC_DIR for multiprocess mode and writes
-# its *.db files into the working directory; empty means unset here (before prometheus_client loads).
-if _os.environ.get("PROMETHEUS_MULTIPROC_DIR") == "":
-    del _os.environ["PROMETHEUS_MULTIPROC_DIR"]
+# isort: split
 
 import collections
 import math

@@ -10,6 +10,15 @@ from gateway.errors import APIError, body_too_large, unauthorized
 _BODY_METHODS = (b"POST", b"PUT", b"PATCH")
 
 
+def route_path(scope) -> str:
+    """The request path without the ASGI root_path prefix (--root-path deployments)."""
+    path = scope.get("path", "")
+    root = scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root):]
+    return path
+
+
 class GatewayMiddleware:
     def __init__(self, app, api_key: str | None = None, max_body_bytes: int | None = None) -> None:
         self.app = app
@@ -20,10 +29,7 @@ class GatewayMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path = scope.get("path", "")
-        root = scope.get("root_path", "")
-        if root and path.startswith(root):
-            path = path[len(root):]
+        path = route_path(scope)
         headers = dict(scope.get("headers") or ())
         if self.api_key is not None and path.startswith("/v1/") and scope.get("method") != "OPTIONS":
             auth = headers.get(b"authorization", b"")

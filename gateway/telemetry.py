@@ -19,6 +19,7 @@ import uuid
 from opentelemetry import propagate, trace
 
 from gateway.metrics import GatewayMetrics, endpoint_label
+from gateway.middleware import route_path
 from services import tracing
 
 # perf_counter() at the HTTP request's arrival (TTFT and e2e are measured from it).
@@ -41,10 +42,7 @@ class TelemetryMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path = scope.get("path", "")
-        root = scope.get("root_path", "")
-        if root and path.startswith(root):
-            path = path[len(root):]
+        path = route_path(scope)
         endpoint = endpoint_label(path)
         method = scope.get("method", "GET")
         rid = uuid.uuid4().hex
