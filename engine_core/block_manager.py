@@ -127,11 +127,13 @@ class BlockManager:
             parent = hashes[-1] if hashes else None
             hashes.append(hash_block_tokens(parent, _token_slice(request, i * bs, (i + 1) * bs)))
 
-    def get_computed_blocks(self, request: Request) -> tuple[list[int], int]:
+    def get_computed_blocks(self, request: Request, record_stats: bool = True) -> tuple[list[int], int]:
         """Longest cached prefix of the request's full blocks: (block_ids, num_computed_tokens).
 
         Takes no references: the caller must pass the ids to allocate_slots for this request
-        before allocating for anyone else (an allocation may evict them)."""
+        before allocating for anyone else (an allocation may evict them). A scheduler that may
+        retry the same request next step passes record_stats=False and calls
+        record_prefix_cache_lookup once the request is admitted, so the hit rate counts it once."""
         if not self.enable_prefix_caching:
             return [], 0
         num_tokens = request.num_tokens
@@ -146,9 +148,14 @@ class BlockManager:
                 break  # chained hashes: a miss means no later block can match either
             hit_ids.append(block.block_id)
         num_hit_tokens = len(hit_ids) * self.block_size
-        self.prefix_cache_queries += num_tokens
-        self.prefix_cache_hits += num_hit_tokens
+        if record_stats:
+            self.record_prefix_cache_lookup(num_tokens, num_hit_tokens)
         return hit_ids, num_hit_tokens
+
+    def record_prefix_cache_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
+        if self.enable_prefix_caching:
+            self.prefix_cache_queries += num_tokens
+            self.prefix_cache_hits += num_hit_tokens
 
     def cache_full_blocks(
         self, request: Request, blocks: list[KVCacheBlock], num_computed: int

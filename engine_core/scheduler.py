@@ -183,7 +183,8 @@ class Scheduler:
         # work in a step that had to preempt would only thrash, so skip it then.
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted_any:
             req = self.waiting[0]
-            computed_ids, num_computed = self.block_manager.get_computed_blocks(req)
+            # Stats are recorded on admission only: a request that does not fit is looked up again.
+            computed_ids, num_computed = self.block_manager.get_computed_blocks(req, record_stats=False)
             num_new = req.num_tokens - num_computed
             if num_new > budget:
                 if not self.enable_chunked_prefill:
@@ -192,6 +193,7 @@ class Scheduler:
             new_blocks = self.block_manager.allocate_slots(req, num_new, computed_ids)
             if new_blocks is None:
                 break
+            self.block_manager.record_prefix_cache_lookup(req.num_tokens, num_computed)
             self.waiting.popleft()
             self.running.append(req)
             req.status = RequestStatus.RUNNING
