@@ -33,15 +33,15 @@ def make_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[in
     return torch.randint(100, vocab, (n, length), generator=g).tolist()
 
 
-def bench_pagedserve(prompts, output_len: int, concurrency: int) -> dict:
-    llm = LLM(max_model_len=1024, max_num_seqs=concurrency, kv_cache_memory_gb=1.0)
+def bench_pagedserve(prompts, output_len: int, concurrency: int, dtype: str) -> dict:
+    llm = LLM(max_model_len=1024, max_num_seqs=concurrency, kv_cache_memory_gb=1.0, dtype=dtype)
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
     llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)  # warm-up
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - t0
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
-    return {"engine": "pagedserve", "concurrency": concurrency, "requests": len(prompts),
+    return {"engine": "pagedserve", "dtype": dtype, "concurrency": concurrency, "requests": len(prompts),
             "output_tokens": n_out, "elapsed_s": elapsed, "output_tok_s": n_out / elapsed}
 
 
@@ -93,7 +93,7 @@ def plot(results: list[dict], path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     ok = [r for r in results if "output_tok_s" in r]
-    labels = [f"{r['engine']}\n(concurrency {r['concurrency']})" for r in ok]
+    labels = [f"{r['engine']} {r.get('dtype', '')}\n(concurrency {r['concurrency']})" for r in ok]
     fig, ax = plt.subplots(figsize=(9, 4.5))
     ax.bar(labels, [r["output_tok_s"] for r in ok], color=["#3b7dd8" if r["engine"] == "pagedserve" else "#999" for r in ok])
     ax.set_ylabel("output tokens / s")
@@ -110,30 +110,33 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--llama-cpp-requests", type=int, default=4, help="single-stream requests timed for llama.cpp")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--dtypes", default="float32,bfloat16",
+                    help="pagedserve weight/activation dtypes to run (float32 is the CPU default; bfloat16 "
+                         "halves the weight bytes each decode step reads)")
     args = ap.parse_args()
 
     source = resolve_model(None)
     prompts = make_prompts(args.num_requests, args.input_len, source.config.vocab_size)
     results = []
-    for conc in sorted({16, args.num_requests}):
-        results.append(bench_pagedserve(prompts[:max(conc, 1)] if conc < args.num_requests else prompts,
-                                        args.output_len, conc))
-        print(results[-1], flush=True)
+    for dtype in args.dtypes.split(","):
+        for conc in sorted({16, args.num_requests}):
+            results.append(bench_pagedserve(prompts[:conc], args.output_len, conc, dtype))
+            print(results[-1], flush=True)
     if not args.skip_hf:
         results.append(bench_hf(prompts, args.output_len, source.path))
         print(results[-1], flush=True)
     results.append(bench_llama_cpp(prompts, args.output_len, source.path, args.llama_cpp_requests))
     print(results[-1], flush=True)
 
-    ours = next(r for r in results if r["engine"] == "pagedserve" and r["concurrency"] == args.num_requests)
-    ratios = {r["engine"]: ours["output_tok_s"] / r["output_tok_s"]
-              for r in results if r["engine"] != "pagedserve" and "output_tok_s" in r}
-    print(f"\n{'engine':<34} {'concurrency':>12} {'out tok/s':>10}")
+    peers = [r for r in results if r["engine"] != "pagedserve" and "output_tok_s" in r]
+    ratios = {f"pagedserve {r['dtype']} (concurrency {r['concurrency']}) / {p['engine']}":
+              r["output_tok_s"] / p["output_tok_s"] for r in results if r["engine"] == "pagedserve" for p in peers}
+    print(f"\n{'engine':<34} {'dtype':>9} {'concurrency':>12} {'out tok/s':>10}")
     for r in results:
         if "output_tok_s" in r:
-            print(f"{r['engine']:<34} {r['concurrency']:>12d} {r['output_tok_s']:>10.1f}")
+            print(f"{r['engine']:<34} {r.get('dtype', ''):>9} {r['concurrency']:>12d} {r['output_tok_s']:>10.1f}")
     for k, v in ratios.items():
-        print(f"pagedserve (concurrency {args.num_requests}) / {k}: {v:.2f}x")
+        print(f"{k}: {v:.2f}x")
 
     date = dt.date.today().isoformat()
     meta = {"date": date, "device": f"cpu ({platform.processor() or platform.machine()}, "
