@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.hf_peer import hf_model_from_config
 from engine_core.llm import LLM
 from engine_core.sampling_params import SamplingParams
 
@@ -59,11 +60,7 @@ def run_pagedserve(cfg: str, batches: list[int], ps, output_len: int, enforce_ea
 
 
 def run_hf(cfg: str, batches: list[int], ps, output_len: int) -> list[dict]:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    conf = AutoConfig.for_model(**{k: v for k, v in json.loads(Path(cfg).read_text()).items() if k != "transformers_version"})
-    with torch.device("cuda"):  # random init on the GPU: an 8B init on the CPU takes minutes
-        model = AutoModelForCausalLM.from_config(conf, dtype=torch.bfloat16).eval()
+    model = hf_model_from_config(cfg)
     out = []
     with torch.inference_mode():
         ids = torch.tensor(ps[:2], device="cuda")

@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.hf_peer import hf_model_from_config
 from engine_core.llm import LLM
 from engine_core.sampling_params import SamplingParams
 
@@ -39,14 +40,6 @@ RESULTS = os.path.join(HERE, "results")
 
 def cfg_path(name: str) -> str:
     return os.path.join(CONFIGS, name + ".json")
-
-
-def hf_model(cfg: str):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    conf = AutoConfig.for_model(**{k: v for k, v in json.loads(Path(cfg).read_text()).items() if k != "transformers_version"})
-    with torch.device("cuda"):  # random init straight on the GPU
-        return AutoModelForCausalLM.from_config(conf, dtype=torch.bfloat16).eval()
 
 
 def free() -> None:
@@ -105,7 +98,7 @@ def _part1_hf(cfg: str, name: str, prompts: list[list[int]], out_lens: list[int]
     from transformers import GenerationConfig
 
     n = len(prompts)
-    model = hf_model(cfg)
+    model = hf_model_from_config(cfg)
     mean_out = round(sum(out_lens) / n)
     gc_ = GenerationConfig(max_new_tokens=mean_out, min_new_tokens=mean_out, do_sample=False,
                            eos_token_id=None, pad_token_id=0)
@@ -159,7 +152,7 @@ def llama_parts(parts: set[int], profile: bool) -> list[dict]:
     llm = model = None
     free()
 
-    hf = hf_model(cfg)
+    hf = hf_model_from_config(cfg)
     for part, bs in ((2, 1), (3, 64)):
         if part not in parts:
             continue

@@ -40,10 +40,10 @@ class EngineCore:
         self.config = config
         self.executor = executor
         self.info: ExecutorInfo = executor.describe()
+        # The executor's geometry is authoritative (a remote executor may have resolved it).
         config.max_model_len = self.info.max_model_len
+        config.block_size = self.info.block_size
         config.resolve_limits(self.info.max_model_len)
-        if config.block_size != self.info.block_size:
-            config.block_size = self.info.block_size
         self.scheduler = Scheduler(
             num_blocks=self.info.num_kv_blocks,
             block_size=self.info.block_size,

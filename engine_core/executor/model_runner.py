@@ -137,9 +137,8 @@ class ModelRunner:
 
         dev = self.device
         max_blocks = max(len(t) for t in tables)
-        table_tensor = torch.zeros(len(tables), max_blocks, dtype=torch.int32)
-        for i, t in enumerate(tables):
-            table_tensor[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        # Padded with the null block 0; one tensor built per step, not one per request.
+        table_tensor = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.int32)
         qsl = [0]
         for q in query_lens:
             qsl.append(qsl[-1] + q)
@@ -200,18 +199,11 @@ class ModelRunner:
 
     def _to_host(self, states: list[CachedRequestState], result: SamplerOutput):
         # One device->host copy per tensor per step, not one per request.
-        tokens = result.sampled_token_ids.tolist()
-        lp = result.logprobs.tolist() if result.logprobs is not None else None
-        lp_ids = result.logprob_token_ids.tolist() if result.logprob_token_ids is not None else None
-        ranks = result.ranks.tolist() if result.ranks is not None else None
+        host = result.cpu()
+        tokens = host.sampled_token_ids.tolist()
+        logprobs = host.to_token_logprobs([st.sampling_params.logprobs for st in states])
         out = {}
-        for i, st in enumerate(states):
-            tok = tokens[i]
-            lps = None
-            k = st.sampling_params.logprobs
-            if k is not None and lp is not None:
-                lps = [TokenLogprobs(token_id=tok, logprob=lp[i][0], rank=ranks[i],
-                                     top_token_ids=lp_ids[i][1:k + 1], top_logprobs=lp[i][1:k + 1])]
+        for st, tok, lps in zip(states, tokens, logprobs):
             st.append_output(tok)
-            out[st.req_id] = ([tok], lps)
+            out[st.req_id] = ([tok], None if lps is None else [lps])
         return out

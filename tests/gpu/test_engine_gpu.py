@@ -2,27 +2,16 @@
 CUDA-graph decode == eager decode. Skipped without CUDA; run on the device machine."""
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
 import torch
 
+from benchmarks.hf_peer import hf_model_from_config
 from engine_core.llm import LLM
 from engine_core.sampling_params import SamplingParams
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "configs")
 SMOL = os.path.join(CONFIGS, "smollm2-135m-instruct.json")
-
-
-def hf_model_from_config(path: str, dtype: torch.dtype):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = AutoConfig.for_model(**{k: v for k, v in json.loads(Path(path).read_text()).items() if k != "transformers_version"})
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
-    return model
 
 
 def engine_with_weights(path: str, hf, dtype: str, **kw) -> LLM:

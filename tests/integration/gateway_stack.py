@@ -27,30 +27,17 @@ from services.gen.pagedserve.v1 import (
 from services.grpc_server import AioGrpcServer
 from services.tokenizer.server import SERVICE_NAME as TOKENIZER_SERVICE
 from services.tokenizer.server import TokenizerServicer
+from tests.integration.loop_thread import LoopThread
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEDULER_SERVICE = scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name
-
-
-class LoopThread:
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="gateway-test-loop")
-        self.thread.start()
-
-    def run(self, coro, timeout: float = 60):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
 
 
 class InProcessStack:
     """Everything on one loop thread; `start_*` return addresses / base URLs."""
 
     def __init__(self) -> None:
-        self.lt = LoopThread()
+        self.lt = LoopThread(name="gateway-test-loop", default_timeout=60)
         self._grpc: list[AioGrpcServer] = []
         self._http: list[tuple[uvicorn.Server, asyncio.Future]] = []
 

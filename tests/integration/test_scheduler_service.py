@@ -3,12 +3,10 @@ validation errors, cancellation freeing blocks, queue limits, Abort / stop strin
 block map, replay after executor failures, a dead remote executor, health, reflection, SIGTERM."""
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -23,24 +21,11 @@ from services.gen.pagedserve.v1 import common_pb2, scheduler_pb2_grpc
 from services.gen.pagedserve.v1 import scheduler_pb2 as pb
 from services.scheduler.server import SERVICE_NAME, GuardedExecutor, SchedulerService
 from tests.integration.fake_executor import BOOM_TOKEN, FakeExecutor
+from tests.integration.loop_thread import LoopThread
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(60)
 STEP_S = 0.01  # fake step time: streams stay in flight long enough to cancel
-
-
-class LoopThread:
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro, timeout: float = 30):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
 
 
 class Scheduler:

