@@ -29,6 +29,9 @@ class EngineConfig:
     kv_cache_memory_gb: float | None = None  # explicit KV budget (CPU default 1 GiB)
     num_gpu_blocks_override: int | None = None  # exact number of KV blocks (tests force preemption)
     enforce_eager: bool = False
+    # Schedule and send step N+1 while step N runs (DESIGN.md §2); stop conditions apply one step
+    # late (a finished request's surplus token is discarded).
+    async_scheduling: bool = True
     tensor_parallel_size: int = 1
     max_logprobs: int = 20
     extra: dict = field(default_factory=dict)
@@ -80,7 +83,7 @@ class EngineConfig:
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         """vLLM-style flags: every field except `extra`, --snake-case -> --kebab-case."""
-        bool_flags = {"enable_chunked_prefill", "enable_prefix_caching", "enforce_eager"}
+        bool_flags = {"enable_chunked_prefill", "enable_prefix_caching", "enforce_eager", "async_scheduling"}
         for f in fields(EngineConfig):
             if f.name in ("model", "extra"):
                 continue

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 
 from engine_core.config import EngineConfig
@@ -14,6 +15,7 @@ from engine_core.executor.base import Executor, ExecutorError, ExecutorInfo
 from engine_core.request import Request, RequestStatus
 from engine_core.sampling_params import SamplingParams
 from engine_core.scheduler import RequestOutputDelta, Scheduler, SchedulerStats
+from engine_core.scheduler_output import SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +58,10 @@ class EngineCore:
         self.counters = EngineCounters()
         self._pending: list[RequestOutputDelta] = []  # produced outside step() (aborts)
         self._consecutive_failures = 0
+        # Steps submitted to the executor whose results were not taken yet, oldest first. With
+        # async scheduling up to two: step N+1 is scheduled and sent while step N runs.
+        self._in_flight: deque[tuple[SchedulerOutput, float]] = deque()
+        self.max_in_flight = 2 if config.async_scheduling else 1
 
     @property
     def max_model_len(self) -> int:
@@ -106,24 +112,43 @@ class EngineCore:
             self._pending.append(self.scheduler.abort_delta(req))
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests() or bool(self._pending)
+        return self.scheduler.has_unfinished_requests() or bool(self._pending) or bool(self._in_flight)
 
     # ------------------------------------------------------------------ stepping
     def step(self) -> list[RequestOutputDelta]:
+        """Advance the engine by one step; return what requests produced.
+
+        Synchronous (max_in_flight 1): schedule, execute, apply. Async (2): schedule and submit
+        step N+1 first, then wait for step N's result and apply it, so the host's scheduling and
+        input preparation run while the device computes (vLLM's batch queue). The first call of a
+        burst only submits (and returns nothing) so that the next one can overlap.
+        """
         deltas, self._pending = self._pending, []
-        if not self.scheduler.has_unfinished_requests():
+        submitted = False
+        if len(self._in_flight) < self.max_in_flight and self.scheduler.has_unfinished_requests():
+            so = self.scheduler.schedule()
+            if not so.is_empty or so.finished_req_ids:
+                try:
+                    self.executor.submit(so)
+                except ExecutorError as e:
+                    self._fail_in_flight(e)
+                    return deltas
+                self._in_flight.append((so, time.perf_counter()))
+                submitted = True
+        if not self._in_flight:
             return deltas
-        so = self.scheduler.schedule()
-        if so.is_empty and not so.finished_req_ids:
-            return deltas
-        t0 = time.perf_counter()
+        if submitted and len(self._in_flight) < self.max_in_flight:
+            return deltas  # come back to schedule the next step while this one runs
+        so, t0 = self._in_flight.popleft()
         try:
-            result = self.executor.execute(so)
+            result = self.executor.get_result()
         except ExecutorError as e:
-            self._recover(e)
+            self._fail_in_flight(e)
             return deltas
         self._consecutive_failures = 0
         self.counters.busy_time_s += time.perf_counter() - t0
+        if so.is_empty:
+            return deltas  # only told the executor to drop finished requests
         self.counters.num_steps += 1
         new = self.scheduler.update_from_output(so, result)
         for d in new:
@@ -131,6 +156,12 @@ class EngineCore:
             if d.num_output_tokens == len(d.new_token_ids):  # first tokens of this request
                 self.counters.prompt_tokens += d.num_prompt_tokens
         return deltas + new
+
+    def _fail_in_flight(self, error: ExecutorError) -> None:
+        """A step failed: every step still in flight is lost with it; replay from tokens."""
+        self._in_flight.clear()
+        self.executor.abandon_in_flight()
+        self._recover(error)
 
     def _recover(self, error: Exception) -> None:
         """The executor failed mid-step: reset it and replay every unfinished request from its

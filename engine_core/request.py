@@ -43,6 +43,12 @@ class Request:
     # Tokens whose KV is (or will be, once the in-flight step finishes) in the cache. Advanced at
     # schedule time, so a next step can be planned before the previous one returns (async scheduling).
     num_computed_tokens: int = 0
+    # Tokens being sampled by steps still in flight (async scheduling): their slots are scheduled
+    # (the executor feeds the sampled ids on the device), their ids are not known here yet.
+    num_output_placeholders: int = 0
+    # step_id of the step that (re)admitted the request: results of older steps (from before a
+    # preemption, or of a finished request whose id was reused) are stale and ignored.
+    admitted_step: int = -1
     num_cached_tokens: int = -1  # prefix-cache hit on first schedule; -1 until scheduled
     num_preemptions: int = 0
     stop_reason: int | str | None = None

@@ -128,6 +128,7 @@ class SamplingMetadata:
         device: torch.device | str,
         eos_token_ids: list[int],
         default_generator: torch.Generator | None = None,
+        num_output_tokens: Sequence[int] | None = None,
     ) -> SamplingMetadata:
         """Batch the per-request state of the N requests that sample this step (row i = request i).
 
@@ -136,7 +137,8 @@ class SamplingMetadata:
         draw from ``default_generator`` (on ``device``; None: torch's global RNG).
         Token sequences may be lists, numpy int arrays or CPU tensors (arrays skip the list->tensor
         conversion); they are only read for rows with penalties (prompt: repetition_penalty != 1)
-        and, by length, for min_tokens.
+        and, by length, for min_tokens. ``num_output_tokens[i]`` overrides that length when row i
+        has output tokens not in its sequence yet (async scheduling: still on the device).
         """
         device = torch.device(device)
         n = len(params)
@@ -203,7 +205,8 @@ class SamplingMetadata:
                     if 0 <= t < V:
                         bias_idx.append(base + t)
                         bias_val.append(b)
-            if len(output_token_ids[i]) < p.min_tokens:
+            n_out = len(output_token_ids[i]) if num_output_tokens is None else num_output_tokens[i]
+            if n_out < p.min_tokens:
                 stops = set(p.stop_token_ids)
                 if not p.ignore_eos:
                     stops.update(eos_token_ids)

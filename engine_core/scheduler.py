@@ -141,6 +141,7 @@ class Scheduler:
         self.block_manager.free(req)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
+        req.num_output_placeholders = 0  # in-flight samples are dropped; recomputed on resumption
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(req)
@@ -158,8 +159,8 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
-            if num_new <= 0:  # nothing to compute until the in-flight step returns (async)
+            num_new = min(req.num_tokens + req.num_output_placeholders - req.num_computed_tokens, budget)
+            if num_new <= 0 or self._done_when_in_flight_returns(req):
                 i += 1
                 continue
             while True:
@@ -202,6 +203,7 @@ class Scheduler:
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = time.monotonic()
             req.num_computed_tokens = num_computed
+            req.admitted_step = out.step_id
             out.scheduled_new_reqs.append(NewRequestData(
                 req_id=req.request_id,
                 prompt_token_ids=req.prompt_token_ids,
@@ -217,6 +219,8 @@ class Scheduler:
         for req, num_new in scheduled:
             out.num_scheduled_tokens[req.request_id] = num_new
             req.num_computed_tokens += num_new
+            if req.num_computed_tokens == req.num_tokens + req.num_output_placeholders:
+                req.num_output_placeholders += 1  # this step samples the next token
         out.total_num_scheduled_tokens = sum(out.num_scheduled_tokens.values())
         # A request preempted this step may also have finished earlier; either way the executor
         # must drop it before running this step (a resumed one arrives as a NewRequestData).
@@ -227,14 +231,32 @@ class Scheduler:
         self._last_step_seqs = len(scheduled)
         return out
 
+    def _done_when_in_flight_returns(self, req: Request) -> bool:
+        """With samples in flight, would the request surely be finished by max_tokens or
+        max_model_len once they land? Then scheduling it again would only compute a token to throw
+        away (and could run past max_model_len). An EOS or stop token can only be seen when it
+        lands: that costs one discarded token (async scheduling's "stop one step late")."""
+        k = req.num_output_placeholders
+        if k == 0:
+            return False
+        mt = req.sampling_params.max_tokens
+        if mt is not None and len(req.output_token_ids) + k >= mt:
+            return True
+        return req.num_tokens + k >= self.max_model_len
+
     # ------------------------------------------------------------------ results
     def update_from_output(self, so: SchedulerOutput, result: ModelRunnerOutput) -> list[RequestOutputDelta]:
+        """Apply one step's sampled tokens. With async scheduling this runs one step late: the
+        next step already holds a slot for each request; if a request finishes here, the token
+        that slot produces is discarded (the request is gone when its result arrives)."""
         deltas: list[RequestOutputDelta] = []
         now = time.monotonic()
         for req_id, token_ids, logprobs in zip(result.req_ids, result.sampled_token_ids, result.logprobs):
             req = self.requests.get(req_id)
-            if req is None or req.status != RequestStatus.RUNNING or not token_ids:
-                continue  # aborted/preempted while in flight, or a prefill chunk (no token yet)
+            if (req is None or req.status != RequestStatus.RUNNING or not token_ids
+                    or req.admitted_step > so.step_id):
+                continue  # aborted/preempted while in flight (stale), or a prefill chunk (no token yet)
+            req.num_output_placeholders = max(0, req.num_output_placeholders - 1)
             if req.first_token_time is None:
                 req.first_token_time = now
             accepted: list[int] = []

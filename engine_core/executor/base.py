@@ -1,8 +1,15 @@
 """The one Executor interface. Two implementations: in-process (local.py) and gRPC
-(services/executor_client.py). The scheduler cannot tell them apart."""
+(services/executor_client.py). The scheduler cannot tell them apart.
+
+Steps can be pipelined (async scheduling, DESIGN.md §2): `submit(step N+1)` may be called before
+`get_result()` returned step N; results come back in submission order. An executor whose device
+work is asynchronous (CUDA, a remote process) overlaps the two; the default implementation below
+runs each step inside `submit`, which is correct for any executor, just not overlapped.
+"""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections import deque
 from dataclasses import dataclass, field
 
 from engine_core.scheduler_output import ModelRunnerOutput, SchedulerOutput
@@ -40,7 +47,38 @@ class Executor(ABC):
 
     @abstractmethod
     def reset(self) -> None:
-        """Forget every request (after a restart, the scheduler replays them as new)."""
+        """Forget every request (after a restart, the scheduler replays them as new). Steps still
+        in flight are abandoned."""
 
     def shutdown(self) -> None:
         pass
+
+    # ------------------------------------------------------------------ pipelined steps
+    def submit(self, scheduler_output: SchedulerOutput) -> None:
+        """Start a step without waiting for it. Default: run it now, keep the result (or error)."""
+        q = self._sync_results()
+        try:
+            q.append(self.execute(scheduler_output))
+        except ExecutorError as e:
+            q.append(e)
+
+    def get_result(self) -> ModelRunnerOutput:
+        """The result of the oldest submitted step (raises its ExecutorError)."""
+        q = self._sync_results()
+        if not q:
+            raise RuntimeError("get_result() without a submitted step")
+        item = q.popleft()
+        if isinstance(item, ExecutorError):
+            q.clear()  # a failed step abandons the ones behind it, as a remote executor does
+            raise item
+        return item
+
+    def abandon_in_flight(self) -> None:
+        """Drop every submitted step whose result was not taken (before a reset/replay)."""
+        self._sync_results().clear()
+
+    def _sync_results(self) -> deque:
+        q = getattr(self, "_sync_result_queue", None)
+        if q is None:  # lazily: subclasses need not call our __init__
+            q = self._sync_result_queue = deque()
+        return q

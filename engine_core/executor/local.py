@@ -115,6 +115,15 @@ class LocalExecutor(Executor):
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute(scheduler_output)
 
+    def submit(self, scheduler_output: SchedulerOutput) -> None:
+        self.runner.submit(scheduler_output)
+
+    def get_result(self) -> ModelRunnerOutput:
+        return self.runner.get_result()
+
+    def abandon_in_flight(self) -> None:
+        self.runner.abandon_in_flight()
+
     def reset(self) -> None:
         self.runner.reset()
 

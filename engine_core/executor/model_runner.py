@@ -1,31 +1,68 @@
-"""Model runner: owns the KV cache tensors and per-request state, turns a SchedulerOutput of deltas
-into model inputs (token ids, positions, slot mapping, block tables), runs the model and samples.
+"""Model runner: owns the KV cache tensors and the persistent input batch, turns a SchedulerOutput
+of deltas into model inputs, runs the model and samples.
 
-Batch order is decode-first (requests computing exactly one token come first) so attention can
-run all decodes as one batched call and prefill chunks separately.
+A step is three stages, each its own method: `_prepare_inputs` (deltas -> host numpy -> one pinned
+non-blocking copy per dtype), `_forward` (CUDA graph for pure-decode batches, eager otherwise) and
+`_sample`. `submit` runs them and returns at once; the sampled ids start their copy to pinned host
+memory behind a CUDA event, and `get_result` waits for that event only. So with async scheduling
+the host prepares step N+1 while the device runs step N, and step N+1 takes the ids step N samples
+straight from device memory (`pending` positions): the GPU never waits for Python.
+
+`get_result` may run on another thread than `submit` (the executor service does this); the lock
+serialises their host-state updates, never a device wait.
 """
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections import deque
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
 from engine_core.executor.base import ExecutorError
 from engine_core.executor.cuda_graph import CudaGraphRunner
-from engine_core.executor.request_state import CachedRequestState
+from engine_core.executor.input_batch import InputBatch, StepInputs
 from engine_core.layers.attention_metadata import AttentionMetadata
 from engine_core.layers.sampler import Sampler, SamplerOutput, make_generator
 from engine_core.model_config import ModelConfig
 from engine_core.sampling_metadata import SamplingMetadata
-from engine_core.scheduler_output import (
-    ModelRunnerOutput,
-    SchedulerOutput,
-    TokenLogprobs,
-)
+from engine_core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _StepHandle:
+    """A submitted step: its device outputs on their way to the host."""
+
+    step_id: int
+    req_ids: list[str]
+    sample_idx: np.ndarray  # batch positions that sampled
+    rows: np.ndarray  # persistent rows of the sampling requests
+    generations: np.ndarray  # their row generations at submit time
+    num_logprobs: list[int | None]
+    sampled_device: torch.Tensor | None  # [S] int64, feeds the next step's pending positions
+    host: SamplerOutput | None  # pinned host copies (filled asynchronously on CUDA)
+    event: torch.cuda.Event | None
+    t0: float
+    materialized: bool = False
+    tokens: list[int] = field(default_factory=list)
+
+    def wait(self) -> None:
+        if self.event is not None:
+            self.event.synchronize()
+
+
+def _to_host_async(t: torch.Tensor | None) -> torch.Tensor | None:
+    if t is None or t.device.type == "cpu":
+        return t
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    out.copy_(t, non_blocking=True)
+    return out
 
 
 class ModelRunner:
@@ -40,8 +77,9 @@ class ModelRunner:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.vocab_size = model_config.vocab_size
+        self.eos_token_ids = list(model_config.eos_token_ids)
         self.sampler = Sampler()
-        self.requests: dict[str, CachedRequestState] = {}
+        self.batch = InputBatch(block_size, max_model_len, initial_rows=max(8, min(max_num_seqs, 1024)))
         # Unseeded requests draw from one engine generator, so a run with a fixed engine seed
         # is reproducible as a whole.
         self.generator = torch.Generator(device=device)
@@ -60,150 +98,203 @@ class ModelRunner:
             self.graph_runner = CudaGraphRunner(model, self.kv_caches, max_num_seqs=max_num_seqs,
                                                 max_model_len=max_model_len, block_size=block_size, device=device)
             self.graph_runner.capture()
+        self._lock = threading.Lock()
+        self._unmaterialized: deque[_StepHandle] = deque()  # sampled ids not yet in the input batch
+        self._results: deque[_StepHandle] = deque()  # submitted, result not taken yet
+        # Sampling metadata of the last step, reused while the sampling rows and their params
+        # are unchanged and nothing in it depends on the output so far (no penalties / seeds / min_tokens).
+        self._md_cache: tuple[tuple, SamplingMetadata] | None = None
 
     @staticmethod
     def kv_bytes_per_block(mc: ModelConfig, block_size: int, dtype: torch.dtype, num_kv_heads: int | None = None) -> int:
         elem = torch.empty(0, dtype=dtype).element_size()
         return 2 * mc.num_hidden_layers * block_size * (num_kv_heads or mc.num_key_value_heads) * mc.head_dim * elem
 
+    # ------------------------------------------------------------------ Executor-facing API
+    @torch.inference_mode()
+    def submit(self, so: SchedulerOutput) -> None:
+        t0 = time.perf_counter()
+        with self._lock:
+            # Every step but the newest must be on the host before this one's inputs are gathered
+            # (at most one token per request is ever pending).
+            while len(self._unmaterialized) > 1:
+                self._materialize(self._unmaterialized.popleft())
+            self._apply_deltas(so)
+            if so.is_empty:
+                handle = _StepHandle(so.step_id, [], np.empty(0, np.int64), np.empty(0, np.int64),
+                                     np.empty(0, np.int64), [], None, None, None, t0, materialized=True)
+            else:
+                handle = self._run(so, t0)
+                if handle.sampled_device is not None:
+                    self._unmaterialized.append(handle)
+                else:
+                    handle.materialized = True
+            self._results.append(handle)
+
+    def get_result(self) -> ModelRunnerOutput:
+        if not self._results:
+            raise RuntimeError("get_result() without a submitted step")
+        handle = self._results[0]
+        handle.wait()  # outside the lock: submit of the next step goes on meanwhile
+        with self._lock:
+            while self._unmaterialized and not handle.materialized:
+                self._materialize(self._unmaterialized.popleft())
+            self._results.popleft()
+            return self._output(handle)
+
+    @torch.inference_mode()
+    def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        self.submit(so)
+        return self.get_result()
+
+    def abandon_in_flight(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        with self._lock:
+            self._unmaterialized.clear()
+            self._results.clear()
+
+    def reset(self) -> None:
+        self.abandon_in_flight()
+        with self._lock:
+            self.batch = InputBatch(self.block_size, self.batch.max_model_len, initial_rows=len(self.batch.req_id_of))
+            self._md_cache = None
+
     # ------------------------------------------------------------------ state from deltas
     def _apply_deltas(self, so: SchedulerOutput) -> None:
+        b = self.batch
         for rid in so.finished_req_ids:
-            self.requests.pop(rid, None)
+            b.remove(rid)
         for src, dst in so.block_copies:
             for kv in self.kv_caches:
                 kv[:, dst].copy_(kv[:, src])
         for new in so.scheduled_new_reqs:
-            self.requests[new.req_id] = CachedRequestState(
-                req_id=new.req_id,
-                prompt_token_ids=list(new.prompt_token_ids),
-                sampling_params=new.sampling_params,
-                block_ids=list(new.block_ids),
-                num_computed_tokens=new.num_computed_tokens,
-                output_token_ids=list(new.output_token_ids),
-            )
+            b.add(new)
         for cached in so.scheduled_cached_reqs:
-            st = self.requests.get(cached.req_id)
-            if st is None:
-                raise ExecutorError(f"executor has no state for request {cached.req_id!r} (out of sync)")
-            if st.num_computed_tokens != cached.num_computed_tokens:
-                raise ExecutorError(
-                    f"request {cached.req_id!r}: executor has {st.num_computed_tokens} computed tokens, "
-                    f"scheduler says {cached.num_computed_tokens}")
-            st.block_ids.extend(cached.new_block_ids)
-
-    def reset(self) -> None:
-        self.requests.clear()
+            b.append_blocks(cached.req_id, cached.num_computed_tokens, cached.new_block_ids)
 
     # ------------------------------------------------------------------ one step
-    @torch.inference_mode()
-    def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
-        t0 = time.perf_counter()
-        self._apply_deltas(so)
-        if so.is_empty:
-            return ModelRunnerOutput(step_id=so.step_id)
-        # Decode-first order (stable within each group).
-        req_ids = sorted(so.num_scheduled_tokens, key=lambda r: so.num_scheduled_tokens[r] != 1)
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_lens: list[int] = []
-        seq_lens: list[int] = []
-        tables: list[list[int]] = []
-        sample_rows: list[int] = []  # row in the flattened batch whose logits we sample from
-        sample_states: list[CachedRequestState] = []
-        bs = self.block_size
-        for rid in req_ids:
-            st = self.requests.get(rid)
-            if st is None:
-                raise ExecutorError(f"request {rid!r} scheduled but unknown to the executor")
-            n = so.num_scheduled_tokens[rid]
-            start = st.num_computed_tokens
-            end = start + n
-            if end > st.num_tokens:
-                raise ExecutorError(f"request {rid!r}: {n} tokens scheduled at {start}, only {st.num_tokens} known")
-            if -(-end // bs) > len(st.block_ids):
-                raise ExecutorError(f"request {rid!r}: {end} tokens need more than its {len(st.block_ids)} blocks")
-            input_ids.extend(st.token_ids[start:end])
-            positions.extend(range(start, end))
-            blocks = st.block_ids
-            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
-            query_lens.append(n)
-            seq_lens.append(end)
-            tables.append(blocks)
-            if end == st.num_tokens:  # every known token is computed: the last row predicts the next
-                sample_rows.append(len(input_ids) - 1)
-                sample_states.append(st)
+    def _run(self, so: SchedulerOutput, t0: float) -> _StepHandle:
+        prev = self._unmaterialized[-1] if self._unmaterialized else None
+        inputs = self.batch.prepare(so, prev.rows if prev else None, prev.generations if prev else None)
+        ids, pos, md, logits_rows = self._prepare_inputs(inputs, prev)
+        hidden = self._forward(ids, pos, md)
+        b = self.batch
+        rows = inputs.rows[inputs.sample_idx]
+        gens = b.generation[rows].copy()
+        num_lp = [b.params[r].logprobs for r in rows.tolist()]
+        if not len(rows):
+            return _StepHandle(so.step_id, inputs.req_ids, inputs.sample_idx, rows, gens, num_lp, None, None, None, t0)
+        logits = self.model.compute_logits(hidden.index_select(0, logits_rows))
+        result = self.sampler(logits, self._sampling_metadata(inputs, rows, ids, logits_rows))
+        host = SamplerOutput(*(_to_host_async(t) for t in (result.sampled_token_ids, result.logprobs,
+                                                           result.logprob_token_ids, result.ranks)))
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        return _StepHandle(so.step_id, inputs.req_ids, inputs.sample_idx, rows, gens, num_lp,
+                           result.sampled_token_ids, host, event, t0)
 
+    def _prepare_inputs(self, x: StepInputs, prev: _StepHandle | None):
+        """Host numpy -> device: one pinned buffer per dtype, one non-blocking copy each."""
         dev = self.device
-        max_blocks = max(len(t) for t in tables)
-        # Padded with the null block 0; one tensor built per step, not one per request.
-        table_tensor = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.int32)
-        qsl = [0]
-        for q in query_lens:
-            qsl.append(qsl[-1] + q)
+        T, B = x.input_ids.size, x.rows.size
+        i64 = np.concatenate([x.input_ids, x.positions, x.slot_mapping, x.logits_rows, x.pending_flat])
+        i32 = np.concatenate([x.query_start_loc, x.seq_lens, x.block_tables.reshape(-1)])
+        on_cuda = dev.type == "cuda"
+        h64 = torch.from_numpy(i64)
+        h32 = torch.from_numpy(i32)
+        if on_cuda:
+            h64 = torch.empty(i64.shape, dtype=torch.int64, pin_memory=True).copy_(h64)
+            h32 = torch.empty(i32.shape, dtype=torch.int32, pin_memory=True).copy_(h32)
+        d64 = h64.to(dev, non_blocking=True)
+        d32 = h32.to(dev, non_blocking=True)
+        S, P = x.logits_rows.size, x.pending_flat.size
+        ids = d64[:T]
+        pos = d64[T:2 * T]
+        slots = d64[2 * T:3 * T]
+        logits_rows = d64[3 * T:3 * T + S]
+        if P:
+            # Tokens the previous step is sampling: taken on the device, never through the host.
+            src = torch.from_numpy(x.pending_src).to(dev, non_blocking=True)
+            ids[d64[3 * T + S:3 * T + S + P]] = prev.sampled_device.index_select(0, src)
+        mb = x.block_tables.shape[1]
         md = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64).to(dev, non_blocking=True),
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32).to(dev, non_blocking=True),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
-            block_tables=table_tensor.to(dev, non_blocking=True),
-            block_size=bs,
-            max_query_len=max(query_lens),
-            max_seq_len=max(seq_lens),
-            query_lens_cpu=query_lens,
-            seq_lens_cpu=seq_lens,
-            num_decodes=sum(1 for q in query_lens if q == 1),
+            slot_mapping=slots,
+            query_start_loc=d32[:B + 1],
+            seq_lens=d32[B + 1:2 * B + 1],
+            block_tables=d32[2 * B + 1:].view(B, mb),
+            block_size=self.block_size,
+            max_query_len=int(x.query_lens.max()),
+            max_seq_len=int(x.seq_lens.max()),
+            query_lens_cpu=x.query_lens.tolist(),
+            seq_lens_cpu=x.seq_lens.tolist(),
+            num_decodes=x.num_decodes,
         )
-        ids_t = torch.tensor(input_ids, dtype=torch.int64).to(dev, non_blocking=True)
-        pos_t = torch.tensor(positions, dtype=torch.int64).to(dev, non_blocking=True)
+        return ids, pos, md, logits_rows
+
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
         if self.graph_runner is not None and self.graph_runner.can_run(md):
-            hidden = self.graph_runner.run(ids_t, pos_t, md)
-        else:
-            hidden = self.model(ids_t, pos_t, self.kv_caches, md)
+            return self.graph_runner.run(ids, pos, md)
+        return self.model(ids, pos, self.kv_caches, md)
 
-        sampled: dict[str, tuple[list[int], list[TokenLogprobs] | None]] = {}
-        if sample_rows:
-            rows = torch.tensor(sample_rows, dtype=torch.int64, device=dev)
-            logits = self.model.compute_logits(hidden.index_select(0, rows))
-            result = self.sampler(logits, self._sampling_metadata(sample_states))
-            sampled = self._to_host(sample_states, result)
-        for rid in req_ids:
-            self.requests[rid].num_computed_tokens += so.num_scheduled_tokens[rid]
-        out = ModelRunnerOutput(step_id=so.step_id)
-        for rid in req_ids:
-            toks, lps = sampled.get(rid, ([], None))
-            out.req_ids.append(rid)
-            out.sampled_token_ids.append(toks)
-            out.logprobs.append(lps)
-        out.execute_time_s = time.perf_counter() - t0
-        return out
-
-    def _sampling_metadata(self, states: list[CachedRequestState]) -> SamplingMetadata:
-        generators = []
-        for st in states:
-            seed = st.sampling_params.seed
-            # Derived from (seed, tokens generated so far): a preempted or replayed request
-            # samples exactly the same tokens again.
-            generators.append(None if seed is None else
-                              make_generator(seed, len(st.output_token_ids), self.device))
-        return SamplingMetadata.build(
-            params=[st.sampling_params for st in states],
-            output_token_ids=[st.output_token_ids for st in states],
-            prompt_token_ids=[st.prompt_token_ids for st in states],
+    def _sampling_metadata(self, x: StepInputs, rows: np.ndarray, ids: torch.Tensor,
+                           logits_rows: torch.Tensor) -> SamplingMetadata:
+        b = self.batch
+        row_list = rows.tolist()
+        params = [b.params[r] for r in row_list]
+        stateless = all(p.seed is None and not p.needs_penalties and p.min_tokens == 0 for p in params)
+        key = (tuple(row_list), tuple(int(b.generation[r]) for r in row_list))
+        if stateless and self._md_cache is not None and self._md_cache[0] == key:
+            return self._md_cache[1]
+        pending = x.num_pending
+        num_out = (b.num_tokens[rows] - b.prompt_len[rows] + pending).tolist()
+        generators = [None if p.seed is None else make_generator(p.seed, n, self.device)
+                      for p, n in zip(params, num_out)]
+        md = SamplingMetadata.build(
+            params=params,
+            output_token_ids=[b.output_token_ids(r) for r in row_list],
+            prompt_token_ids=[b.prompt_token_ids(r) for r in row_list],
             generators=generators,
             vocab_size=self.vocab_size,
             device=self.device,
-            eos_token_ids=list(self.model_config.eos_token_ids),
+            eos_token_ids=self.eos_token_ids,
             default_generator=self.generator,
+            num_output_tokens=num_out,
         )
+        if md.output_token_counts is not None and pending.any():
+            # Penalties count the output token still on the device too: a pending row computes just
+            # that token, so it is this step's input at the row's logits position.
+            srows = torch.from_numpy(np.flatnonzero(pending)).to(self.device)
+            toks = ids.index_select(0, logits_rows.index_select(0, srows))
+            r = srows
+            md.output_token_counts.index_put_((r, toks), torch.ones_like(toks, dtype=torch.int32), accumulate=True)
+        self._md_cache = (key, md) if stateless else None
+        return md
 
-    def _to_host(self, states: list[CachedRequestState], result: SamplerOutput):
-        # One device->host copy per tensor per step, not one per request.
-        host = result.cpu()
-        tokens = host.sampled_token_ids.tolist()
-        logprobs = host.to_token_logprobs([st.sampling_params.logprobs for st in states])
-        out = {}
-        for st, tok, lps in zip(states, tokens, logprobs):
-            st.append_output(tok)
-            out[st.req_id] = ([tok], None if lps is None else [lps])
+    # ------------------------------------------------------------------ results
+    def _materialize(self, handle: _StepHandle) -> None:
+        """Put a finished step's sampled ids into the input batch (host)."""
+        handle.wait()
+        if handle.host is not None:
+            handle.tokens = handle.host.sampled_token_ids.tolist()
+            self.batch.append_sampled(handle.rows, handle.generations,
+                                      handle.host.sampled_token_ids.numpy())
+        handle.materialized = True
+
+    def _output(self, handle: _StepHandle) -> ModelRunnerOutput:
+        out = ModelRunnerOutput(step_id=handle.step_id, req_ids=list(handle.req_ids))
+        n = len(handle.req_ids)
+        out.sampled_token_ids = [[] for _ in range(n)]
+        out.logprobs = [None] * n
+        if handle.host is not None:
+            lps = handle.host.to_token_logprobs(handle.num_logprobs)
+            for i, tok, lp in zip(handle.sample_idx.tolist(), handle.tokens, lps):
+                out.sampled_token_ids[i] = [tok]
+                out.logprobs[i] = None if lp is None else [lp]
+        out.execute_time_s = time.perf_counter() - handle.t0
         return out
+
+
+__all__ = ["ExecutorError", "ModelRunner"]
