@@ -4,7 +4,9 @@ One `grpc.aio` channel per service, opened at startup and shared by every reques
 (HTTP/2 multiplexes hundreds of concurrent streams over it; gRPC reconnects it by itself after a
 service restart). Model facts that never change while the services run (served name,
 max_model_len, vocabulary size, chat template presence, max logprobs) are fetched once and cached;
-per-token strings for logprobs are cached by id (bounded by the vocabulary).
+per-token strings for logprobs are cached by id (bounded by the vocabulary). Generation goes through
+one multiplexed GenerateStream + DetokenizeBatch pair per worker (`step_stream`,
+gateway/step_stream.py): one message per engine step, not per token.
 
 Status mapping (`rpc_error_to_api`):
     INVALID_ARGUMENT, OUT_OF_RANGE          -> 400 (the service's message names the problem)
@@ -26,6 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.config import GatewayConfig
 from gateway.errors import APIError
+from gateway.step_stream import StepStream
 from services import tracing
 from services.gen.pagedserve.v1 import (
     scheduler_pb2,
@@ -40,9 +43,24 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_LOGPROBS = 20
 
 
+_STATUS_BY_VALUE = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def status_to_api(code: int | grpc.StatusCode, details: str, backend: str, retry_after_s: int = 1) -> APIError:
+    """An in-band per-request status (GenerateStream's StreamStatus) as the API error it means."""
+    if isinstance(code, int):
+        code = _STATUS_BY_VALUE.get(code, grpc.StatusCode.UNKNOWN)
+    return _to_api(code, details, backend, retry_after_s, ())
+
+
 def rpc_error_to_api(e: grpc.RpcError, backend: str, retry_after_s: int = 1) -> APIError:
     code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
     details = (e.details() if hasattr(e, "details") else None) or ""
+    trailers = (e.trailing_metadata() or ()) if hasattr(e, "trailing_metadata") else ()
+    return _to_api(code, details, backend, retry_after_s, trailers)
+
+
+def _to_api(code: grpc.StatusCode, details: str, backend: str, retry_after_s: int, trailers) -> APIError:
     if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE):
         lowered = details.lower()
         ctx = "context length" in lowered or "max_model_len" in lowered or "too long" in lowered
@@ -52,7 +70,7 @@ def rpc_error_to_api(e: grpc.RpcError, backend: str, retry_after_s: int = 1) -> 
         return APIError(404, details or "not found", code="not_found")
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         retry = retry_after_s
-        for key, value in (e.trailing_metadata() or ()) if hasattr(e, "trailing_metadata") else ():
+        for key, value in trailers:
             if key.lower() == "retry-after":
                 try:
                     retry = max(1, int(float(value)))
@@ -93,6 +111,7 @@ class Backend:
         self._sched_health: health_pb2_grpc.HealthStub | None = None
         self._tok_health: health_pb2_grpc.HealthStub | None = None
         self._facts: ModelFacts | None = None
+        self.step_stream: StepStream | None = None  # the worker's multiplexed Generate + detokenize streams
         self._facts_lock: asyncio.Lock | None = None
         self._token_cache: dict[int, tuple[str, bytes]] = {}
 
@@ -105,8 +124,11 @@ class Backend:
         self._sched_health = health_pb2_grpc.HealthStub(self._sched_channel)
         self._tok_health = health_pb2_grpc.HealthStub(self._tok_channel)
         self._facts_lock = asyncio.Lock()
+        self.step_stream = StepStream(self.scheduler, self.tokenizer, self.config.retry_after_s)
 
     async def close(self) -> None:
+        if self.step_stream is not None:
+            await self.step_stream.close()
         for ch in (self._sched_channel, self._tok_channel):
             if ch is not None:
                 await ch.close(grace=None)
@@ -203,33 +225,12 @@ class Backend:
                 cache[t] = (text, raw)
         return {t: cache[t] for t in token_ids}
 
-    def detokenize_stream(self, metadata=None) -> grpc.aio.StreamStreamCall:
-        return self.tokenizer.DetokenizeStream(metadata=metadata)
-
     @property
     def model_label(self) -> str:
         """The served model name for metric labels ("" until the facts are fetched)."""
         return self._facts.name if self._facts is not None else ""
 
     # ------------------------------------------------------------------ scheduler
-    def generate(self, request_id: str, prompt_token_ids: Sequence[int],
-                 sampling_params, metadata=None) -> grpc.aio.UnaryStreamCall:
-        return self.scheduler.Generate(scheduler_pb2.GenerateRequest(
-            request_id=request_id, prompt_token_ids=list(prompt_token_ids), sampling_params=sampling_params),
-            metadata=metadata)
-
-    async def abort(self, request_ids: Sequence[str], *, stop_str: str | None = None,
-                    indices: Sequence[int] = ()) -> None:
-        """Best effort (the caller also cancels the Generate call, which aborts too)."""
-        req = scheduler_pb2.AbortRequest(request_ids=list(request_ids), indices=list(indices))
-        if stop_str is not None:
-            req.stop_str = stop_str
-        try:
-            await self.scheduler.Abort(req, timeout=min(5.0, self.config.rpc_timeout_s),
-                                       metadata=tracing.grpc_metadata())
-        except grpc.RpcError as e:
-            logger.warning("Abort(%s) failed: %s", list(request_ids), self._error(e, "scheduler").message)
-
     async def stats(self, include_requests: bool = False, timeout: float | None = None) -> scheduler_pb2.SchedulerStats:
         try:
             return await self.scheduler.GetStats(scheduler_pb2.GetStatsRequest(include_requests=include_requests),

@@ -1,18 +1,20 @@
-"""One prompt's generation: a scheduler Generate call (n samples, demultiplexed by
-GenerateResponse.index) plus, per sample, a tokenizer DetokenizeStream that turns token ids into text
-deltas and watches for stop strings.
+"""One prompt's generation: a request on the worker's multiplexed scheduler stream
+(gateway/step_stream.py; n samples, demultiplexed by index) whose tokens the stream's per-step
+DetokenizeBatch turns into text deltas, watching for stop strings.
 
-    start()   opens the Generate call and waits for its first message, so that admission errors
-              (400 / 429 / 503) surface before any HTTP header is sent;
+    start()   adds the request to the stream and waits until the scheduler admitted it, so that
+              admission errors (400 / 429 / 503) surface before any HTTP header is sent;
     events()  yields SampleEvent(index, text, token_ids, logprobs, finish_reason, stop_reason);
-    close()   cancels whatever is still open: a cancelled Generate call makes the scheduler abort the
-              request and free its blocks (client disconnect), a cancelled DetokenizeStream frees
-              the tokenizer's state.
+    close()   aborts the request in the scheduler if it is still running (client disconnect: its
+              blocks are freed within a step) and drops its detokenizer state.
+
+The stream's reader calls `on_output` once per sample per engine step; it only updates this
+generation's state and queues an event (no await, no per-token round trip).
 
 A stop string found by the detokenizer finishes that sample at once (text trimmed as OpenAI does,
-tokens after it dropped, finish_reason "stop") and is reported to the scheduler with
-Abort(stop_str, indices=[i]), which frees the sample's blocks and sends its final message (usage).
-Tokens the scheduler produced after the stop (one step's worth at most) are not counted.
+tokens after it dropped, finish_reason "stop") and is reported to the scheduler in-band (abort with
+stop_str and the sample's index), which frees the sample's blocks and sends its final message
+(usage). Tokens the scheduler produced after the stop (one step's worth at most) are not counted.
 """
 from __future__ import annotations
 
@@ -22,12 +24,11 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
-import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from engine_core.sampling_params import SamplingParams
-from gateway.backend import Backend, rpc_error_to_api
+from gateway.backend import Backend
 from gateway.errors import APIError
 from gateway.metrics import WINDOW, GatewayMetrics
 from gateway.params import to_proto
@@ -37,17 +38,14 @@ from services.gen.pagedserve.v1 import common_pb2, scheduler_pb2, tokenizer_pb2
 
 logger = logging.getLogger(__name__)
 
-# Initial-metadata key a scheduler may send as soon as it admits a request (before the first token):
-# the gateway then sends the SSE headers at once instead of after the first token.
-ACCEPTED_METADATA_KEY = "pagedserve-accepted"
-
-DRAIN_TIMEOUT_S = 1.0
 STOP_FINAL_TIMEOUT_S = 2.0
+_MAX_SAMPLES = 1 << 16  # detokenizer key = stream key * _MAX_SAMPLES + sample index
 
 _FINISH = {
     scheduler_pb2.FINISH_REASON_STOP: "stop",
     scheduler_pb2.FINISH_REASON_LENGTH: "length",
 }
+_CHANGED = object()  # queued when a sample's state changed without an event (events() re-checks)
 
 
 @dataclass
@@ -61,10 +59,10 @@ class SampleEvent:
 
 
 class _Sample:
-    __slots__ = ("call", "done", "final", "last_token_at", "num_tokens", "reason", "stopped")
+    __slots__ = ("detok_open", "done", "final", "last_token_at", "num_tokens", "reason", "stopped")
 
     def __init__(self) -> None:
-        self.call: grpc.aio.StreamStreamCall | None = None
+        self.detok_open = False  # the tokenizer holds this sample's detokenizer state
         self.num_tokens = 0     # output tokens consumed (up to the one completing a stop string)
         self.stopped = False    # a stop string matched; waiting for the scheduler's final message
         self.done = False       # the scheduler's final message for this sample arrived
@@ -74,6 +72,8 @@ class _Sample:
 
 
 class PromptGeneration:
+    """A StreamClient of the worker's StepStream (gateway/step_stream.py)."""
+
     def __init__(self, backend: Backend, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams,
                  *, want_logprobs: bool) -> None:
         self.backend = backend
@@ -82,24 +82,23 @@ class PromptGeneration:
         self.params = params
         self.want_logprobs = want_logprobs
         self.samples = [_Sample() for _ in range(params.n)]
-        self._call: grpc.aio.UnaryStreamCall | None = None
-        self._first: scheduler_pb2.GenerateResponse | None = None
-        self._first_task: asyncio.Future | None = None
+        self._key: int | None = None
+        self._admitted: asyncio.Future | None = None
+        self._events: asyncio.Queue = asyncio.Queue()
+        self._closed = False
         self._detok_options = tokenizer_pb2.DetokenizeOptions(
             prompt_token_ids=self.prompt_token_ids[-8:], skip_special_tokens=params.skip_special_tokens,
             stop=params.stop, include_stop_str_in_output=params.include_stop_str_in_output)
         # Observability: arrival of the HTTP request, the parent trace context (the request's span),
-        # this generation's spans, and whether its metrics were recorded (once, at close()).
+        # this generation's span, and whether its metrics were recorded (once, at close()).
         self._arrival = REQUEST_START.get() or time.perf_counter()
         self._first_token_at: float | None = None
         self._started = False
         self._recorded = False
         self._parent_ctx = otel_context.get_current() if tracing.enabled() else None
         self._gen_span: trace.Span | None = None
-        self._detok_span: trace.Span | None = None
-        self._detok_md: list[tuple[str, str]] | None = None
-        self._detok_busy_s = 0.0
-        self._detok_calls = 0
+        self._detok_span: trace.Span | None = None  # from the first DetokenizeBatch entry to close()
+        self._detok_batches = 0  # DetokenizeBatch entries of this request (steps x samples)
 
     # ------------------------------------------------------------------ usage
     @property
@@ -120,64 +119,97 @@ class PromptGeneration:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        """Open the Generate call; return once the scheduler accepted it (or raise its error).
-
-        Acceptance is the first message, or (sooner, for a request that waits in the queue) initial
-        metadata carrying ACCEPTED_METADATA_KEY when the scheduler sends it on admission."""
-        metadata = None
+        """Add the request to the scheduler stream; return once it is admitted (or raise its error)."""
         if self._parent_ctx is not None:
             self._gen_span = tracing.tracer().start_span(
                 "generate", context=self._parent_ctx, kind=trace.SpanKind.CLIENT,
-                attributes={"rpc.system": "grpc", "rpc.method": "pagedserve.v1.Scheduler/Generate",
+                attributes={"rpc.system": "grpc", "rpc.method": "pagedserve.v1.Scheduler/GenerateStream",
                             "pagedserve.request_id": self.request_id,
                             "pagedserve.prompt_tokens": len(self.prompt_token_ids), "pagedserve.n": self.params.n})
             metadata = tracing.grpc_metadata(trace.set_span_in_context(self._gen_span))
         else:
             metadata = tracing.grpc_metadata()
-        self._call = self.backend.generate(self.request_id, self.prompt_token_ids, to_proto(self.params),
-                                           metadata=metadata)
-        read = asyncio.ensure_future(self._read())
-        meta = asyncio.ensure_future(self._call.initial_metadata())
-        meta.add_done_callback(_ignore_result)
-        try:
-            await asyncio.wait((read, meta), return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:
-            read.cancel()
-            raise
-        if (not read.done() and not meta.cancelled() and meta.exception() is None
-                and any(k == ACCEPTED_METADATA_KEY for k, _ in (meta.result() or ()))):
-            self._first_task = read
-            self._started = True
-            return
-        self._first = await read
+        self._admitted = asyncio.get_running_loop().create_future()
+        request = scheduler_pb2.GenerateRequest(request_id=self.request_id, prompt_token_ids=self.prompt_token_ids,
+                                                sampling_params=to_proto(self.params))
+        self._key = self.backend.step_stream.add(self, request, metadata)
+        error = await self._admitted
+        if error is not None:
+            raise error
         self._started = True
 
-    async def _read(self) -> scheduler_pb2.GenerateResponse | None:
-        try:
-            msg = await self._call.read()
-        except grpc.RpcError as e:
-            raise rpc_error_to_api(e, "scheduler", self.backend.config.retry_after_s) from None
-        return None if msg is grpc.aio.EOF else msg
-
     def close(self) -> None:
-        if self._first_task is not None:
-            self._first_task.cancel()
-        if self._call is not None and not self._call.done():
-            self._call.cancel()
-        for s in self.samples:
-            if s.call is not None and not s.call.done():
-                s.call.cancel()
+        if not self._closed:
+            self._closed = True
+            if self._key is not None:
+                stream = self.backend.step_stream
+                if not all(s.done for s in self.samples):
+                    stream.abort(self._key)  # frees the blocks now (idempotent in the scheduler)
+                stream.forget(self._key)
+                for i, s in enumerate(self.samples):
+                    if s.detok_open:
+                        stream.detok.close_key(self._key * _MAX_SAMPLES + i)
+        if self._admitted is not None and not self._admitted.done():
+            self._admitted.cancel()
         if not self._recorded:
             self._recorded = True
             self._record()
+
+    # ------------------------------------------------------------------ StreamClient
+    def on_admitted(self) -> None:
+        if self._admitted is not None and not self._admitted.done():
+            self._admitted.set_result(None)
+
+    def on_failed(self, error: APIError) -> None:
+        if self._admitted is not None and not self._admitted.done():
+            self._admitted.set_result(error)
+        else:
+            self._events.put_nowait(error)
+
+    def detok_entry(self, index: int, token_ids: list[int],
+                    final: scheduler_pb2.GenerateResponse | None) -> tokenizer_pb2.DetokenizeEntry | None:
+        """The DetokenizeBatch entry this output needs (None: no text to make)."""
+        if not 0 <= index < len(self.samples):
+            return None
+        s = self.samples[index]
+        if s.done or s.stopped or (not token_ids and (final is None or not s.detok_open)):
+            return None
+        if final is not None and final.finish_reason in (scheduler_pb2.FINISH_REASON_ERROR,
+                                                         scheduler_pb2.FINISH_REASON_ABORT):
+            return None
+        e = tokenizer_pb2.DetokenizeEntry(key=self._key * _MAX_SAMPLES + index, token_ids=token_ids,
+                                          finished=final is not None)
+        self._detok_batches += 1
+        if not s.detok_open:
+            s.detok_open = True
+            e.options.CopyFrom(self._detok_options)
+            if self._parent_ctx is not None:
+                if self._detok_span is None:  # one span for all of the request's samples
+                    self._detok_span = tracing.tracer().start_span(
+                        "detokenize", context=self._parent_ctx, kind=trace.SpanKind.CLIENT,
+                        attributes={"rpc.system": "grpc", "rpc.method": "pagedserve.v1.Tokenizer/DetokenizeBatch"})
+                e.trace_context.update(tracing.carrier(trace.set_span_in_context(self._detok_span)))
+        if final is not None:
+            s.detok_open = False  # the tokenizer drops a finished key's state
+        return e
+
+    def on_output(self, index: int, token_ids: list[int], logprobs: list[common_pb2.TokenLogprobs] | None,
+                  final: scheduler_pb2.GenerateResponse | None, text: tokenizer_pb2.DetokenizeResult | None) -> None:
+        if self._closed:
+            return
+        try:
+            ev = self._handle(index, token_ids, logprobs if self.want_logprobs else None, final, text)
+        except APIError as e:
+            self._events.put_nowait(e)
+            return
+        self._events.put_nowait(_CHANGED if ev is None else ev)
 
     # ------------------------------------------------------------------ observability
     def _record(self) -> None:
         """Metrics and spans of this generation, once, when it is closed (however it ended)."""
         now = time.perf_counter()
         completion = self.completion_tokens
-        for span, extra in ((self._detok_span, {"pagedserve.detokenize_calls": self._detok_calls,
-                                                "pagedserve.detokenize_busy_s": round(self._detok_busy_s, 6)}),
+        for span, extra in ((self._detok_span, {"pagedserve.detokenize_batches": self._detok_batches}),
                             (self._gen_span, {"pagedserve.completion_tokens": completion})):
             if span is not None:
                 span.set_attributes(extra)
@@ -221,83 +253,43 @@ class PromptGeneration:
         s.last_token_at = now
 
     async def events(self) -> AsyncIterator[SampleEvent]:
-        assert self._call is not None, "start() first"
-        if self._first_task is not None:
-            task, self._first_task = self._first_task, None
-            msg = await task
-        else:
-            msg, self._first = self._first, None
+        assert self._started, "start() first"
         deadline: float | None = None  # for the final messages of stopped samples
+        loop = asyncio.get_running_loop()
         while True:
-            if msg is None:
-                if all(s.done for s in self.samples):
-                    return
-                raise APIError(503, "The scheduler ended the request's stream before it finished.",
-                               code="service_unavailable")
-            ev = await self._handle(msg)
-            if ev is not None:
-                yield ev
-            if all(s.done for s in self.samples):
-                await self._drain()
+            # The stream's reader updates the samples ahead of us: finish only once their events
+            # are all out.
+            if not self._events.empty():
+                item = self._events.get_nowait()
+            elif all(s.done for s in self.samples):
                 return
-            if all(s.done or s.stopped for s in self.samples):
-                # Only stopped samples left: their final message (usage) follows our Abort within a
-                # step. Don't wait for a scheduler that missed the Abort: close() cancels the call.
-                loop = asyncio.get_running_loop()
+            elif all(s.done or s.stopped for s in self.samples):
+                # Only stopped samples left: their final message (usage) follows our abort within a
+                # step. Don't wait for a scheduler that missed it: close() aborts again.
                 if deadline is None:
                     deadline = loop.time() + STOP_FINAL_TIMEOUT_S
                 try:
-                    msg = await asyncio.wait_for(self._read(), max(0.0, deadline - loop.time()))
+                    item = await asyncio.wait_for(self._events.get(), max(0.0, deadline - loop.time()))
                 except TimeoutError:
-                    logger.warning("%s: no final message after Abort(stop_str); cancelling", self.request_id)
+                    logger.warning("%s: no final message after the stop-string abort; closing", self.request_id)
                     return
             else:
-                msg = await self._read()
+                item = await self._events.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item is not _CHANGED:
+                yield item
 
-    async def _drain(self) -> None:
-        """Every sample finished: read the call's end (its OK status) so that close() has nothing to
-        cancel; a scheduler that does not end the stream promptly gets cancelled by close()."""
-        try:
-            await asyncio.wait_for(self._call.read(), DRAIN_TIMEOUT_S)
-        except (TimeoutError, grpc.RpcError):
-            pass
-
-    # ------------------------------------------------------------------ one message
-    async def _detok(self, s: _Sample, ids: list[int], final: bool) -> tokenizer_pb2.DetokenizeResponse:
-        req = tokenizer_pb2.DetokenizeRequest(token_ids=ids, finished=final)
-        t0 = time.perf_counter()
-        try:
-            if s.call is None:
-                if self._detok_md is None:
-                    if self._parent_ctx is not None:  # one aggregated span for every sample's stream
-                        self._detok_span = tracing.tracer().start_span(
-                            "detokenize", context=self._parent_ctx, kind=trace.SpanKind.CLIENT,
-                            attributes={"rpc.system": "grpc", "rpc.method": "pagedserve.v1.Tokenizer/DetokenizeStream"})
-                        self._detok_md = tracing.grpc_metadata(trace.set_span_in_context(self._detok_span)) or []
-                    else:
-                        self._detok_md = tracing.grpc_metadata() or []
-                s.call = self.backend.detokenize_stream(metadata=self._detok_md or None)
-                req.options.CopyFrom(self._detok_options)
-            await s.call.write(req)
-            resp = await s.call.read()
-        except grpc.RpcError as e:
-            raise rpc_error_to_api(e, "tokenizer") from None
-        finally:
-            self._detok_busy_s += time.perf_counter() - t0
-            self._detok_calls += 1
-        if resp is grpc.aio.EOF:
-            raise APIError(503, "The tokenizer service ended a detokenize stream early.", code="service_unavailable")
-        return resp
-
-    async def _handle(self, msg: scheduler_pb2.GenerateResponse) -> SampleEvent | None:
-        idx = msg.index
+    # ------------------------------------------------------------------ one output
+    def _handle(self, idx: int, ids: list[int], lps: list | None, msg: scheduler_pb2.GenerateResponse | None,
+                d: tokenizer_pb2.DetokenizeResult | None) -> SampleEvent | None:
         if not 0 <= idx < len(self.samples):
             raise APIError(500, f"The scheduler sent sample index {idx} for a request with n={len(self.samples)}.")
         s = self.samples[idx]
         if s.done:
             return None
-        fr = msg.finish_reason
-        final = fr != scheduler_pb2.FINISH_REASON_UNSPECIFIED
+        final = msg is not None
+        fr = msg.finish_reason if final else scheduler_pb2.FINISH_REASON_UNSPECIFIED
         if fr == scheduler_pb2.FINISH_REASON_ERROR:
             s.reason = "error"
             raise APIError(500, f"Generation failed: {msg.error_message or 'engine error'}", code="engine_error")
@@ -309,14 +301,12 @@ class PromptGeneration:
             s.reason = "abort"
             raise APIError(503, "The scheduler aborted the request (is it shutting down?).",
                            code="service_unavailable")
-        ids = list(msg.token_ids)
-        lps = list(msg.logprobs) if self.want_logprobs else None
         if not ids and not final:
             return None
-        if not ids and s.call is None:  # final message, no text ever: nothing to detokenize
-            d = tokenizer_pb2.DetokenizeResponse(finished=True)
-        else:
-            d = await self._detok(s, ids, final)
+        if d is None:  # final message, no text ever: nothing to detokenize
+            d = tokenizer_pb2.DetokenizeResult(finished=True)
+        elif d.error:
+            raise APIError(400, d.error, code="invalid_value")
         if d.stop_str:
             keep = max(0, d.num_output_tokens - s.num_tokens)
             ids = ids[:keep]
@@ -326,11 +316,12 @@ class PromptGeneration:
             if ids:
                 self._tokens_arrived(s, len(ids))
             s.stopped = True
+            s.detok_open = False  # the tokenizer ended this key
             s.reason = "stop"
             if final:
                 s.done, s.final = True, msg
             else:
-                await self.backend.abort([self.request_id], stop_str=d.stop_str, indices=[idx])
+                self.backend.step_stream.abort(self._key, stop_str=d.stop_str, indices=(idx,))
             return SampleEvent(idx, d.text, ids, lps, "stop", d.stop_str)
         s.num_tokens += len(ids)
         if ids:
@@ -343,11 +334,6 @@ class PromptGeneration:
         which = msg.WhichOneof("stop_reason")
         stop_reason = getattr(msg, which) if which else None
         return SampleEvent(idx, d.text, ids, lps, reason, stop_reason)
-
-
-def _ignore_result(fut: asyncio.Future) -> None:
-    if not fut.cancelled():
-        fut.exception()  # retrieved: no "exception was never retrieved" warning
 
 
 async def start_all(gens: Sequence[PromptGeneration]) -> None:

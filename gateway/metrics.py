@@ -109,6 +109,11 @@ class GatewayMetrics:
         self.request_generation_tokens = Histogram(PREFIX + "request_generation_tokens",
                                                    "Generated tokens per request (all samples).", m,
                                                    buckets=TOKEN_BUCKETS, registry=r)
+        # Messages on the worker's multiplexed backend streams (per engine step, not per token:
+        # DESIGN.md §1): "scheduler" = GenerateStream messages received, "detokenize" = DetokenizeBatch
+        # messages sent.
+        self.stream_messages = Counter(PREFIX + "gateway_stream_messages",
+                                       "Messages on the gateway's per-step backend streams.", ["stream"], registry=r)
 
     @classmethod
     def get(cls) -> GatewayMetrics:

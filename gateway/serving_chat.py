@@ -23,10 +23,9 @@ from gateway.protocol import (
     ChatLogprobs,
     ChatMessage,
     ChatMessageParam,
-    ChatStreamChoice,
-    DeltaMessage,
 )
 from gateway.serving import BaseServing, random_id
+from gateway.sse_chunks import ChunkRenderer, dump
 from gateway.streaming import sse
 from services.gen.pagedserve.v1 import tokenizer_pb2
 
@@ -124,12 +123,15 @@ class ChatServing(BaseServing):
     async def _chunks(self, req: ChatCompletionRequest, gen: PromptGeneration, rid: str, model: str, k: int | None):
         created = int(time.time())
 
-        def chunk(choice: ChatStreamChoice) -> bytes:
-            return sse(ChatCompletionStreamResponse(id=rid, created=created, model=model,
-                                                    choices=[choice]).model_dump_json())
+        render = ChunkRenderer(rid, "chat.completion.chunk", created, model).choice
+
+        def chunk(index: int, delta: dict, logprobs: ChatLogprobs | None = None, finish: str | None = None,
+                  stop_reason: int | str | None = None) -> bytes:
+            return render({"index": index, "delta": delta, "logprobs": dump(logprobs), "finish_reason": finish,
+                           "stop_reason": stop_reason})
 
         for i in range(req.n):
-            yield chunk(ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content="")))
+            yield chunk(i, {"role": "assistant", "content": ""})
         async for _, ev in merge_events([gen]):
             logprobs = None
             if k is not None and ev.logprobs:
@@ -137,9 +139,9 @@ class ChatServing(BaseServing):
                 logprobs = ChatLogprobs(content=chat_logprobs(ev.logprobs, table, k))
             if not ev.text and logprobs is None and ev.finish_reason is None:
                 continue
-            delta = DeltaMessage(content=ev.text) if ev.text or ev.finish_reason is None else DeltaMessage()
-            yield chunk(ChatStreamChoice(index=ev.index, delta=delta, logprobs=logprobs,
-                                         finish_reason=ev.finish_reason, stop_reason=ev.stop_reason))
+            # DeltaMessage's keys: content while streaming, {} on a last chunk without text.
+            delta = {"content": ev.text} if ev.text or ev.finish_reason is None else {}
+            yield chunk(ev.index, delta, logprobs, ev.finish_reason, ev.stop_reason)
         if req.include_usage:
             yield sse(ChatCompletionStreamResponse(id=rid, created=created, model=model, choices=[],
                                                    usage=self.usage([gen])).model_dump_json())

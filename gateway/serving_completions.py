@@ -23,6 +23,7 @@ from gateway.protocol import (
     CompletionStreamResponse,
 )
 from gateway.serving import BaseServing, random_id
+from gateway.sse_chunks import ChunkRenderer, dump
 from gateway.streaming import sse
 
 
@@ -120,10 +121,12 @@ class CompletionsServing(BaseServing):
         k = req.logprobs
         offsets: dict[int, int] = {}
 
+        render = ChunkRenderer(rid, "text_completion", created, model).choice
+
         def chunk(idx: int, text: str, logprobs: CompletionLogprobs | None = None, finish: str | None = None,
                   stop_reason: int | str | None = None) -> bytes:
-            c = CompletionChoice(index=idx, text=text, logprobs=logprobs, finish_reason=finish, stop_reason=stop_reason)
-            return sse(CompletionStreamResponse(id=rid, created=created, model=model, choices=[c]).model_dump_json())
+            return render({"index": idx, "text": text, "logprobs": dump(logprobs), "finish_reason": finish,
+                           "stop_reason": stop_reason})
 
         if req.echo:
             for idx in range(len(prep.gens) * n):

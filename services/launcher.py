@@ -247,7 +247,8 @@ class Stack:
         if self.with_gateway:
             self.gateway = Service("gateway", [*py, "gateway", "--host", args.host, "--port", str(ports["gateway"]),
                                                "--scheduler-address", self.scheduler.address,
-                                               "--tokenizer-address", self.tokenizer.address],
+                                               "--tokenizer-address", self.tokenizer.address,
+                                               "--workers", str(args.gateway_workers)],
                                    f"http://{_address(args.host, ports['gateway'])}", "http")
 
     # ------------------------------------------------------------------ signals
@@ -447,6 +448,9 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                    help="waiting requests beyond which new ones get HTTP 429 / RESOURCE_EXHAUSTED (0: unlimited)")
     g.add_argument("--executor-timeout", type=float, default=30.0,
                    help="seconds requests wait for a dead/restarting executor before failing (default 30)")
+    g.add_argument("--gateway-workers", type=int, default=1,
+                   help="gateway worker processes sharing the port (each has its own scheduler stream; "
+                        "default 1)")
     g.add_argument("--no-gateway", action="store_true", help="only the gRPC services")
     g = p.add_argument_group("supervision")
     g.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for health checks")

@@ -3,8 +3,9 @@
 The asyncio gRPC handlers never touch the EngineCore. They put commands into a thread-safe inbox
 (add a request, abort / finish requests, take a stats snapshot); the engine thread applies them
 between steps, steps while there is work and sleeps on a condition variable when there is none
-(no busy spin). Outputs go back to the event loop in one `loop.call_soon_threadsafe` per step,
-each request's messages into its call's asyncio.Queue.
+(no busy spin). Outputs go back to the event loop in one `loop.call_soon_threadsafe` per step:
+`_route` groups the step's deltas by sink (services/scheduler/sinks.py: a Generate call, or a
+GenerateStream carrying many requests) and each sink gets one `deliver` with all of its deltas.
 
 Executor failures (DESIGN.md §8: "we recover instead"):
 - a failed step (ExecutorError) puts every unfinished request back in the waiting queue with its
@@ -38,8 +39,8 @@ from engine_core.executor.base import Executor, ExecutorError, ExecutorInfo
 from engine_core.request import Request, RequestStatus
 from engine_core.sampling_params import SamplingParams
 from engine_core.scheduler import RequestOutputDelta
-from services import convert
 from services.gen.pagedserve.v1 import scheduler_pb2
+from services.scheduler.sinks import CallFailed, CallSink, SampleDelta, StreamSink
 
 logger = logging.getLogger(__name__)
 
@@ -53,28 +54,28 @@ FINISH_REASONS = {
 _GEOMETRY = ("model_name", "vocab_size", "max_model_len", "num_kv_blocks", "block_size", "eos_token_ids")
 
 
-@dataclass
-class CallFailed:
-    """Put in a call's queue instead of a message: end the call with this gRPC status."""
-
-    code: grpc.StatusCode
-    message: str
+__all__ = ["CallFailed", "EngineLoop", "GenerateCall"]
 
 
 @dataclass(eq=False)
 class GenerateCall:
-    """One Generate call. The handler (event loop) owns `queue` and `accepted`; the engine thread
-    resolves `accepted` with None (queued) or a CallFailed, then feeds `queue`."""
+    """One request (a Generate call, or one request of a GenerateStream). The engine thread tells
+    its `sink` (event loop side) whether it was admitted, then delivers its outputs there."""
 
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    queue: asyncio.Queue
-    accepted: asyncio.Future
+    sink: CallSink | StreamSink
+    key: int = 0  # the GenerateStream key (stream requests only)
     submitted: float = field(default_factory=time.monotonic)
     done: bool = False
     # W3C trace context for the executor's spans (services/tracing.py); None: not traced.
     trace_context: dict[str, str] | None = None
+    remaining: int = 0  # samples without a final message yet (event-loop side bookkeeping)
+    span: object = None  # the request's tracing.server_span (stream requests)
+
+    def __post_init__(self) -> None:
+        self.remaining = self.params.n
 
     @property
     def n(self) -> int:
@@ -281,11 +282,12 @@ class EngineLoop:
             logger.exception("engine thread crashed")
             self.fatal_error = e
             msg = f"scheduler engine failed: {type(e).__name__}: {e}"
-            for route in list(self._routes.values()):
-                self._post(route.call.queue.put_nowait, CallFailed(grpc.StatusCode.INTERNAL, msg))
+            failed = {id(r.call): r.call for r in self._routes.values()}
+            for call in failed.values():
+                self._post(call.sink.fail, call, CallFailed(grpc.StatusCode.INTERNAL, msg))
             for cmd in self._inbox:
                 if cmd[0] == "add":
-                    self._post(self._resolve, cmd[1].accepted, CallFailed(grpc.StatusCode.INTERNAL, msg))
+                    self._admit(cmd[1], CallFailed(grpc.StatusCode.INTERNAL, msg))
             self._set_health(False)
             self._post(self._on_fatal, e)
             self._flush()
@@ -317,6 +319,9 @@ class EngineLoop:
 
     def _resolve_later(self, fut: asyncio.Future, value) -> None:
         self._post(self._resolve, fut, value)
+
+    def _admit(self, call: GenerateCall, verdict: CallFailed | None) -> None:
+        self._post(call.sink.admitted, call, verdict)
 
     def _add(self, call: GenerateCall) -> None:
         try:
@@ -351,17 +356,17 @@ class EngineLoop:
                     self._routes.pop(cid, None)
                 core.abort_requests(added)
                 core.take_pending()
-            self._resolve_later(call.accepted, CallFailed(grpc.StatusCode.INVALID_ARGUMENT, str(e)))
+            self._admit(call, CallFailed(grpc.StatusCode.INVALID_ARGUMENT, str(e)))
             return
         self._publish_queues()
-        self._resolve_later(call.accepted, None)
+        self._admit(call, None)
 
     def _abort(self, ids: list[str], stop_str: str | None) -> None:
         if self.core is None:
             gone = set(ids)
             for call in [c for c in self._deferred if set(c.child_ids) & gone]:
                 self._deferred.remove(call)
-                self._resolve_later(call.accepted, CallFailed(grpc.StatusCode.CANCELLED, "aborted"))
+                self._admit(call, CallFailed(grpc.StatusCode.CANCELLED, "aborted"))
             return
         ids = [i for i in ids if i in self._routes]
         if not ids:
@@ -415,19 +420,32 @@ class EngineLoop:
             self._go_down(f"reset after a failed step failed: {e}")
 
     def _route(self, deltas: list[RequestOutputDelta]) -> None:
+        """One `deliver` per sink for the whole step (not one message per request x token)."""
         now = time.monotonic()
+        batches: dict[int, tuple[CallSink | StreamSink, list[SampleDelta]]] = {}
         for d in deltas:
             route = self._routes.get(d.request_id)
             if route is None:
                 continue
-            msg = scheduler_pb2.GenerateResponse(index=route.index, token_ids=d.new_token_ids,
-                                                 finish_reason=FINISH_REASONS[d.finish_reason])
-            if d.new_logprobs:
-                msg.logprobs.extend([convert.token_logprobs_to_proto(x) for x in d.new_logprobs])
+            final = None
             if d.finished:
                 del self._routes[d.request_id]
-                self._finish_message(msg, d, route.request, now)
-            self._post(route.call.queue.put_nowait, msg)
+                final = scheduler_pb2.GenerateResponse(index=route.index, finish_reason=FINISH_REASONS[d.finish_reason])
+                self._finish_message(final, d, route.request, now)
+            self._batch(batches, SampleDelta(route.call, route.index, d.new_token_ids, d.new_logprobs, final))
+        self._deliver(batches)
+
+    @staticmethod
+    def _batch(batches: dict, item: SampleDelta) -> None:
+        sink = item.call.sink
+        entry = batches.get(id(sink))
+        if entry is None:
+            entry = batches[id(sink)] = (sink, [])
+        entry[1].append(item)
+
+    def _deliver(self, batches: dict) -> None:
+        for sink, items in batches.values():
+            self._post(sink.deliver, items)
 
     @staticmethod
     def _finish_message(msg: scheduler_pb2.GenerateResponse, d: RequestOutputDelta, req: Request,
@@ -463,6 +481,7 @@ class EngineLoop:
         done = core.scheduler.finish_requests(ids, RequestStatus.FINISHED_ERROR)
         now = time.monotonic()
         failed_calls: set[int] = set()
+        batches: dict = {}
         for req in done:
             route = self._routes.pop(req.request_id, None)
             if route is None:
@@ -470,13 +489,14 @@ class EngineLoop:
             if code is not None:
                 if id(route.call) not in failed_calls:
                     failed_calls.add(id(route.call))
-                    self._post(route.call.queue.put_nowait, CallFailed(code, message))
+                    self._post(route.call.sink.fail, route.call, CallFailed(code, message))
                 continue
             d = core.scheduler.abort_delta(req)
             msg = scheduler_pb2.GenerateResponse(index=route.index, finish_reason=scheduler_pb2.FINISH_REASON_ERROR,
                                                  error_message=message)
             self._finish_message(msg, d, req, now)
-            self._post(route.call.queue.put_nowait, msg)
+            self._batch(batches, SampleDelta(route.call, route.index, [], None, msg))
+        self._deliver(batches)
         self._publish_queues()
 
     # ------------------------------------------------------------------ executor availability
@@ -562,7 +582,7 @@ class EngineLoop:
                f"({self._down_reason}); request not completed")
         for call in [c for c in self._deferred if now - max(c.submitted, since) > timeout]:
             self._deferred.remove(call)
-            self._resolve_later(call.accepted, CallFailed(grpc.StatusCode.UNAVAILABLE, msg))
+            self._admit(call, CallFailed(grpc.StatusCode.UNAVAILABLE, msg))
         if self.core is None or not self._routes:
             return
         expired = [cid for cid, r in self._routes.items() if now - max(r.call.submitted, since) > timeout]

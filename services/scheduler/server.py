@@ -4,8 +4,10 @@ Token ids in, token ids out: the scheduler and block manager of engine_core driv
 remote (`--executor-address host:port`, a `python -m services.executor`, through GrpcExecutor) or
 in-process (`--executor-address local`: LocalExecutor, or any `--executor module:callable`).
 
-An asyncio gRPC server: each in-flight Generate call is a coroutine waiting on its own
-asyncio.Queue; the EngineCore lives on one engine thread (services/scheduler/engine_loop.py).
+An asyncio gRPC server; the EngineCore lives on one engine thread (services/scheduler/engine_loop.py),
+which hands each step's outputs to the event loop in one callback, grouped by sink
+(services/scheduler/sinks.py): a GenerateStream (a gateway worker: one message per step for all its
+requests) or a Generate call (the per-request RPC, fanned out from the same step batch).
 Status codes are documented in protos/pagedserve/v1/scheduler.proto.
 """
 from __future__ import annotations
@@ -30,11 +32,8 @@ from services.grpc_server import (
     add_common_args,
     configure_logging,
 )
-from services.scheduler.engine_loop import (
-    CallFailed,
-    EngineLoop,
-    GenerateCall,
-)
+from services.scheduler.engine_loop import EngineLoop, GenerateCall
+from services.scheduler.sinks import CallFailed, CallSink, StreamSink
 
 logger = logging.getLogger(__name__)
 
@@ -78,48 +77,63 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             await gen.aclose()  # its finally aborts the request in the engine now, not at GC time
             span.end()
 
-    async def _generate(self, request: scheduler_pb2.GenerateRequest, context, span: tracing.server_span):
+    def _check(self, request: scheduler_pb2.GenerateRequest) -> SamplingParams | CallFailed:
+        """The request's sampling params, or why it cannot be admitted (before the engine sees it)."""
         engine = self.engine
         rid = request.request_id
+        bad = grpc.StatusCode.INVALID_ARGUMENT
         if self._closing.is_set():
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the scheduler is shutting down")
+            return CallFailed(grpc.StatusCode.UNAVAILABLE, "the scheduler is shutting down")
         if engine.fatal_error is not None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the scheduler engine failed: {engine.fatal_error}")
+            return CallFailed(grpc.StatusCode.UNAVAILABLE, f"the scheduler engine failed: {engine.fatal_error}")
         if not rid:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id is required")
+            return CallFailed(bad, "request_id is required")
         if rid in self._calls:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request_id {rid!r} is already in flight")
+            return CallFailed(bad, f"request_id {rid!r} is already in flight")
         if not request.prompt_token_ids:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty: at least one token is required")
+            return CallFailed(bad, "prompt is empty: at least one token is required")
         try:
             params = (convert.sampling_params_from_proto(request.sampling_params)
                       if request.HasField("sampling_params") else SamplingParams())
         except (ValueError, TypeError) as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"sampling_params: {e}")
+            return CallFailed(bad, f"sampling_params: {e}")
         down = engine.down_for()
         if down > engine.executor_timeout_s:
-            await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                f"executor {engine.executor_name} unavailable for {down:.0f}s ({engine.down_reason})")
+            return CallFailed(grpc.StatusCode.UNAVAILABLE,
+                              f"executor {engine.executor_name} unavailable for {down:.0f}s ({engine.down_reason})")
         limit = engine.max_queue_len
         if limit and self._queue_full(params.n):
             engine.num_rejected += 1
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"the scheduler's waiting queue is full ({limit} requests); retry later")
+            return CallFailed(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"the scheduler's waiting queue is full ({limit} requests); retry later")
+        return params
 
-        loop = asyncio.get_running_loop()
-        call = GenerateCall(rid, list(request.prompt_token_ids), params, asyncio.Queue(), loop.create_future())
+    def _submit(self, call: GenerateCall, span: tracing.server_span) -> None:
         if tracing.span_is_sampled(span.span):
             call.trace_context = tracing.carrier(span.context)
-        self._calls[rid] = call
+        self._calls[call.request_id] = call
+        self.engine.add(call)
+
+    def _forget(self, call: GenerateCall) -> None:
+        if self._calls.get(call.request_id) is call:
+            del self._calls[call.request_id]
+
+    async def _generate(self, request: scheduler_pb2.GenerateRequest, context, span: tracing.server_span):
+        engine = self.engine
+        params = self._check(request)
+        if isinstance(params, CallFailed):
+            await context.abort(params.code, params.message)
+        sink = CallSink(asyncio.get_running_loop())
+        call = GenerateCall(request.request_id, list(request.prompt_token_ids), params, sink)
         try:
-            engine.add(call)
-            verdict = await call.accepted
+            self._submit(call, span)
+            verdict = await sink.accepted
             if isinstance(verdict, CallFailed):
                 call.done = True
                 await context.abort(verdict.code, verdict.message)
             remaining = params.n
             while remaining:
-                item = await call.queue.get()
+                item = await sink.queue.get()
                 if isinstance(item, CallFailed):
                     call.done = True
                     await context.abort(item.code, item.message)
@@ -134,8 +148,79 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             # engine, which frees the blocks at once (idempotent for finished samples).
             if not call.done:
                 engine.abort(call.child_ids)
-            if self._calls.get(rid) is call:
-                del self._calls[rid]
+            self._forget(call)
+
+    # ------------------------------------------------------------------ GenerateStream
+    async def GenerateStream(self, request_iterator, context):
+        """Many requests on one stream; one message per engine step (see the proto)."""
+        calls: dict[int, GenerateCall] = {}
+
+        def on_done(call: GenerateCall) -> None:
+            call.done = True
+            if calls.get(call.key) is call:
+                del calls[call.key]
+            self._forget(call)
+            if call.span is not None:
+                call.span.end()
+
+        def on_final(call: GenerateCall, msg: scheduler_pb2.GenerateResponse) -> None:
+            if call.span is not None:
+                _request_spans(call.span, call, msg)
+
+        sink = StreamSink(on_done, on_final)
+        reader = asyncio.ensure_future(self._read_stream(request_iterator, sink, calls))
+        try:
+            while not (reader.done() and not calls):
+                msg = await sink.next_message()
+                if msg.ByteSize():
+                    yield msg
+                if reader.done() and reader.exception() is not None:
+                    raise reader.exception()
+        finally:
+            reader.cancel()
+            live = [c for c in calls.values() if not c.done]
+            if live:  # the client is gone (or the stream failed): free every request still on it
+                self.engine.abort([cid for c in live for cid in c.child_ids])
+            for c in live:
+                on_done(c)
+
+    async def _read_stream(self, request_iterator, sink: StreamSink,
+                           calls: dict[int, GenerateCall]) -> None:
+        try:
+            async for req in request_iterator:
+                for add in req.add:
+                    self._stream_add(add, sink, calls)
+                for ab in req.abort:
+                    call = calls.get(ab.key)
+                    if call is None or call.done:
+                        continue
+                    ids = call.child_ids
+                    if ab.indices:
+                        ids = [ids[i] for i in ab.indices if 0 <= i < call.n]
+                    self.engine.abort(ids, ab.stop_str if ab.HasField("stop_str") else None)
+        finally:
+            sink.wake()  # the writer re-checks whether the stream is over
+
+    def _stream_add(self, add: scheduler_pb2.StreamAdd, sink: StreamSink, calls: dict[int, GenerateCall]) -> None:
+        request = add.request
+        # x-request-id is left out: server_span would set it as the reader task's log context.
+        md = {k: v for k, v in add.trace_context.items() if k != tracing.REQUEST_ID_METADATA_KEY}
+        span = tracing.server_span(_MetadataContext(md), "scheduler.Generate",
+                                   {"pagedserve.request_id": request.request_id,
+                                    "pagedserve.prompt_tokens": len(request.prompt_token_ids)})
+        params = self._check(request)
+        if isinstance(params, CallFailed) or add.key in calls:
+            failure = params if isinstance(params, CallFailed) else CallFailed(
+                grpc.StatusCode.INVALID_ARGUMENT, f"stream key {add.key} is already in use")
+            span.end()
+            sink.admitted(GenerateCall(request.request_id, [], SamplingParams(), sink, key=add.key), failure)
+            return
+        call = GenerateCall(request.request_id, list(request.prompt_token_ids), params, sink, key=add.key,
+                            span=span if span.span is not None else None)
+        if call.span is None:
+            span.end()
+        calls[add.key] = call
+        self._submit(call, span)
 
     # ------------------------------------------------------------------ Abort
     async def Abort(self, request: scheduler_pb2.AbortRequest, context):
@@ -196,6 +281,16 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             max_logprobs=cfg.max_logprobs)
 
 
+class _MetadataContext:
+    """What tracing.server_span reads from a grpc context, for a request that came in on a stream."""
+
+    def __init__(self, metadata) -> None:
+        self._md = tuple(metadata.items())
+
+    def invocation_metadata(self):
+        return self._md
+
+
 def _request_spans(span: tracing.server_span, call: GenerateCall, final: scheduler_pb2.GenerateResponse) -> None:
     """queue / prefill / decode (aggregated) spans of one finished sample, from its timings."""
     m = final.metrics
@@ -230,8 +325,21 @@ class GuardedExecutor(Executor):
         return self.inner.describe()
 
     def execute(self, scheduler_output):
+        return self._guard(self.inner.execute, scheduler_output)
+
+    def submit(self, scheduler_output) -> None:
+        self._guard(self.inner.submit, scheduler_output)
+
+    def get_result(self):
+        return self._guard(self.inner.get_result)
+
+    def abandon_in_flight(self) -> None:
+        self.inner.abandon_in_flight()
+
+    @staticmethod
+    def _guard(fn, *args):
         try:
-            return self.inner.execute(scheduler_output)
+            return fn(*args)
         except ExecutorError:
             raise
         except Exception as e:

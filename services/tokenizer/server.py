@@ -1,7 +1,8 @@
 """`python -m services.tokenizer`: pagedserve.v1.Tokenizer over engine_core.tokenizer.
 
-An asyncio server: every in-flight request holds a DetokenizeStream, which costs a coroutine here,
-not a thread. Encode / ApplyChatTemplate / Decode (size depends on the input) run in worker
+An asyncio server. The gateway detokenizes through DetokenizeBatch: one stream per gateway worker,
+one message per engine step for all of its requests (DESIGN.md §1); DetokenizeStream (one stream per
+request) stays for internal clients. Encode / ApplyChatTemplate / Decode (size depends on the input) run in worker
 threads so a long prompt does not stall the streams; per-token detokenization is cheap and runs
 inline. The HF fast tokenizer is shared without a lock: we never change its settings (truncation /
 padding), so every call only reads it.
@@ -21,6 +22,7 @@ import os
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
+from opentelemetry import trace
 
 from services import tracing
 from services.gen.pagedserve.v1 import tokenizer_pb2, tokenizer_pb2_grpc
@@ -186,14 +188,16 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
         return self._detok_cls(self.tokenizer, prompt, skip_special_tokens=skip, stop=list(opts.stop),
                                include_stop_str_in_output=opts.include_stop_str_in_output)
 
-    def _detok_step(self, detok, req) -> tokenizer_pb2.DetokenizeResponse:
-        ids = list(req.token_ids)
+    def _detok_advance(self, detok, ids: list[int], finished: bool) -> dict:
+        """Feed one message's tokens; the result fields shared by DetokenizeResponse / DetokenizeResult."""
         self._check_ids(ids)
         stop = detok.update(ids) if ids else None
-        done = req.finished or stop is not None or detok.stopped
-        text = detok.get_next_delta(done)
-        return tokenizer_pb2.DetokenizeResponse(text=text, finished=done, stop_str=detok.stop_str or "",
-                                                num_output_tokens=len(detok.output_token_ids))
+        done = finished or stop is not None or detok.stopped
+        return {"text": detok.get_next_delta(done), "finished": done, "stop_str": detok.stop_str or "",
+                "num_output_tokens": len(detok.output_token_ids)}
+
+    def _detok_step(self, detok, req) -> tokenizer_pb2.DetokenizeResponse:
+        return tokenizer_pb2.DetokenizeResponse(**self._detok_advance(detok, list(req.token_ids), req.finished))
 
     @tracing.traced_rpc("tokenizer.DetokenizeStream")
     async def DetokenizeStream(self, request_iterator: AsyncIterator, context):
@@ -209,6 +213,52 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
             yield resp
             if resp.finished:
                 return
+
+    @tracing.traced_rpc("tokenizer.DetokenizeBatch")
+    async def DetokenizeBatch(self, request_iterator: AsyncIterator, context):
+        """One message per engine step for all of a gateway worker's samples (see the proto)."""
+        await self._check_ready(context)
+        states: dict[int, object] = {}
+        spans: dict[int, object] = {}  # key -> its tokenizer.detokenize span (traced requests)
+        try:
+            async for req in request_iterator:
+                yield tokenizer_pb2.DetokenizeBatchResponse(
+                    results=[self._batch_entry(states, spans, e) for e in req.entries])
+        finally:
+            for span in spans.values():
+                span.end()
+
+    def _batch_entry(self, states: dict, spans: dict, e) -> tokenizer_pb2.DetokenizeResult:
+        key = e.key
+        if e.close:
+            self._drop(states, spans, key)
+            return tokenizer_pb2.DetokenizeResult(key=key, finished=True)
+        try:
+            detok = states.get(key)
+            if e.HasField("options"):
+                if detok is not None:
+                    raise ClientError("options are only allowed on a key's first entry")
+                detok = states[key] = self._detok_open(e.options)
+                if e.trace_context and tracing.enabled():
+                    spans[key] = tracing.tracer().start_span(
+                        "tokenizer.detokenize", context=tracing.context_from_carrier(e.trace_context),
+                        kind=trace.SpanKind.SERVER, attributes={"rpc.system": "grpc"})
+            elif detok is None:
+                raise ClientError(f"unknown key {key}: its first entry must carry options")
+            res = self._detok_advance(detok, list(e.token_ids), e.finished)
+        except CLIENT_ERRORS as err:
+            self._drop(states, spans, key)
+            return tokenizer_pb2.DetokenizeResult(key=key, finished=True, error=f"DetokenizeBatch: {err}")
+        if res["finished"]:
+            self._drop(states, spans, key)
+        return tokenizer_pb2.DetokenizeResult(key=key, **res)
+
+    @staticmethod
+    def _drop(states: dict, spans: dict, key: int) -> None:
+        states.pop(key, None)
+        span = spans.pop(key, None)
+        if span is not None:
+            span.end()
 
     def _token_strings(self, ids: list[int]) -> tuple[list[str], list[bytes]]:
         self._check_ids(ids)

@@ -9,6 +9,10 @@ stop_str / indices, cancellation (recorded), and a queue limit (RESOURCE_EXHAUST
 admission (before the first token, which comes after first_token_delay_s). ignore_abort: Abort
 is a no-op (the gateway must not wait for a final message that never comes). seed == ERROR_SEED: the engine "fails" after two tokens
 (FINISH_REASON_ERROR, in-band).
+
+GenerateStream (what the gateway uses) runs each added request through the same Generate logic
+and sends everything that is ready as one message; a request counts as admitted at its initial
+metadata (accepted_metadata) or first message, as a Generate caller would see it.
 """
 from __future__ import annotations
 
@@ -134,6 +138,53 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
             self.running.pop(rid, None)
             self.aborts.pop(rid, None)
 
+    async def GenerateStream(self, request_iterator, context):
+        out: asyncio.Queue = asyncio.Queue()
+        tasks: dict[int, asyncio.Task] = {}
+        rids: dict[int, str] = {}
+
+        async def run(add) -> None:
+            ctx = _CallContext(lambda: out.put_nowait(("accepted", add.key)))
+            try:
+                async for msg in self.Generate(add.request, ctx):
+                    ctx.accept()
+                    out.put_nowait(("out", add.key, msg))
+            except _Aborted as e:
+                out.put_nowait(("error", add.key, e.code, e.details))
+
+        async def read() -> None:
+            async for req in request_iterator:
+                for add in req.add:
+                    rids[add.key] = add.request.request_id
+                    tasks[add.key] = asyncio.ensure_future(run(add))
+                for ab in req.abort:
+                    if ab.HasField("stop_str") or ab.indices:
+                        await self.Abort(scheduler_pb2.AbortRequest(
+                            request_ids=[rids.get(ab.key, "")], indices=ab.indices,
+                            stop_str=ab.stop_str if ab.HasField("stop_str") else None), context)
+                    elif ab.key in tasks:
+                        tasks[ab.key].cancel()  # a cancelled Generate call
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while True:
+                items = [await out.get()]
+                while not out.empty():
+                    items.append(out.get_nowait())
+                msg = scheduler_pb2.GenerateStreamResponse()
+                for item in items:
+                    if item[0] == "accepted":
+                        msg.accepted.append(item[1])
+                    elif item[0] == "error":
+                        msg.errors.add(key=item[1], code=item[2].value[0], message=item[3])
+                    else:
+                        msg.outputs.add(key=item[1], response=item[2])
+                yield msg
+        finally:
+            reader.cancel()
+            for t in tasks.values():
+                t.cancel()
+
     async def Abort(self, request, context):
         self.abort_calls.append(request)
         aborted, unknown = [], []
@@ -160,3 +211,28 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
                                                max_model_len=self.max_model_len, eos_token_ids=[self.eos]),
             max_num_seqs=64, max_logprobs=20)
 
+
+
+class _Aborted(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code, self.details = code, details
+
+
+class _CallContext:
+    """The bits of a grpc.aio context that Generate uses, for a request on GenerateStream."""
+
+    def __init__(self, on_accept) -> None:
+        self._on_accept = on_accept
+        self._accepted = False
+
+    def accept(self) -> None:
+        if not self._accepted:
+            self._accepted = True
+            self._on_accept()
+
+    async def send_initial_metadata(self, metadata) -> None:
+        self.accept()
+
+    async def abort(self, code: grpc.StatusCode, details: str):
+        raise _Aborted(code, details)

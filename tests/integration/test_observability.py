@@ -237,7 +237,7 @@ def test_one_request_one_trace_across_all_services(stack):
         return [s for s in spans if s["trace_id"] == roots[0]["trace_id"]]
 
     want = {"gateway": {"POST /v1/completions", "tokenize", "generate", "detokenize"},
-            "tokenizer": {"tokenizer.Encode", "tokenizer.DetokenizeStream"},
+            "tokenizer": {"tokenizer.Encode", "tokenizer.detokenize"},
             "scheduler": {"scheduler.Generate", "queue", "prefill", "decode"},
             "executor": {"executor.prefill", "executor.decode"}}
 
@@ -269,7 +269,7 @@ def test_one_request_one_trace_across_all_services(stack):
         assert s["parent_span_id"] == gen["span_id"], name  # via NewRequestData.trace_context
         assert s["end_ns"] >= s["start_ns"]
     assert gen["attributes"]["pagedserve.request_id"] == f"cmpl-{rid}-0"
-    detok = next(s for s in spans if s["name"] == "tokenizer.DetokenizeStream")
+    detok = next(s for s in spans if s["name"] == "tokenizer.detokenize")  # per sample, in DetokenizeBatch
     assert parent_of[detok["parent_span_id"]]["name"] == "detokenize"
 
 

@@ -60,6 +60,6 @@ def test_services_declared():
     step = executor_pb2.DESCRIPTOR.services_by_name["Executor"].methods_by_name["Step"]
     assert step.client_streaming and step.server_streaming
     assert set(scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].methods_by_name) == {
-        "Generate", "Abort", "GetStats", "WatchStats", "GetModelInfo"}
+        "Generate", "GenerateStream", "Abort", "GetStats", "WatchStats", "GetModelInfo"}
     assert set(tokenizer_pb2.DESCRIPTOR.services_by_name["Tokenizer"].methods_by_name) == {
-        "Encode", "ApplyChatTemplate", "Decode", "DetokenizeStream", "GetInfo", "DecodeTokens"}
+        "Encode", "ApplyChatTemplate", "Decode", "DetokenizeStream", "DetokenizeBatch", "GetInfo", "DecodeTokens"}

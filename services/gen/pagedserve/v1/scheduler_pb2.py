@@ -27,17 +27,19 @@ from . import common_pb2 as pagedserve_dot_v1_dot_common__pb2
 from . import executor_pb2 as pagedserve_dot_v1_dot_executor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dpagedserve/v1/scheduler.proto\x12\rpagedserve.v1\x1a\x1apagedserve/v1/common.proto\x1a\x1cpagedserve/v1/executor.proto\"w\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x36\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x1d.pagedserve.v1.SamplingParams\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"\xa4\x01\n\x0eRequestMetrics\x12\x14\n\x0cqueue_time_s\x18\x01 \x01(\x01\x12\x1d\n\x15time_to_first_token_s\x18\x02 \x01(\x01\x12\x16\n\x0eprefill_time_s\x18\x03 \x01(\x01\x12\x15\n\rdecode_time_s\x18\x04 \x01(\x01\x12\x15\n\re2e_latency_s\x18\x05 \x01(\x01\x12\x17\n\x0fnum_preemptions\x18\x06 \x01(\x05\"\xc0\x02\n\x10GenerateResponse\x12\r\n\x05index\x18\t \x01(\x05\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12.\n\x08logprobs\x18\x02 \x03(\x0b\x32\x1c.pagedserve.v1.TokenLogprobs\x12\x32\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1b.pagedserve.v1.FinishReason\x12\x17\n\rstop_token_id\x18\x04 \x01(\x05H\x00\x12\x12\n\x08stop_str\x18\x05 \x01(\tH\x00\x12#\n\x05usage\x18\x06 \x01(\x0b\x32\x14.pagedserve.v1.Usage\x12.\n\x07metrics\x18\x07 \x01(\x0b\x32\x1d.pagedserve.v1.RequestMetrics\x12\x15\n\rerror_message\x18\x08 \x01(\tB\r\n\x0bstop_reason\"X\n\x0c\x41\x62ortRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\x12\x15\n\x08stop_str\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x0f\n\x07indices\x18\x03 \x03(\x05\x42\x0b\n\t_stop_str\"I\n\rAbortResponse\x12\x1b\n\x13\x61\x62orted_request_ids\x18\x01 \x03(\t\x12\x1b\n\x13unknown_request_ids\x18\x02 \x03(\t\"+\n\x0fGetStatsRequest\x12\x18\n\x10include_requests\x18\x01 \x01(\x08\"A\n\x11WatchStatsRequest\x12\x12\n\ninterval_s\x18\x01 \x01(\x01\x12\x18\n\x10include_requests\x18\x02 \x01(\x08\"\x9a\x01\n\x0eRequestKVState\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x03 \x01(\x05\x12\x19\n\x11num_output_tokens\x18\x04 \x01(\x05\x12\x1b\n\x13num_computed_tokens\x18\x05 \x01(\x05\x12\x11\n\tblock_ids\x18\x06 \x03(\x05\"X\n\x0cKVBlockState\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\x05\x12\x11\n\tref_count\x18\x02 \x01(\x05\x12\x0e\n\x06\x63\x61\x63hed\x18\x03 \x01(\x08\x12\x13\n\x0brequest_ids\x18\x04 \x03(\t\"\xe5\x06\n\x0eSchedulerStats\x12\x11\n\ttimestamp\x18\x01 \x01(\x01\x12\x13\n\x0bnum_running\x18\x02 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x03 \x01(\x05\x12\x16\n\x0ekv_cache_usage\x18\x04 \x01(\x01\x12\x15\n\rnum_kv_blocks\x18\x05 \x01(\x05\x12\x17\n\x0fnum_free_blocks\x18\x06 \x01(\x05\x12!\n\x19num_tokens_in_used_blocks\x18\x07 \x01(\x03\x12\x1c\n\x14prefix_cache_queries\x18\x08 \x01(\x03\x12\x19\n\x11prefix_cache_hits\x18\t \x01(\x03\x12\x1d\n\x15prefix_cache_hit_rate\x18\n \x01(\x01\x12\x17\n\x0fnum_preemptions\x18\x0b \x01(\x03\x12\x11\n\tnum_steps\x18\x0c \x01(\x03\x12\x1b\n\x13prompt_tokens_total\x18\r \x01(\x03\x12\x1f\n\x17generation_tokens_total\x18\x0e \x01(\x03\x12O\n\x12\x66inished_by_reason\x18\x0f \x03(\x0b\x32\x33.pagedserve.v1.SchedulerStats.FinishedByReasonEntry\x12\x19\n\x11\x65xecutor_restarts\x18\x10 \x01(\x03\x12\x1d\n\x15prompt_throughput_tps\x18\x11 \x01(\x01\x12!\n\x19generation_throughput_tps\x18\x12 \x01(\x01\x12\x1f\n\x17step_num_batched_tokens\x18\x13 \x01(\x05\x12\x15\n\rstep_num_seqs\x18\x14 \x01(\x05\x12\x18\n\x10\x65xecutor_healthy\x18\x15 \x01(\x08\x12/\n\x08requests\x18\x16 \x03(\x0b\x32\x1d.pagedserve.v1.RequestKVState\x12+\n\x06\x62locks\x18\x17 \x03(\x0b\x32\x1b.pagedserve.v1.KVBlockState\x12\x15\n\rmax_queue_len\x18\x18 \x01(\x05\x12\x1d\n\x15num_requests_rejected\x18\x19 \x01(\x03\x12\x1c\n\x14num_kv_blocks_cached\x18\x1a \x01(\x05\x1a\x37\n\x15\x46inishedByReasonEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\x15\n\x13GetModelInfoRequest\"\xc5\x01\n\tModelInfo\x12-\n\x08\x65xecutor\x18\x01 \x01(\x0b\x32\x1b.pagedserve.v1.ExecutorInfo\x12\x14\n\x0cmax_num_seqs\x18\x02 \x01(\x05\x12\x1e\n\x16max_num_batched_tokens\x18\x03 \x01(\x05\x12\x1e\n\x16\x65nable_chunked_prefill\x18\x04 \x01(\x08\x12\x1d\n\x15\x65nable_prefix_caching\x18\x05 \x01(\x08\x12\x14\n\x0cmax_logprobs\x18\x06 \x01(\x05*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\x88\x03\n\tScheduler\x12M\n\x08Generate\x12\x1e.pagedserve.v1.GenerateRequest\x1a\x1f.pagedserve.v1.GenerateResponse0\x01\x12\x42\n\x05\x41\x62ort\x12\x1b.pagedserve.v1.AbortRequest\x1a\x1c.pagedserve.v1.AbortResponse\x12I\n\x08GetStats\x12\x1e.pagedserve.v1.GetStatsRequest\x1a\x1d.pagedserve.v1.SchedulerStats\x12O\n\nWatchStats\x12 .pagedserve.v1.WatchStatsRequest\x1a\x1d.pagedserve.v1.SchedulerStats0\x01\x12L\n\x0cGetModelInfo\x12\".pagedserve.v1.GetModelInfoRequest\x1a\x18.pagedserve.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dpagedserve/v1/scheduler.proto\x12\rpagedserve.v1\x1a\x1apagedserve/v1/common.proto\x1a\x1cpagedserve/v1/executor.proto\"w\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x36\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x1d.pagedserve.v1.SamplingParams\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"\xa4\x01\n\x0eRequestMetrics\x12\x14\n\x0cqueue_time_s\x18\x01 \x01(\x01\x12\x1d\n\x15time_to_first_token_s\x18\x02 \x01(\x01\x12\x16\n\x0eprefill_time_s\x18\x03 \x01(\x01\x12\x15\n\rdecode_time_s\x18\x04 \x01(\x01\x12\x15\n\re2e_latency_s\x18\x05 \x01(\x01\x12\x17\n\x0fnum_preemptions\x18\x06 \x01(\x05\"\xc0\x02\n\x10GenerateResponse\x12\r\n\x05index\x18\t \x01(\x05\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12.\n\x08logprobs\x18\x02 \x03(\x0b\x32\x1c.pagedserve.v1.TokenLogprobs\x12\x32\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1b.pagedserve.v1.FinishReason\x12\x17\n\rstop_token_id\x18\x04 \x01(\x05H\x00\x12\x12\n\x08stop_str\x18\x05 \x01(\tH\x00\x12#\n\x05usage\x18\x06 \x01(\x0b\x32\x14.pagedserve.v1.Usage\x12.\n\x07metrics\x18\x07 \x01(\x0b\x32\x1d.pagedserve.v1.RequestMetrics\x12\x15\n\rerror_message\x18\x08 \x01(\tB\r\n\x0bstop_reason\"\xc1\x01\n\tStreamAdd\x12\x0b\n\x03key\x18\x01 \x01(\r\x12/\n\x07request\x18\x02 \x01(\x0b\x32\x1e.pagedserve.v1.GenerateRequest\x12\x41\n\rtrace_context\x18\x03 \x03(\x0b\x32*.pagedserve.v1.StreamAdd.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"O\n\x0bStreamAbort\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\x15\n\x08stop_str\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x0f\n\x07indices\x18\x03 \x03(\x05\x42\x0b\n\t_stop_str\"i\n\x15GenerateStreamRequest\x12%\n\x03\x61\x64\x64\x18\x01 \x03(\x0b\x32\x18.pagedserve.v1.StreamAdd\x12)\n\x05\x61\x62ort\x18\x02 \x03(\x0b\x32\x1a.pagedserve.v1.StreamAbort\":\n\x0cStreamStatus\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\"O\n\rKeyedResponse\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\x31\n\x08response\x18\x02 \x01(\x0b\x32\x1f.pagedserve.v1.GenerateResponse\"\xcc\x01\n\x16GenerateStreamResponse\x12\x0c\n\x04keys\x18\x01 \x03(\r\x12\x0f\n\x07indices\x18\x02 \x03(\x05\x12\x12\n\nnum_tokens\x18\x03 \x03(\x05\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12-\n\x07outputs\x18\x05 \x03(\x0b\x32\x1c.pagedserve.v1.KeyedResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x06 \x03(\r\x12+\n\x06\x65rrors\x18\x07 \x03(\x0b\x32\x1b.pagedserve.v1.StreamStatus\"X\n\x0c\x41\x62ortRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\x12\x15\n\x08stop_str\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x0f\n\x07indices\x18\x03 \x03(\x05\x42\x0b\n\t_stop_str\"I\n\rAbortResponse\x12\x1b\n\x13\x61\x62orted_request_ids\x18\x01 \x03(\t\x12\x1b\n\x13unknown_request_ids\x18\x02 \x03(\t\"+\n\x0fGetStatsRequest\x12\x18\n\x10include_requests\x18\x01 \x01(\x08\"A\n\x11WatchStatsRequest\x12\x12\n\ninterval_s\x18\x01 \x01(\x01\x12\x18\n\x10include_requests\x18\x02 \x01(\x08\"\x9a\x01\n\x0eRequestKVState\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x03 \x01(\x05\x12\x19\n\x11num_output_tokens\x18\x04 \x01(\x05\x12\x1b\n\x13num_computed_tokens\x18\x05 \x01(\x05\x12\x11\n\tblock_ids\x18\x06 \x03(\x05\"X\n\x0cKVBlockState\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\x05\x12\x11\n\tref_count\x18\x02 \x01(\x05\x12\x0e\n\x06\x63\x61\x63hed\x18\x03 \x01(\x08\x12\x13\n\x0brequest_ids\x18\x04 \x03(\t\"\xe5\x06\n\x0eSchedulerStats\x12\x11\n\ttimestamp\x18\x01 \x01(\x01\x12\x13\n\x0bnum_running\x18\x02 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x03 \x01(\x05\x12\x16\n\x0ekv_cache_usage\x18\x04 \x01(\x01\x12\x15\n\rnum_kv_blocks\x18\x05 \x01(\x05\x12\x17\n\x0fnum_free_blocks\x18\x06 \x01(\x05\x12!\n\x19num_tokens_in_used_blocks\x18\x07 \x01(\x03\x12\x1c\n\x14prefix_cache_queries\x18\x08 \x01(\x03\x12\x19\n\x11prefix_cache_hits\x18\t \x01(\x03\x12\x1d\n\x15prefix_cache_hit_rate\x18\n \x01(\x01\x12\x17\n\x0fnum_preemptions\x18\x0b \x01(\x03\x12\x11\n\tnum_steps\x18\x0c \x01(\x03\x12\x1b\n\x13prompt_tokens_total\x18\r \x01(\x03\x12\x1f\n\x17generation_tokens_total\x18\x0e \x01(\x03\x12O\n\x12\x66inished_by_reason\x18\x0f \x03(\x0b\x32\x33.pagedserve.v1.SchedulerStats.FinishedByReasonEntry\x12\x19\n\x11\x65xecutor_restarts\x18\x10 \x01(\x03\x12\x1d\n\x15prompt_throughput_tps\x18\x11 \x01(\x01\x12!\n\x19generation_throughput_tps\x18\x12 \x01(\x01\x12\x1f\n\x17step_num_batched_tokens\x18\x13 \x01(\x05\x12\x15\n\rstep_num_seqs\x18\x14 \x01(\x05\x12\x18\n\x10\x65xecutor_healthy\x18\x15 \x01(\x08\x12/\n\x08requests\x18\x16 \x03(\x0b\x32\x1d.pagedserve.v1.RequestKVState\x12+\n\x06\x62locks\x18\x17 \x03(\x0b\x32\x1b.pagedserve.v1.KVBlockState\x12\x15\n\rmax_queue_len\x18\x18 \x01(\x05\x12\x1d\n\x15num_requests_rejected\x18\x19 \x01(\x03\x12\x1c\n\x14num_kv_blocks_cached\x18\x1a \x01(\x05\x1a\x37\n\x15\x46inishedByReasonEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\x15\n\x13GetModelInfoRequest\"\xc5\x01\n\tModelInfo\x12-\n\x08\x65xecutor\x18\x01 \x01(\x0b\x32\x1b.pagedserve.v1.ExecutorInfo\x12\x14\n\x0cmax_num_seqs\x18\x02 \x01(\x05\x12\x1e\n\x16max_num_batched_tokens\x18\x03 \x01(\x05\x12\x1e\n\x16\x65nable_chunked_prefill\x18\x04 \x01(\x08\x12\x1d\n\x15\x65nable_prefix_caching\x18\x05 \x01(\x08\x12\x14\n\x0cmax_logprobs\x18\x06 \x01(\x05*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\xeb\x03\n\tScheduler\x12M\n\x08Generate\x12\x1e.pagedserve.v1.GenerateRequest\x1a\x1f.pagedserve.v1.GenerateResponse0\x01\x12\x61\n\x0eGenerateStream\x12$.pagedserve.v1.GenerateStreamRequest\x1a%.pagedserve.v1.GenerateStreamResponse(\x01\x30\x01\x12\x42\n\x05\x41\x62ort\x12\x1b.pagedserve.v1.AbortRequest\x1a\x1c.pagedserve.v1.AbortResponse\x12I\n\x08GetStats\x12\x1e.pagedserve.v1.GetStatsRequest\x1a\x1d.pagedserve.v1.SchedulerStats\x12O\n\nWatchStats\x12 .pagedserve.v1.WatchStatsRequest\x1a\x1d.pagedserve.v1.SchedulerStats0\x01\x12L\n\x0cGetModelInfo\x12\".pagedserve.v1.GetModelInfoRequest\x1a\x18.pagedserve.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pagedserve.v1.scheduler_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_STREAMADD_TRACECONTEXTENTRY']._loaded_options = None
+  _globals['_STREAMADD_TRACECONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_SCHEDULERSTATS_FINISHEDBYREASONENTRY']._loaded_options = None
   _globals['_SCHEDULERSTATS_FINISHEDBYREASONENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=2419
-  _globals['_FINISHREASON']._serialized_end=2564
+  _globals['_FINISHREASON']._serialized_start=3151
+  _globals['_FINISHREASON']._serialized_end=3296
   _globals['_GENERATEREQUEST']._serialized_start=106
   _globals['_GENERATEREQUEST']._serialized_end=225
   _globals['_USAGE']._serialized_start=227
@@ -46,26 +48,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REQUESTMETRICS']._serialized_end=474
   _globals['_GENERATERESPONSE']._serialized_start=477
   _globals['_GENERATERESPONSE']._serialized_end=797
-  _globals['_ABORTREQUEST']._serialized_start=799
-  _globals['_ABORTREQUEST']._serialized_end=887
-  _globals['_ABORTRESPONSE']._serialized_start=889
-  _globals['_ABORTRESPONSE']._serialized_end=962
-  _globals['_GETSTATSREQUEST']._serialized_start=964
-  _globals['_GETSTATSREQUEST']._serialized_end=1007
-  _globals['_WATCHSTATSREQUEST']._serialized_start=1009
-  _globals['_WATCHSTATSREQUEST']._serialized_end=1074
-  _globals['_REQUESTKVSTATE']._serialized_start=1077
-  _globals['_REQUESTKVSTATE']._serialized_end=1231
-  _globals['_KVBLOCKSTATE']._serialized_start=1233
-  _globals['_KVBLOCKSTATE']._serialized_end=1321
-  _globals['_SCHEDULERSTATS']._serialized_start=1324
-  _globals['_SCHEDULERSTATS']._serialized_end=2193
-  _globals['_SCHEDULERSTATS_FINISHEDBYREASONENTRY']._serialized_start=2138
-  _globals['_SCHEDULERSTATS_FINISHEDBYREASONENTRY']._serialized_end=2193
-  _globals['_GETMODELINFOREQUEST']._serialized_start=2195
-  _globals['_GETMODELINFOREQUEST']._serialized_end=2216
-  _globals['_MODELINFO']._serialized_start=2219
-  _globals['_MODELINFO']._serialized_end=2416
-  _globals['_SCHEDULER']._serialized_start=2567
-  _globals['_SCHEDULER']._serialized_end=2959
+  _globals['_STREAMADD']._serialized_start=800
+  _globals['_STREAMADD']._serialized_end=993
+  _globals['_STREAMADD_TRACECONTEXTENTRY']._serialized_start=942
+  _globals['_STREAMADD_TRACECONTEXTENTRY']._serialized_end=993
+  _globals['_STREAMABORT']._serialized_start=995
+  _globals['_STREAMABORT']._serialized_end=1074
+  _globals['_GENERATESTREAMREQUEST']._serialized_start=1076
+  _globals['_GENERATESTREAMREQUEST']._serialized_end=1181
+  _globals['_STREAMSTATUS']._serialized_start=1183
+  _globals['_STREAMSTATUS']._serialized_end=1241
+  _globals['_KEYEDRESPONSE']._serialized_start=1243
+  _globals['_KEYEDRESPONSE']._serialized_end=1322
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1325
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1529
+  _globals['_ABORTREQUEST']._serialized_start=1531
+  _globals['_ABORTREQUEST']._serialized_end=1619
+  _globals['_ABORTRESPONSE']._serialized_start=1621
+  _globals['_ABORTRESPONSE']._serialized_end=1694
+  _globals['_GETSTATSREQUEST']._serialized_start=1696
+  _globals['_GETSTATSREQUEST']._serialized_end=1739
+  _globals['_WATCHSTATSREQUEST']._serialized_start=1741
+  _globals['_WATCHSTATSREQUEST']._serialized_end=1806
+  _globals['_REQUESTKVSTATE']._serialized_start=1809
+  _globals['_REQUESTKVSTATE']._serialized_end=1963
+  _globals['_KVBLOCKSTATE']._serialized_start=1965
+  _globals['_KVBLOCKSTATE']._serialized_end=2053
+  _globals['_SCHEDULERSTATS']._serialized_start=2056
+  _globals['_SCHEDULERSTATS']._serialized_end=2925
+  _globals['_SCHEDULERSTATS_FINISHEDBYREASONENTRY']._serialized_start=2870
+  _globals['_SCHEDULERSTATS_FINISHEDBYREASONENTRY']._serialized_end=2925
+  _globals['_GETMODELINFOREQUEST']._serialized_start=2927
+  _globals['_GETMODELINFOREQUEST']._serialized_end=2948
+  _globals['_MODELINFO']._serialized_start=2951
+  _globals['_MODELINFO']._serialized_end=3148
+  _globals['_SCHEDULER']._serialized_start=3299
+  _globals['_SCHEDULER']._serialized_end=3790
 # @@protoc_insertion_point(module_scope)

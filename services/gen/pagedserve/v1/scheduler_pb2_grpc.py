@@ -40,6 +40,11 @@ class SchedulerStub:
                 request_serializer=pagedserve_dot_v1_dot_scheduler__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=pagedserve_dot_v1_dot_scheduler__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.GenerateStream = channel.stream_stream(
+                '/pagedserve.v1.Scheduler/GenerateStream',
+                request_serializer=pagedserve_dot_v1_dot_scheduler__pb2.GenerateStreamRequest.SerializeToString,
+                response_deserializer=pagedserve_dot_v1_dot_scheduler__pb2.GenerateStreamResponse.FromString,
+                _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/pagedserve.v1.Scheduler/Abort',
                 request_serializer=pagedserve_dot_v1_dot_scheduler__pb2.AbortRequest.SerializeToString,
@@ -85,6 +90,19 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GenerateStream(self, request_iterator, context):
+        """Many requests on one stream (one per gateway worker): the scheduler publishes ONE message per
+        engine step carrying the new tokens of every request of this stream that advanced in it
+        (DESIGN.md §1: messages scale with engine steps, not with requests x tokens). The client adds
+        and aborts requests with GenerateStreamRequest messages, keyed by a stream-local `key` it picks.
+        Per-request outcomes are in-band and never end the stream: admission (accepted) or a rejection
+        with the gRPC status code Generate would have ended with (StreamStatus), token deltas, each
+        sample's final message. Ending the stream (client gone) aborts every request still on it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Abort(self, request, context):
         """Finishes in-flight requests: a client gone (ABORT), or a stop string the gateway's
         detokenizer found (set stop_str: the samples finish as FINISH_REASON_STOP with that stop_str,
@@ -121,6 +139,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=pagedserve_dot_v1_dot_scheduler__pb2.GenerateRequest.FromString,
                     response_serializer=pagedserve_dot_v1_dot_scheduler__pb2.GenerateResponse.SerializeToString,
+            ),
+            'GenerateStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.GenerateStream,
+                    request_deserializer=pagedserve_dot_v1_dot_scheduler__pb2.GenerateStreamRequest.FromString,
+                    response_serializer=pagedserve_dot_v1_dot_scheduler__pb2.GenerateStreamResponse.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
@@ -170,6 +193,33 @@ class Scheduler:
             '/pagedserve.v1.Scheduler/Generate',
             pagedserve_dot_v1_dot_scheduler__pb2.GenerateRequest.SerializeToString,
             pagedserve_dot_v1_dot_scheduler__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/pagedserve.v1.Scheduler/GenerateStream',
+            pagedserve_dot_v1_dot_scheduler__pb2.GenerateStreamRequest.SerializeToString,
+            pagedserve_dot_v1_dot_scheduler__pb2.GenerateStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -25,13 +25,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dpagedserve/v1/tokenizer.proto\x12\rpagedserve.v1\"U\n\rEncodeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x15\n\x13_add_special_tokens\"#\n\x0e\x45ncodeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"@\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x12\n\nextra_json\x18\x03 \x01(\t\"\x98\x01\n\x18\x41pplyChatTemplateRequest\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.pagedserve.v1.ChatMessage\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x10\n\x08tokenize\x18\x03 \x01(\x08\x42\x18\n\x16_add_generation_prompt\">\n\x19\x41pplyChatTemplateResponse\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\"\\\n\rDecodeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12 \n\x13skip_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_skip_special_tokens\"\x1e\n\x0e\x44\x65\x63odeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x99\x01\n\x11\x44\x65tokenizeOptions\x12\x18\n\x10prompt_token_ids\x18\x01 \x03(\x05\x12 \n\x13skip_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x03 \x03(\t\x12\"\n\x1ainclude_stop_str_in_output\x18\x04 \x01(\x08\x42\x16\n\x14_skip_special_tokens\"k\n\x11\x44\x65tokenizeRequest\x12\x31\n\x07options\x18\x01 \x01(\x0b\x32 .pagedserve.v1.DetokenizeOptions\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\"a\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x10\n\x08\x66inished\x18\x02 \x01(\x08\x12\x10\n\x08stop_str\x18\x03 \x01(\t\x12\x19\n\x11num_output_tokens\x18\x04 \x01(\x05\"(\n\x13\x44\x65\x63odeTokensRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\";\n\x14\x44\x65\x63odeTokensResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\t\x12\x13\n\x0btoken_bytes\x18\x02 \x03(\x0c\"\x10\n\x0eGetInfoRequest\"\xc3\x01\n\rTokenizerInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\x05\x12\x15\n\reos_token_ids\x18\x03 \x03(\x05\x12\x19\n\x11has_chat_template\x18\x04 \x01(\x08\x12\x1a\n\rmax_model_len\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x19\n\x0c\x62os_token_id\x18\x06 \x01(\x05H\x01\x88\x01\x01\x42\x10\n\x0e_max_model_lenB\x0f\n\r_bos_token_id2\xff\x03\n\tTokenizer\x12\x45\n\x06\x45ncode\x12\x1c.pagedserve.v1.EncodeRequest\x1a\x1d.pagedserve.v1.EncodeResponse\x12\x66\n\x11\x41pplyChatTemplate\x12\'.pagedserve.v1.ApplyChatTemplateRequest\x1a(.pagedserve.v1.ApplyChatTemplateResponse\x12\x45\n\x06\x44\x65\x63ode\x12\x1c.pagedserve.v1.DecodeRequest\x1a\x1d.pagedserve.v1.DecodeResponse\x12[\n\x10\x44\x65tokenizeStream\x12 .pagedserve.v1.DetokenizeRequest\x1a!.pagedserve.v1.DetokenizeResponse(\x01\x30\x01\x12\x46\n\x07GetInfo\x12\x1d.pagedserve.v1.GetInfoRequest\x1a\x1c.pagedserve.v1.TokenizerInfo\x12W\n\x0c\x44\x65\x63odeTokens\x12\".pagedserve.v1.DecodeTokensRequest\x1a#.pagedserve.v1.DecodeTokensResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dpagedserve/v1/tokenizer.proto\x12\rpagedserve.v1\"U\n\rEncodeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x15\n\x13_add_special_tokens\"#\n\x0e\x45ncodeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"@\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x12\n\nextra_json\x18\x03 \x01(\t\"\x98\x01\n\x18\x41pplyChatTemplateRequest\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.pagedserve.v1.ChatMessage\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x10\n\x08tokenize\x18\x03 \x01(\x08\x42\x18\n\x16_add_generation_prompt\">\n\x19\x41pplyChatTemplateResponse\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\"\\\n\rDecodeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12 \n\x13skip_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_skip_special_tokens\"\x1e\n\x0e\x44\x65\x63odeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x99\x01\n\x11\x44\x65tokenizeOptions\x12\x18\n\x10prompt_token_ids\x18\x01 \x03(\x05\x12 \n\x13skip_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x03 \x03(\t\x12\"\n\x1ainclude_stop_str_in_output\x18\x04 \x01(\x08\x42\x16\n\x14_skip_special_tokens\"k\n\x11\x44\x65tokenizeRequest\x12\x31\n\x07options\x18\x01 \x01(\x0b\x32 .pagedserve.v1.DetokenizeOptions\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\"a\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x10\n\x08\x66inished\x18\x02 \x01(\x08\x12\x10\n\x08stop_str\x18\x03 \x01(\t\x12\x19\n\x11num_output_tokens\x18\x04 \x01(\x05\"\x83\x02\n\x0f\x44\x65tokenizeEntry\x12\x0b\n\x03key\x18\x01 \x01(\x04\x12\x31\n\x07options\x18\x02 \x01(\x0b\x32 .pagedserve.v1.DetokenizeOptions\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\r\n\x05\x63lose\x18\x05 \x01(\x08\x12G\n\rtrace_context\x18\x06 \x03(\x0b\x32\x30.pagedserve.v1.DetokenizeEntry.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"I\n\x16\x44\x65tokenizeBatchRequest\x12/\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1e.pagedserve.v1.DetokenizeEntry\"{\n\x10\x44\x65tokenizeResult\x12\x0b\n\x03key\x18\x01 \x01(\x04\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\x10\n\x08stop_str\x18\x04 \x01(\t\x12\x19\n\x11num_output_tokens\x18\x05 \x01(\x05\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"K\n\x17\x44\x65tokenizeBatchResponse\x12\x30\n\x07results\x18\x01 \x03(\x0b\x32\x1f.pagedserve.v1.DetokenizeResult\"(\n\x13\x44\x65\x63odeTokensRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\";\n\x14\x44\x65\x63odeTokensResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\t\x12\x13\n\x0btoken_bytes\x18\x02 \x03(\x0c\"\x10\n\x0eGetInfoRequest\"\xc3\x01\n\rTokenizerInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\x05\x12\x15\n\reos_token_ids\x18\x03 \x03(\x05\x12\x19\n\x11has_chat_template\x18\x04 \x01(\x08\x12\x1a\n\rmax_model_len\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x19\n\x0c\x62os_token_id\x18\x06 \x01(\x05H\x01\x88\x01\x01\x42\x10\n\x0e_max_model_lenB\x0f\n\r_bos_token_id2\xe5\x04\n\tTokenizer\x12\x45\n\x06\x45ncode\x12\x1c.pagedserve.v1.EncodeRequest\x1a\x1d.pagedserve.v1.EncodeResponse\x12\x66\n\x11\x41pplyChatTemplate\x12\'.pagedserve.v1.ApplyChatTemplateRequest\x1a(.pagedserve.v1.ApplyChatTemplateResponse\x12\x45\n\x06\x44\x65\x63ode\x12\x1c.pagedserve.v1.DecodeRequest\x1a\x1d.pagedserve.v1.DecodeResponse\x12[\n\x10\x44\x65tokenizeStream\x12 .pagedserve.v1.DetokenizeRequest\x1a!.pagedserve.v1.DetokenizeResponse(\x01\x30\x01\x12\x64\n\x0f\x44\x65tokenizeBatch\x12%.pagedserve.v1.DetokenizeBatchRequest\x1a&.pagedserve.v1.DetokenizeBatchResponse(\x01\x30\x01\x12\x46\n\x07GetInfo\x12\x1d.pagedserve.v1.GetInfoRequest\x1a\x1c.pagedserve.v1.TokenizerInfo\x12W\n\x0c\x44\x65\x63odeTokens\x12\".pagedserve.v1.DecodeTokensRequest\x1a#.pagedserve.v1.DecodeTokensResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pagedserve.v1.tokenizer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_DETOKENIZEENTRY_TRACECONTEXTENTRY']._loaded_options = None
+  _globals['_DETOKENIZEENTRY_TRACECONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_ENCODEREQUEST']._serialized_start=48
   _globals['_ENCODEREQUEST']._serialized_end=133
   _globals['_ENCODERESPONSE']._serialized_start=135
@@ -52,14 +54,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DETOKENIZEREQUEST']._serialized_end=846
   _globals['_DETOKENIZERESPONSE']._serialized_start=848
   _globals['_DETOKENIZERESPONSE']._serialized_end=945
-  _globals['_DECODETOKENSREQUEST']._serialized_start=947
-  _globals['_DECODETOKENSREQUEST']._serialized_end=987
-  _globals['_DECODETOKENSRESPONSE']._serialized_start=989
-  _globals['_DECODETOKENSRESPONSE']._serialized_end=1048
-  _globals['_GETINFOREQUEST']._serialized_start=1050
-  _globals['_GETINFOREQUEST']._serialized_end=1066
-  _globals['_TOKENIZERINFO']._serialized_start=1069
-  _globals['_TOKENIZERINFO']._serialized_end=1264
-  _globals['_TOKENIZER']._serialized_start=1267
-  _globals['_TOKENIZER']._serialized_end=1778
+  _globals['_DETOKENIZEENTRY']._serialized_start=948
+  _globals['_DETOKENIZEENTRY']._serialized_end=1207
+  _globals['_DETOKENIZEENTRY_TRACECONTEXTENTRY']._serialized_start=1156
+  _globals['_DETOKENIZEENTRY_TRACECONTEXTENTRY']._serialized_end=1207
+  _globals['_DETOKENIZEBATCHREQUEST']._serialized_start=1209
+  _globals['_DETOKENIZEBATCHREQUEST']._serialized_end=1282
+  _globals['_DETOKENIZERESULT']._serialized_start=1284
+  _globals['_DETOKENIZERESULT']._serialized_end=1407
+  _globals['_DETOKENIZEBATCHRESPONSE']._serialized_start=1409
+  _globals['_DETOKENIZEBATCHRESPONSE']._serialized_end=1484
+  _globals['_DECODETOKENSREQUEST']._serialized_start=1486
+  _globals['_DECODETOKENSREQUEST']._serialized_end=1526
+  _globals['_DECODETOKENSRESPONSE']._serialized_start=1528
+  _globals['_DECODETOKENSRESPONSE']._serialized_end=1587
+  _globals['_GETINFOREQUEST']._serialized_start=1589
+  _globals['_GETINFOREQUEST']._serialized_end=1605
+  _globals['_TOKENIZERINFO']._serialized_start=1608
+  _globals['_TOKENIZERINFO']._serialized_end=1803
+  _globals['_TOKENIZER']._serialized_start=1806
+  _globals['_TOKENIZER']._serialized_end=2419
 # @@protoc_insertion_point(module_scope)

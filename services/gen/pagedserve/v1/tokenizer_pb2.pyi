@@ -97,6 +97,57 @@ class DetokenizeResponse(_message.Message):
     num_output_tokens: int
     def __init__(self, text: _Optional[str] = ..., finished: _Optional[bool] = ..., stop_str: _Optional[str] = ..., num_output_tokens: _Optional[int] = ...) -> None: ...
 
+class DetokenizeEntry(_message.Message):
+    __slots__ = ("key", "options", "token_ids", "finished", "close", "trace_context")
+    class TraceContextEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    CLOSE_FIELD_NUMBER: _ClassVar[int]
+    TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    key: int
+    options: DetokenizeOptions
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    finished: bool
+    close: bool
+    trace_context: _containers.ScalarMap[str, str]
+    def __init__(self, key: _Optional[int] = ..., options: _Optional[_Union[DetokenizeOptions, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ..., finished: _Optional[bool] = ..., close: _Optional[bool] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class DetokenizeBatchRequest(_message.Message):
+    __slots__ = ("entries",)
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[DetokenizeEntry]
+    def __init__(self, entries: _Optional[_Iterable[_Union[DetokenizeEntry, _Mapping]]] = ...) -> None: ...
+
+class DetokenizeResult(_message.Message):
+    __slots__ = ("key", "text", "finished", "stop_str", "num_output_tokens", "error")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    STOP_STR_FIELD_NUMBER: _ClassVar[int]
+    NUM_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    key: int
+    text: str
+    finished: bool
+    stop_str: str
+    num_output_tokens: int
+    error: str
+    def __init__(self, key: _Optional[int] = ..., text: _Optional[str] = ..., finished: _Optional[bool] = ..., stop_str: _Optional[str] = ..., num_output_tokens: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+
+class DetokenizeBatchResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[DetokenizeResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[DetokenizeResult, _Mapping]]] = ...) -> None: ...
+
 class DecodeTokensRequest(_message.Message):
     __slots__ = ("token_ids",)
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]

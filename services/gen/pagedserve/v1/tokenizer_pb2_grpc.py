@@ -55,6 +55,11 @@ class TokenizerStub:
                 request_serializer=pagedserve_dot_v1_dot_tokenizer__pb2.DetokenizeRequest.SerializeToString,
                 response_deserializer=pagedserve_dot_v1_dot_tokenizer__pb2.DetokenizeResponse.FromString,
                 _registered_method=True)
+        self.DetokenizeBatch = channel.stream_stream(
+                '/pagedserve.v1.Tokenizer/DetokenizeBatch',
+                request_serializer=pagedserve_dot_v1_dot_tokenizer__pb2.DetokenizeBatchRequest.SerializeToString,
+                response_deserializer=pagedserve_dot_v1_dot_tokenizer__pb2.DetokenizeBatchResponse.FromString,
+                _registered_method=True)
         self.GetInfo = channel.unary_unary(
                 '/pagedserve.v1.Tokenizer/GetInfo',
                 request_serializer=pagedserve_dot_v1_dot_tokenizer__pb2.GetInfoRequest.SerializeToString,
@@ -104,6 +109,18 @@ class TokenizerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DetokenizeBatch(self, request_iterator, context):
+        """Detokenization of many requests on one stream, one message per engine step (the gateway sends
+        the step's new tokens of all its requests in one DetokenizeBatchRequest): the same incremental
+        semantics as DetokenizeStream, per entry `key`. The server answers each message with exactly
+        one DetokenizeBatchResponse whose `results` are parallel to its `entries`. An entry's state is
+        created by its first entry (which carries options) and dropped when a result is finished, on
+        `close`, or when the stream ends. Errors (bad token id, options twice) are per result, in-band.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetInfo(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -142,6 +159,11 @@ def add_TokenizerServicer_to_server(servicer, server):
                     servicer.DetokenizeStream,
                     request_deserializer=pagedserve_dot_v1_dot_tokenizer__pb2.DetokenizeRequest.FromString,
                     response_serializer=pagedserve_dot_v1_dot_tokenizer__pb2.DetokenizeResponse.SerializeToString,
+            ),
+            'DetokenizeBatch': grpc.stream_stream_rpc_method_handler(
+                    servicer.DetokenizeBatch,
+                    request_deserializer=pagedserve_dot_v1_dot_tokenizer__pb2.DetokenizeBatchRequest.FromString,
+                    response_serializer=pagedserve_dot_v1_dot_tokenizer__pb2.DetokenizeBatchResponse.SerializeToString,
             ),
             'GetInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetInfo,
@@ -262,6 +284,33 @@ class Tokenizer:
             '/pagedserve.v1.Tokenizer/DetokenizeStream',
             pagedserve_dot_v1_dot_tokenizer__pb2.DetokenizeRequest.SerializeToString,
             pagedserve_dot_v1_dot_tokenizer__pb2.DetokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DetokenizeBatch(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/pagedserve.v1.Tokenizer/DetokenizeBatch',
+            pagedserve_dot_v1_dot_tokenizer__pb2.DetokenizeBatchRequest.SerializeToString,
+            pagedserve_dot_v1_dot_tokenizer__pb2.DetokenizeBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,
