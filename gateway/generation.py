@@ -97,6 +97,7 @@ class PromptGeneration:
         self._recorded = False
         self._parent_ctx = otel_context.get_current() if tracing.enabled() else None
         self._gen_span: trace.Span | None = None
+        self._itl = None  # the inter-token-latency histogram child of this model
         self._detok_span: trace.Span | None = None  # from the first DetokenizeBatch entry to close()
         self._detok_batches = 0  # DetokenizeBatch entries of this request (steps x samples)
 
@@ -237,16 +238,16 @@ class PromptGeneration:
 
     def _tokens_arrived(self, s: _Sample, n: int) -> None:
         now = time.perf_counter()
-        model = self.backend.model_label
-        m = GatewayMetrics.get()
         if self._first_token_at is None:
             self._first_token_at = now
             ttft = now - self._arrival
-            m.ttft.labels(model).observe(ttft)
+            GatewayMetrics.get().ttft.labels(self.backend.model_label).observe(ttft)
             WINDOW.add_ttft(ttft)
         elif s.last_token_at is not None:
             gap = (now - s.last_token_at) / n
-            itl = m.itl.labels(model)
+            itl = self._itl
+            if itl is None:  # the labelled child, looked up once per request (not per token)
+                itl = self._itl = GatewayMetrics.get().itl.labels(self.backend.model_label)
             for _ in range(n):
                 itl.observe(gap)
                 WINDOW.add_itl(gap)

@@ -418,3 +418,87 @@ def test_scheduler_waits_for_a_late_executor():
         stop(sch)
         if ex is not None:
             stop(ex)
+
+
+# ---------------------------------------------------------------------------- GenerateStream
+class StreamClient:
+    """One GenerateStream: requests go in through a queue, responses are read on demand."""
+
+    def __init__(self, stub) -> None:
+        import queue
+
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self.call = stub.GenerateStream(iter(self._q.get, None), timeout=30)
+        self.messages: list[pb.GenerateStreamResponse] = []
+
+    def send(self, adds=(), aborts=()) -> None:
+        self._q.put(pb.GenerateStreamRequest(add=list(adds), abort=list(aborts)))
+
+    def until(self, done) -> dict:
+        """Read messages until done(state); state: {key: {"tokens": {index: [...]}, "final": {index: msg},
+        "accepted": bool, "error": StreamStatus}}."""
+        state: dict = getattr(self, "_state", {})
+        self._state = state
+        while not done(state):
+            msg = next(self.call)
+            self.messages.append(msg)
+            for k in msg.accepted:
+                state.setdefault(k, {"tokens": {}, "final": {}})["accepted"] = True
+            for st in msg.errors:
+                state.setdefault(st.key, {"tokens": {}, "final": {}})["error"] = st
+            pos = 0
+            for k, i, n in zip(msg.keys, msg.indices, msg.num_tokens):
+                state[k]["tokens"].setdefault(i, []).extend(msg.token_ids[pos:pos + n])
+                pos += n
+            for o in msg.outputs:
+                s = state[o.key]
+                s["tokens"].setdefault(o.response.index, []).extend(o.response.token_ids)
+                if o.response.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+                    s["final"][o.response.index] = o.response
+        return state
+
+    def close(self) -> None:
+        self._q.put(None)
+        self.call.cancel()
+
+
+def test_generate_stream_multiplexes_with_in_band_errors(sched):
+    """Many requests on one stream: one message per step for all of them; rejections and aborts
+    are per request and in-band, the other requests carry on; closing the stream frees the rest."""
+    s = StreamClient(sched.stub)
+    try:
+        s.send(adds=[pb.StreamAdd(key=1, request=gen_req("s1", [1, 2, 3], max_tokens=12)),
+                     pb.StreamAdd(key=2, request=gen_req("s2", [4, 5], max_tokens=10, n=2)),
+                     pb.StreamAdd(key=3, request=gen_req("s3", [])),  # empty prompt
+                     pb.StreamAdd(key=4, request=gen_req("s1")),  # request_id in flight
+                     pb.StreamAdd(key=5, request=gen_req("s5", [1, 5000])),  # outside the vocabulary
+                     pb.StreamAdd(key=6, request=gen_req("s6", max_tokens=200))])
+        st = s.until(lambda st: all(k in st for k in (1, 2, 3, 4, 5, 6)) and st[6]["tokens"])
+        assert {k: st[k]["error"].message for k in (3, 4, 5)} == {
+            3: "prompt is empty: at least one token is required",
+            4: "request_id 's1' is already in flight",
+            5: st[5]["error"].message}
+        assert "outside the vocabulary" in st[5]["error"].message
+        assert all(st[k]["error"].code == grpc.StatusCode.INVALID_ARGUMENT.value[0] for k in (3, 4, 5))
+        assert all(st[k].get("accepted") for k in (1, 2, 6))
+        s.send(aborts=[pb.StreamAbort(key=6, stop_str="xyz")])  # a stop string found by the caller
+        st = s.until(lambda st: len(st[1]["final"]) == 1 and len(st[2]["final"]) == 2 and 6 in st and st[6]["final"])
+        assert st[1]["tokens"][0] == expected_tokens([1, 2, 3], 12)
+        assert st[2]["tokens"] == {0: expected_tokens([4, 5], 10), 1: expected_tokens([4, 5], 10)}
+        assert st[1]["final"][0].finish_reason == pb.FINISH_REASON_LENGTH
+        assert st[1]["final"][0].usage.completion_tokens == 12
+        assert st[6]["final"][0].finish_reason == pb.FINISH_REASON_STOP and st[6]["final"][0].stop_str == "xyz"
+        # Per-step batching, not per token: at most one message per engine step (fewer when coalesced).
+        steps_msgs = sum(1 for m in s.messages if m.keys or m.outputs)
+        assert steps_msgs <= sched.stats().num_steps + 1
+        # A long request left on the stream is aborted (its blocks freed) when the stream ends.
+        s.send(adds=[pb.StreamAdd(key=7, request=gen_req("s7", max_tokens=400))])
+        s.until(lambda st: 7 in st and st[7]["tokens"])
+        assert sched.stats().num_running == 1
+    finally:
+        s.close()
+    deadline = time.monotonic() + 5
+    while sched.stats().num_running and time.monotonic() < deadline:
+        time.sleep(0.02)
+    st = sched.stats()
+    assert st.num_running == 0 and st.kv_cache_usage == 0
