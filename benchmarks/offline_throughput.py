@@ -8,14 +8,22 @@
   2. Llama-3.1-8B config, batch 1, 128 in / 256 out: decode tok/s vs HF `generate` and vs the
      bandwidth roofline (weight bytes / measured device copy bandwidth).
   3. Llama-3.1-8B config, batch 64 decode throughput vs HF `generate`.
+  4. SmolLM2-135M config, 1,024 requests of 128 in / 128 out, max_num_seqs 256 (issue 13's third
+     row): async scheduling on and off.
 
-    python benchmarks/offline_throughput.py --parts 1,2,3 [--profile]
+  --profile adds a per-step summary (issue 13) at batch 1 (8B) and at 256 running decodes
+  (SmolLM2): wall time per decode step (unprofiled), GPU busy time per step (sum of kernel and
+  copy times from a CUDA-only torch profiler window over the same steps), their ratio, and the
+  host's time per step outside device waits — with async scheduling on and off.
+
+    python benchmarks/offline_throughput.py --parts 1,2,3,4 --profile
 
 Writes benchmarks/results/offline_throughput_<gpu>_<date>.json + .png.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import gc
 import json
@@ -36,6 +44,7 @@ from engine_core.sampling_params import SamplingParams
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIGS = os.path.join(HERE, "configs")
 RESULTS = os.path.join(HERE, "results")
+PROFILE = False  # --profile
 
 
 def cfg_path(name: str) -> str:
@@ -127,8 +136,12 @@ def llama_parts(parts: set[int], profile: bool) -> list[dict]:
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     roofline = bw / weight_bytes
     llm.generate([[5] * 16], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+    p1 = torch.randint(100, vocab, (1, 128), generator=g).tolist()
+    # Warm up on the measured shapes: a Triton kernel compiled inside the timed run would count
+    # against whichever mode runs first.
+    llm.generate(p1, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
     if 2 in parts:
-        p = torch.randint(100, vocab, (1, 128), generator=g).tolist()
+        p = p1
         res, el = timed(lambda: llm.generate(p, SamplingParams(temperature=0, max_tokens=256, ignore_eos=True),
                                              use_tqdm=False))
         # Decode rate: exclude the prefill step (time to first token measured separately).
@@ -148,7 +161,19 @@ def llama_parts(parts: set[int], profile: bool) -> list[dict]:
                     "output_tok_s": toks / el})
         print(out[-1], flush=True)
     if profile:
-        out.append({"part": 2, "profile": profile_decode(llm, vocab)})
+        out.append({"part": 2, "profile": step_profiles(llm, [[7] * 128], "llama-8b batch 1")})
+        out.append({"part": 2, "profile_table": profile_decode(llm, vocab)})
+    if 2 in parts:  # the same decode with synchronous scheduling, for the delta
+        llm.engine.core.max_in_flight = 1
+        res, el = timed(lambda: llm.generate(p1, SamplingParams(temperature=0, max_tokens=256, ignore_eos=True),
+                                             use_tqdm=False))
+        _, t_prefill = timed(lambda: llm.generate(p1, SamplingParams(temperature=0, max_tokens=1), use_tqdm=False))
+        decode = 255 / (el - t_prefill)
+        out.append({"part": 2, "config": "llama-3.1-8b-instruct", "engine": "pagedserve_sync", "batch": 1,
+                    "output_tok_s": 256 / el, "decode_tok_s": decode, "roofline_tok_s": roofline,
+                    "pct_of_roofline": 100 * decode / roofline, "async_scheduling": False})
+        print(out[-1], flush=True)
+        llm.engine.core.max_in_flight = 2
     llm = model = None
     free()
 
@@ -171,6 +196,79 @@ def llama_parts(parts: set[int], profile: bool) -> list[dict]:
         print(row, flush=True)
     hf = None
     free()
+    return out
+
+
+# ---------------------------------------------------------------------------------- part 4
+def part4(n: int = 1024) -> list[dict]:
+    cfg = cfg_path("smollm2-135m-instruct")
+    vocab = json.loads(Path(cfg).read_text())["vocab_size"]
+    rng = random.Random(4)
+
+    def fresh(k: int) -> list[list[int]]:  # new random prompts: no prefix-cache hit on an earlier run's
+        return [[rng.randrange(100, vocab) for _ in range(128)] for _ in range(k)]
+
+    llm = LLM(model=f"dummy:{cfg}", dtype="bfloat16", max_model_len=1024, max_num_seqs=256,
+              max_num_batched_tokens=8192, gpu_memory_utilization=0.5)
+    params = SamplingParams(temperature=0, max_tokens=128, ignore_eos=True)
+    # Warm up on the measured shapes (prefill chunks, mixed steps, every decode batch size).
+    llm.generate(fresh(512), params, use_tqdm=False)
+    rows = []
+    for async_on in (True, False):
+        llm.engine.core.max_in_flight = 2 if async_on else 1
+        prompts = fresh(n)
+        res, el = timed(lambda prompts=prompts: llm.generate(prompts, params, use_tqdm=False))
+        toks = sum(len(r.outputs[0].token_ids) for r in res)
+        rows.append({"part": 4, "config": "smollm2-135m-instruct", "engine": "pagedserve" if async_on else
+                     "pagedserve_sync", "requests": n, "output_tokens": toks, "elapsed_s": el,
+                     "output_tok_s": toks / el, "async_scheduling": async_on})
+        print(rows[-1], flush=True)
+    if PROFILE:
+        rows.append({"part": 4, "profile": step_profiles(llm, fresh(256), "smollm2 256 running")})
+    llm = None
+    free()
+    return rows
+
+
+def step_profiles(llm: LLM, prompts: list[list[int]], label: str, warm: int = 12, steps: int = 40) -> list[dict]:
+    """GPU busy / wall per decode step, async scheduling on and off (see the module docstring)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    eng = llm.engine
+    core = eng.core
+    runner = core.executor.runner
+    out = []
+    for async_on in (True, False):
+        core.max_in_flight = 2 if async_on else 1
+        params = SamplingParams(temperature=0, max_tokens=warm + 2 * steps + 8, ignore_eos=True)
+        for i, p in enumerate(prompts):
+            eng.add_request(f"prof-{async_on}-{i}", p, params)
+        for _ in range(warm):  # prefills done, every request decoding
+            eng.step()
+        torch.cuda.synchronize()
+        st0 = dataclasses.replace(runner.stats)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            eng.step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / steps
+        st1 = dataclasses.replace(runner.stats)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                eng.step()
+            torch.cuda.synchronize()
+        gpu_us = sum(e.self_device_time_total for e in prof.key_averages())
+        while eng.has_unfinished_requests():
+            eng.step()
+        n = max(1, st1.steps - st0.steps)
+        row = {"label": label, "async_scheduling": async_on, "running": len(prompts),
+               "wall_ms_per_step": 1e3 * wall, "gpu_busy_ms_per_step": gpu_us / 1e3 / steps,
+               "gpu_busy_over_wall": (gpu_us / 1e6 / steps) / wall,
+               "host_ms_per_step": 1e3 * (wall - (st1.wait_s - st0.wait_s) / n),
+               "submit_ms_per_step": 1e3 * (st1.submit_s - st0.submit_s) / n}
+        print(row, flush=True)
+        out.append(row)
+    core.max_in_flight = 2
     return out
 
 
@@ -226,12 +324,16 @@ def main() -> None:
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
     parts = {int(p) for p in args.parts.split(",")}
+    global PROFILE
+    PROFILE = args.profile
     rows: list[dict] = []
     if 1 in parts:
         for name in args.part1_configs.split(","):
             rows += part1(name, args.num_requests)
     if parts & {2, 3}:
         rows += llama_parts(parts, args.profile)
+    if 4 in parts:
+        rows += part4()
 
     print(f"\n{'part':<6} {'config':<24} {'engine':<20} {'out tok/s':>12}")
     ratios = {}
@@ -241,11 +343,17 @@ def main() -> None:
     for part in sorted(parts):
         for cfg in sorted({r["config"] for r in rows if r.get("part") == part and "config" in r}):
             ours = [r for r in rows if r.get("part") == part and r.get("config") == cfg and r["engine"] == "pagedserve"]
-            peer = [r for r in rows if r.get("part") == part and r.get("config") == cfg and r["engine"] != "pagedserve"]
+            peer = [r for r in rows if r.get("part") == part and r.get("config") == cfg
+                    and r["engine"] not in ("pagedserve", "pagedserve_sync")]
             if ours and peer:
                 ratios[f"part{part}_{cfg}"] = ours[0]["output_tok_s"] / peer[0]["output_tok_s"]
     for k, v in ratios.items():
         print(f"pagedserve / HF {k}: {v:.2f}x")
+    for r in rows:
+        for pr in r.get("profile") or []:
+            print(f"profile {pr['label']:<22} async={pr['async_scheduling']!s:<5} wall {pr['wall_ms_per_step']:.2f} ms/step, "
+                  f"GPU busy {pr['gpu_busy_ms_per_step']:.2f} ms ({pr['gpu_busy_over_wall']:.2f} of wall), "
+                  f"host {pr['host_ms_per_step']:.2f} ms/step (submit {pr['submit_ms_per_step']:.2f})")
     for r in rows:
         if "pct_of_roofline" in r:
             print(f"{r['engine']} bs1 decode {r['decode_tok_s']:.1f} tok/s = {r['pct_of_roofline']:.1f}% of "

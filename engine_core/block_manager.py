@@ -214,6 +214,15 @@ class BlockManager:
         first, then fresh blocks), or None, with no side effect at all, if blocks are short.
         Copy-on-write replacements are not appends: see take_block_copies/take_replaced_blocks."""
         bs, rid = self.block_size, request.request_id
+        if num_new_tokens == 1 and not new_computed_block_ids:
+            # Decode fast path (the common case, once per running request per step): the token's
+            # slot is in a block we hold alone, so there is nothing to allocate or copy.
+            blocks = self._req_blocks.get(rid)
+            i = request.num_computed_tokens // bs
+            if blocks is not None and i < len(blocks) and blocks[i].ref_cnt == 1:
+                if self.enable_prefix_caching:
+                    self.cache_full_blocks(request, blocks, request.num_computed_tokens + 1)
+                return []
         hits = [self.blocks[i] for i in new_computed_block_ids or ()]
         blocks = self._req_blocks.get(rid, [])
         if hits:

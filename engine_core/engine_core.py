@@ -24,7 +24,8 @@ logger = logging.getLogger(__name__)
 class EngineCounters:
     """Monotonic totals, for metrics and throughput."""
 
-    num_steps: int = 0
+    num_steps: int = 0  # steps whose results were applied
+    steps_submitted: int = 0
     prompt_tokens: int = 0
     generation_tokens: int = 0
     requests_added: int = 0
@@ -134,6 +135,7 @@ class EngineCore:
                     self._fail_in_flight(e)
                     return deltas
                 self._in_flight.append((so, time.perf_counter()))
+                self.counters.steps_submitted += 1
                 submitted = True
         if not self._in_flight:
             return deltas

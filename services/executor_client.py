@@ -183,6 +183,10 @@ class GrpcExecutor(Executor):
         self._channel.close()
 
     # ------------------------------------------------------------------ async scheduling
+    def abandon_in_flight(self) -> None:
+        if self.num_in_flight:
+            self._drop_stream(cancel=True)
+
     @property
     def num_in_flight(self) -> int:
         return len(self._stream.pending) if self._stream is not None else 0

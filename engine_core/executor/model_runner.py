@@ -36,6 +36,16 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
+class RunnerStats:
+    """Host-side accounting for benchmarks: time spent in submit (prepare + launch) and blocked
+    waiting for the device in get_result."""
+
+    steps: int = 0
+    submit_s: float = 0.0
+    wait_s: float = 0.0
+
+
+@dataclass
 class _StepHandle:
     """A submitted step: its device outputs on their way to the host."""
 
@@ -104,6 +114,7 @@ class ModelRunner:
         # Sampling metadata of the last step, reused while the sampling rows and their params
         # are unchanged and nothing in it depends on the output so far (no penalties / seeds / min_tokens).
         self._md_cache: tuple[tuple, SamplingMetadata] | None = None
+        self.stats = RunnerStats()
 
     @staticmethod
     def kv_bytes_per_block(mc: ModelConfig, block_size: int, dtype: torch.dtype, num_kv_heads: int | None = None) -> int:
@@ -130,12 +141,16 @@ class ModelRunner:
                 else:
                     handle.materialized = True
             self._results.append(handle)
+        self.stats.steps += 1
+        self.stats.submit_s += time.perf_counter() - t0
 
     def get_result(self) -> ModelRunnerOutput:
         if not self._results:
             raise RuntimeError("get_result() without a submitted step")
         handle = self._results[0]
+        t = time.perf_counter()
         handle.wait()  # outside the lock: submit of the next step goes on meanwhile
+        self.stats.wait_s += time.perf_counter() - t
         with self._lock:
             while self._unmaterialized and not handle.materialized:
                 self._materialize(self._unmaterialized.popleft())
@@ -200,7 +215,8 @@ class ModelRunner:
         """Host numpy -> device: one pinned buffer per dtype, one non-blocking copy each."""
         dev = self.device
         T, B = x.input_ids.size, x.rows.size
-        i64 = np.concatenate([x.input_ids, x.positions, x.slot_mapping, x.logits_rows, x.pending_flat])
+        i64 = np.concatenate([x.input_ids, x.positions, x.slot_mapping, x.logits_rows, x.pending_flat,
+                              x.pending_src])
         i32 = np.concatenate([x.query_start_loc, x.seq_lens, x.block_tables.reshape(-1)])
         on_cuda = dev.type == "cuda"
         h64 = torch.from_numpy(i64)
@@ -217,8 +233,8 @@ class ModelRunner:
         logits_rows = d64[3 * T:3 * T + S]
         if P:
             # Tokens the previous step is sampling: taken on the device, never through the host.
-            src = torch.from_numpy(x.pending_src).to(dev, non_blocking=True)
-            ids[d64[3 * T + S:3 * T + S + P]] = prev.sampled_device.index_select(0, src)
+            o = 3 * T + S
+            ids[d64[o:o + P]] = prev.sampled_device.index_select(0, d64[o + P:o + 2 * P])
         mb = x.block_tables.shape[1]
         md = AttentionMetadata(
             slot_mapping=slots,

@@ -239,52 +239,49 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
         return executor_pb2.ResetResponse()
 
     def Step(self, request_iterator: Iterator[executor_pb2.StepBatch], context) -> Iterator[executor_pb2.StepResult]:
+        """Pipelined: a reader thread validates each batch and submits it to the executor thread
+        as soon as it arrives (the executor starts its device work and returns), while a result
+        thread waits for the oldest step's device work and queues its StepResult. So step N+1's
+        input preparation overlaps step N on the device, and no step waits for gRPC or the
+        result conversion of the one before it."""
         self._check_ready(context)
-        # Read the request stream on a helper thread so shutdown can end an idle stream at once.
-        inbox: queue.SimpleQueue = queue.SimpleQueue()
+        tickets: queue.SimpleQueue = queue.SimpleQueue()  # submitted steps in order, an error, or _EOF
+        outbox: queue.SimpleQueue = queue.SimpleQueue()  # StepResults in order, an error, or _EOF
+        ended = threading.Event()
 
         def reader() -> None:
             try:
                 for batch in request_iterator:
-                    inbox.put(batch)
+                    if ended.is_set():
+                        break
+                    try:
+                        so = convert.scheduler_output_from_proto(batch)
+                        convert.check_step_against_info(so, self._info)
+                    except ValueError as e:
+                        tickets.put((grpc.StatusCode.INVALID_ARGUMENT, f"malformed step {batch.step_id}: {e}"))
+                        break
+                    if tracing.enabled():
+                        self._tracer.before(so, time.time_ns())
+                    tickets.put((so, self._thread.submit(self._executor.submit, so), time.perf_counter()))
             except Exception as e:  # noqa: BLE001 - the call ended (cancelled / peer gone)
                 logger.debug("step stream ended: %r", e)
-            inbox.put(_EOF)
+            tickets.put(_EOF)
 
-        with self._streams_lock:
-            self._streams.add(inbox)
-        threading.Thread(target=reader, name="step-reader", daemon=True).start()
-        peer = context.peer()
-        logger.info("step stream opened by %s", peer)
-        try:
+        def resulter() -> None:
             while True:
-                batch = inbox.get()
-                if batch is _EOF:
-                    if self._closing.is_set():
-                        context.abort(grpc.StatusCode.UNAVAILABLE, "executor service is shutting down")
+                item = tickets.get()
+                if item is _EOF or isinstance(item[0], grpc.StatusCode):
+                    outbox.put(item)
                     return
-                yield self._run_step(batch, context)
-        finally:
-            with self._streams_lock:
-                self._streams.discard(inbox)
-            logger.info("step stream from %s closed", peer)
-
-    def _run_step(self, batch: executor_pb2.StepBatch, context) -> executor_pb2.StepResult:
-        error: tuple[grpc.StatusCode, str] | None = None
-        try:
-            so = convert.scheduler_output_from_proto(batch)
-            convert.check_step_against_info(so, self._info)
-        except ValueError as e:
-            error = grpc.StatusCode.INVALID_ARGUMENT, f"malformed step {batch.step_id}: {e}"
-        if error is None:
-            traced = tracing.enabled()
-            if traced:
-                self._tracer.before(so, time.time_ns())
-            try:
-                t0 = time.perf_counter()
-                out = self._thread.call(self._executor.execute, so)
+                so, submitted, t0 = item
+                try:
+                    submitted.result()
+                    out = self._executor.get_result()  # waits for the device here, not on the executor thread
+                except Exception as e:  # noqa: BLE001 - becomes the stream's status
+                    outbox.put(self._step_failed(so.step_id, e))
+                    return
                 seconds = time.perf_counter() - t0
-                if traced:
+                if tracing.enabled():
                     self._tracer.after(so, out, seconds, time.time_ns())
                 if self.metrics is not None:
                     held = self._held
@@ -292,20 +289,51 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
                     held.update(r.req_id for r in so.scheduled_new_reqs)
                     self.metrics.observe_step(seconds, so.total_num_scheduled_tokens, len(so.num_scheduled_tokens),
                                               len(held))
-                return convert.model_runner_output_to_proto(out)
-            except Exception as e:
-                code, msg = _describe_error(e)
-                if self.metrics is not None:
-                    self.metrics.failed(code.name)
-                if code == grpc.StatusCode.INTERNAL:
-                    logger.exception("step %d failed", batch.step_id)
-                else:
-                    logger.warning("step %d rejected: %s", batch.step_id, msg)
-                error = code, f"step {batch.step_id}: {msg}"
+                outbox.put(convert.model_runner_output_to_proto(out))
+
+        with self._streams_lock:
+            self._streams.add(tickets)
+        threading.Thread(target=reader, name="step-reader", daemon=True).start()
+        results = threading.Thread(target=resulter, name="step-results", daemon=True)
+        results.start()
+        peer = context.peer()
+        logger.info("step stream opened by %s", peer)
+        try:
+            while True:
+                item = outbox.get()
+                if isinstance(item, executor_pb2.StepResult):
+                    yield item
+                    continue
+                if item is _EOF:
+                    if self._closing.is_set():
+                        context.abort(grpc.StatusCode.UNAVAILABLE, "executor service is shutting down")
+                    return
+                if item[0] == grpc.StatusCode.INVALID_ARGUMENT:
+                    logger.warning("%s", item[1])
+                context.abort(*item)
+        finally:
+            ended.set()
+            with self._streams_lock:
+                self._streams.discard(tickets)
+            tickets.put(_EOF)
+            results.join(timeout=30.0)
+            # Steps submitted but never answered (the stream broke): their results must not be
+            # handed to the next stream.
+            try:
+                self._thread.call(self._executor.abandon_in_flight)
+            except Exception:
+                logger.exception("abandoning in-flight steps failed")
+            logger.info("step stream from %s closed", peer)
+
+    def _step_failed(self, step_id: int, e: BaseException) -> tuple[grpc.StatusCode, str]:
+        code, msg = _describe_error(e)
+        if self.metrics is not None:
+            self.metrics.failed(code.name)
+        if code == grpc.StatusCode.INTERNAL:
+            logger.error("step %d failed", step_id, exc_info=e)
         else:
-            logger.warning("%s", error[1])
-        context.abort(*error)
-        raise AssertionError("unreachable")  # context.abort raises
+            logger.warning("step %d rejected: %s", step_id, msg)
+        return code, f"step {step_id}: {msg}"
 
 
 # ---------------------------------------------------------------------------- CLI

@@ -57,3 +57,33 @@ def test_cuda_graphs_match_eager_bf16():
     assert graphs.engine.core.executor.runner.graph_runner is not None
     b = [o.outputs[0].token_ids for o in graphs.generate(ps, params, use_tqdm=False)]
     assert a == b
+
+
+def _run_both(llm: LLM, ps, params):
+    out = {}
+    for async_on in (False, True):
+        llm.engine.core.max_in_flight = 2 if async_on else 1
+        out[async_on] = [(o.outputs[0].token_ids, o.outputs[0].finish_reason)
+                         for o in llm.generate(ps, params, use_tqdm=False)]
+        bm = llm.engine.core.scheduler.block_manager
+        assert bm.num_free_blocks == bm.num_usable_blocks
+    return out[False], out[True]
+
+
+def test_async_scheduling_identical_with_preemption_and_prefix_hits():
+    """Async scheduling on the GPU (device-fed input ids, CUDA graphs, pinned async copies) gives
+    the same greedy and seeded tokens as synchronous scheduling, with preemption and prefix hits."""
+    hf = hf_model_from_config(SMOL, torch.bfloat16)
+    vocab = hf.config.vocab_size
+    shared = prompts(vocab, 1)[0][:64]
+    ps = [shared + p for p in prompts(vocab, 6)] + prompts(vocab, 6)
+    llm = engine_with_weights(SMOL, hf, "bfloat16", num_gpu_blocks_override=48, max_num_batched_tokens=256)
+    greedy = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    sync, asyn = _run_both(llm, ps, greedy)
+    assert asyn == sync
+    assert llm.engine.core.scheduler.num_preemptions > 0
+    assert llm.engine.core.scheduler.block_manager.prefix_cache_hits > 0
+    seeded = [SamplingParams(temperature=0.8, top_p=0.95, seed=i, max_tokens=32, presence_penalty=0.4,
+                             repetition_penalty=1.1, min_tokens=4) for i in range(len(ps))]
+    sync, asyn = _run_both(llm, ps, seeded)
+    assert asyn == sync

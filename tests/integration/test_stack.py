@@ -106,10 +106,12 @@ def stack(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(stack):
-    """The in-process engine's greedy tokens (loaded while the services start)."""
+    """The in-process engine's greedy tokens (loaded while the services start). Synchronous
+    scheduling here, async (the default) in the services: the tokens must not depend on it."""
     from engine_core.llm import LLM
 
-    llm = LLM(max_model_len=MAX_MODEL_LEN, num_gpu_blocks_override=NUM_BLOCKS, device="cpu")
+    llm = LLM(max_model_len=MAX_MODEL_LEN, num_gpu_blocks_override=NUM_BLOCKS, device="cpu",
+              async_scheduling=False)
     prompts = [llm.tokenizer.encode(p) for p in PROMPTS]
     outs = llm.generate(prompts, GREEDY, use_tqdm=False)
     replay_prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": "Name three planets."}],
