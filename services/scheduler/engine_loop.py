@@ -383,6 +383,7 @@ class EngineLoop:
     def _step(self) -> None:
         core = self.core
         steps_before = core.counters.num_steps
+        submitted_before = core.counters.steps_submitted
         t0 = time.perf_counter()
         deltas = core.step()
         if core.counters.num_steps > steps_before and self.metrics is not None:
@@ -397,7 +398,7 @@ class EngineLoop:
             self._on_step_failure(error)
         elif core.counters.num_steps > steps_before:
             self._consecutive_failures = 0
-        elif not deltas:
+        elif not deltas and core.counters.steps_submitted == submitted_before:
             # Unfinished requests but nothing could be scheduled: do not spin.
             with self._cond:
                 if not self._inbox and not self._stop:
