@@ -23,6 +23,7 @@ Writes benchmarks/results/offline_throughput_<gpu>_<date>.json + .png.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as dt
 import gc
@@ -230,6 +231,28 @@ def part4(n: int = 1024) -> list[dict]:
     return rows
 
 
+@contextlib.contextmanager
+def _timed_calls(targets: list[tuple[object, str]]):
+    """Accumulate the wall time of the named methods while the block runs (host breakdown)."""
+    totals: dict[str, float] = {}
+    for obj, name in targets:
+        fn = getattr(obj, name)
+
+        def timed_fn(*a, _fn=fn, _name=name, **k):
+            t = time.perf_counter()
+            try:
+                return _fn(*a, **k)
+            finally:
+                totals[_name] = totals.get(_name, 0.0) + time.perf_counter() - t
+
+        setattr(obj, name, timed_fn)
+    try:
+        yield totals
+    finally:
+        for obj, name in targets:
+            delattr(obj, name)  # back to the class's method
+
+
 def step_profiles(llm: LLM, prompts: list[list[int]], label: str, warm: int = 12, steps: int = 40) -> list[dict]:
     """GPU busy / wall per decode step, async scheduling on and off (see the module docstring)."""
     from torch.profiler import ProfilerActivity, profile
@@ -247,11 +270,13 @@ def step_profiles(llm: LLM, prompts: list[list[int]], label: str, warm: int = 12
             eng.step()
         torch.cuda.synchronize()
         st0 = dataclasses.replace(runner.stats)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            eng.step()
-        torch.cuda.synchronize()
-        wall = (time.perf_counter() - t0) / steps
+        with _timed_calls([(core.scheduler, "schedule"), (core.scheduler, "update_from_output"),
+                           (core.executor, "submit"), (core.executor, "get_result")]) as calls:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                eng.step()
+            torch.cuda.synchronize()
+            wall = (time.perf_counter() - t0) / steps
         st1 = dataclasses.replace(runner.stats)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(steps):
@@ -265,7 +290,8 @@ def step_profiles(llm: LLM, prompts: list[list[int]], label: str, warm: int = 12
                "wall_ms_per_step": 1e3 * wall, "gpu_busy_ms_per_step": gpu_us / 1e3 / steps,
                "gpu_busy_over_wall": (gpu_us / 1e6 / steps) / wall,
                "host_ms_per_step": 1e3 * (wall - (st1.wait_s - st0.wait_s) / n),
-               "submit_ms_per_step": 1e3 * (st1.submit_s - st0.submit_s) / n}
+               "submit_ms_per_step": 1e3 * (st1.submit_s - st0.submit_s) / n,
+               "host_breakdown_ms_per_step": {k: 1e3 * v / steps for k, v in calls.items()}}
         print(row, flush=True)
         out.append(row)
     core.max_in_flight = 2
@@ -353,7 +379,8 @@ def main() -> None:
         for pr in r.get("profile") or []:
             print(f"profile {pr['label']:<22} async={pr['async_scheduling']!s:<5} wall {pr['wall_ms_per_step']:.2f} ms/step, "
                   f"GPU busy {pr['gpu_busy_ms_per_step']:.2f} ms ({pr['gpu_busy_over_wall']:.2f} of wall), "
-                  f"host {pr['host_ms_per_step']:.2f} ms/step (submit {pr['submit_ms_per_step']:.2f})")
+                  f"host {pr['host_ms_per_step']:.2f} ms/step (submit {pr['submit_ms_per_step']:.2f}); "
+                  f"{ {k: round(v, 2) for k, v in pr['host_breakdown_ms_per_step'].items()} }")
     for r in rows:
         if "pct_of_roofline" in r:
             print(f"{r['engine']} bs1 decode {r['decode_tok_s']:.1f} tok/s = {r['pct_of_roofline']:.1f}% of "

@@ -60,7 +60,6 @@ class InputBatch:
         self.row_of: dict[str, int] = {}
         self.req_id_of: list[str | None] = [None] * initial_rows
         self.params: list[SamplingParams | None] = [None] * initial_rows
-        self.trace_context: list[dict | None] = [None] * initial_rows
         self.free_rows: list[int] = list(range(initial_rows - 1, -1, -1))
         width = min(initial_width, max_model_len + 1)
         self.token_ids = np.zeros((initial_rows, width), dtype=np.int64)
@@ -72,6 +71,9 @@ class InputBatch:
         # Bumped whenever a row changes hands, so late results of a dropped request cannot land
         # in the row's next owner.
         self.generation = np.zeros(initial_rows, dtype=np.int64)
+        # Sampling state that depends on nothing but the params (no seed, penalties, min_tokens):
+        # the step's sampling tensors can be reused while the sampling rows stay the same.
+        self.stateless = np.zeros(initial_rows, dtype=bool)
 
     def __len__(self) -> int:
         return len(self.row_of)
@@ -86,11 +88,10 @@ class InputBatch:
         old = len(self.req_id_of)
         new = old * 2
         for name in ("token_ids", "prompt_len", "num_tokens", "num_computed", "block_table", "num_blocks",
-                     "generation"):
+                     "generation", "stateless"):
             setattr(self, name, _grow(getattr(self, name), rows=new))
         self.req_id_of += [None] * (new - old)
         self.params += [None] * (new - old)
-        self.trace_context += [None] * (new - old)
         self.free_rows = list(range(new - 1, old - 1, -1))
 
     def _ensure_width(self, tokens: int) -> None:
@@ -114,8 +115,8 @@ class InputBatch:
         self._ensure_blocks(len(new.block_ids))
         self.row_of[new.req_id] = row
         self.req_id_of[row] = new.req_id
-        self.params[row] = new.sampling_params
-        self.trace_context[row] = new.trace_context
+        self.params[row] = p = new.sampling_params
+        self.stateless[row] = p.seed is None and not p.needs_penalties and p.min_tokens == 0
         self.token_ids[row, : len(toks)] = toks
         self.prompt_len[row] = len(new.prompt_token_ids)
         self.num_tokens[row] = len(toks)
@@ -131,7 +132,6 @@ class InputBatch:
             return
         self.req_id_of[row] = None
         self.params[row] = None
-        self.trace_context[row] = None
         self.generation[row] += 1
         self.free_rows.append(row)
 

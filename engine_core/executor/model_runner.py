@@ -259,11 +259,11 @@ class ModelRunner:
                            logits_rows: torch.Tensor) -> SamplingMetadata:
         b = self.batch
         row_list = rows.tolist()
-        params = [b.params[r] for r in row_list]
-        stateless = all(p.seed is None and not p.needs_penalties and p.min_tokens == 0 for p in params)
-        key = (tuple(row_list), tuple(int(b.generation[r]) for r in row_list))
+        stateless = bool(b.stateless[rows].all())
+        key = (rows.tobytes(), b.generation[rows].tobytes())
         if stateless and self._md_cache is not None and self._md_cache[0] == key:
             return self._md_cache[1]
+        params = [b.params[r] for r in row_list]
         pending = x.num_pending
         num_out = (b.num_tokens[rows] - b.prompt_len[rows] + pending).tolist()
         generators = [None if p.seed is None else make_generator(p.seed, n, self.device)

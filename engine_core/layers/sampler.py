@@ -201,6 +201,10 @@ class Sampler(nn.Module):
     def forward(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
         """logits: [N, V] (any float dtype; processed in float32, never modified in place)."""
         raw = logits
+        if (md.all_greedy and md.max_num_logprobs is None and md.logit_bias is None
+                and md.min_tokens_ban is None and md.output_token_counts is None):
+            # Plain greedy (the common serving case): nothing modifies the logits, so no copy.
+            return SamplerOutput(sampled_token_ids=logits.argmax(dim=-1).to(torch.int64))
         # Our own float32 copy: every processor below may work in place.
         logits = logits.to(torch.float32, copy=True)
 
