@@ -161,11 +161,6 @@ def offline_phase(args, cfg: Path, tok_dir: Path) -> list[dict]:
             runs.append(r)
     finally:
         core.shutdown()
-        del core
-        if args.device.startswith("cuda"):
-            import torch
-
-            torch.cuda.empty_cache()
     return runs
 
 
@@ -424,7 +419,10 @@ def main(argv: list[str] | None = None) -> int:
             args.vocab_hi = min(40000, hf["vocab_size"])
             name = config_name(spec)
             print(f"== {name}", flush=True)
-            runs = offline_phase(args, cfg, tok_dir) + stack_phase(args, cfg, tok_dir)
+            # In its own process: the device memory is surely free again when the stack starts.
+            with mp.get_context("spawn").Pool(1) as pool:
+                offline = pool.apply(offline_phase, (args, cfg, tok_dir))
+            runs = offline + stack_phase(args, cfg, tok_dir)
             ratios, goals = ratios_and_goals(runs)
             result["configs"][name] = {"runs": runs, "goals_met": goals}
             result["ratios"][name] = ratios
