@@ -172,6 +172,60 @@ def test_detokenize_stream_errors(service):
     assert detok_stream(stub, [tok.encode("fine")])[-1].finished  # still serving
 
 
+def test_detokenize_batch_many_samples_one_message_per_step(service):
+    """DetokenizeBatch: per-key incremental text equal to DetokenizeStream's (multi-byte characters
+    held back, stop strings trimmed), one answer per message, per-entry errors in-band."""
+    (stub, _), _, tok = service
+    ids = tok.encode(UNICODE_TEXT, add_special_tokens=False)
+    stop_ids = tok.encode("The answer is 42. STOP here, and more text follows.", add_special_tokens=False)
+    opts = pb.DetokenizeOptions(prompt_token_ids=tok.encode("Say:"))
+    stop_opts = pb.DetokenizeOptions(stop=["STOP"])
+    steps = max(len(ids), len(stop_ids))
+    msgs = []
+    for i in range(steps + 1):
+        entries = []
+        if i <= len(ids):  # key 1: the unicode text, one token per step, then finished
+            e = pb.DetokenizeEntry(key=1, token_ids=ids[i:i + 1], finished=i == len(ids))
+            entries.append(e)
+        if i < len(stop_ids):  # key 2: stops at "STOP"; its later entries are errors (key gone)
+            entries.append(pb.DetokenizeEntry(key=2, token_ids=[stop_ids[i]]))
+        if i == 0:
+            entries[0].options.CopyFrom(opts)
+            entries[1].options.CopyFrom(stop_opts)
+            entries.append(pb.DetokenizeEntry(key=3, options=stop_opts, token_ids=[tok.vocab_size + 5]))
+            entries.append(pb.DetokenizeEntry(key=4, token_ids=[1]))  # no options first
+        if i == 1:
+            entries.append(pb.DetokenizeEntry(key=1, options=opts))  # options twice
+        msgs.append(pb.DetokenizeBatchRequest(entries=entries))
+    resps = list(stub.DetokenizeBatch(iter(msgs), timeout=30))
+    assert len(resps) == len(msgs) and all(len(r.results) == len(m.entries) for r, m in zip(resps, msgs))
+    by_key: dict[int, list] = {}
+    for r in resps:
+        for x in r.results:
+            by_key.setdefault(x.key, []).append(x)
+    assert "outside the vocabulary" in by_key[3][0].error and "must carry options" in by_key[4][0].error
+    errors1 = [x.error for x in by_key[1] if x.error]
+    assert "only allowed on a key's first entry" in errors1[0]  # which drops key 1's state:
+    assert all("unknown key 1" in e for e in errors1[1:]) and len(errors1) == len(ids)
+    text2 = "".join(x.text for x in by_key[2] if not x.error)
+    stopped = next(x for x in by_key[2] if x.stop_str)
+    assert text2 == "The answer is 42. " and stopped.finished and stopped.num_output_tokens < len(stop_ids)
+    # A clean run of key 1 alone: the concatenated deltas equal a one-shot decode, never half a character.
+    msgs = [pb.DetokenizeBatchRequest(entries=[pb.DetokenizeEntry(key=9, options=opts, token_ids=ids[:1])])]
+    msgs += [pb.DetokenizeBatchRequest(entries=[pb.DetokenizeEntry(key=9, token_ids=[t])]) for t in ids[1:]]
+    msgs.append(pb.DetokenizeBatchRequest(entries=[pb.DetokenizeEntry(key=9, finished=True)]))
+    results = [r.results[0] for r in stub.DetokenizeBatch(iter(msgs), timeout=30)]
+    assert "".join(x.text for x in results) == UNICODE_TEXT
+    assert all("\ufffd" not in x.text for x in results) and results[-1].finished
+    assert results[-1].num_output_tokens == len(ids)
+    # close drops a key: a later entry for it is an unknown key
+    msgs = [pb.DetokenizeBatchRequest(entries=[pb.DetokenizeEntry(key=5, options=opts, token_ids=ids[:2])]),
+            pb.DetokenizeBatchRequest(entries=[pb.DetokenizeEntry(key=5, close=True)]),
+            pb.DetokenizeBatchRequest(entries=[pb.DetokenizeEntry(key=5, token_ids=ids[2:3])])]
+    results = [r.results[0] for r in stub.DetokenizeBatch(iter(msgs), timeout=30)]
+    assert results[1].finished and not results[1].error and "unknown key 5" in results[2].error
+
+
 def test_get_info_health(service):
     (stub, _), channel, tok = service
     info = stub.GetInfo(pb.GetInfoRequest(), timeout=10)
