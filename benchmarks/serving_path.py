@@ -355,7 +355,7 @@ def plot(result: dict, path: Path) -> None:
             ax.set_xticks(range(len(levels)), [f"C={c}" for c in levels])
             ax.set_title(f"{name}: {label}")
             ax.legend()
-    fig.suptitle(f"serving path vs in-process engine ({result['device']}, {result['date']})")
+    fig.suptitle(f"serving path vs in-process engine\n{result['device']}, {result['date'][:10]}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
