@@ -30,18 +30,20 @@ class DetokenizeBatchClient:
         """Drop a sample's detokenizer state (its request is gone) with the next message."""
         self._closing.append(key)
 
-    async def run(self, entries: list[tokenizer_pb2.DetokenizeEntry]) -> list[tokenizer_pb2.DetokenizeResult]:
-        """Results parallel to `entries`; APIError 503 when the tokenizer service fails."""
+    async def run(self, batch: tokenizer_pb2.DetokenizeBatchRequest) -> list[tokenizer_pb2.DetokenizeResult]:
+        """Results parallel to `batch.entries` (close entries for gone keys are appended after them);
+        APIError 503 when the tokenizer service fails."""
         from gateway.backend import rpc_error_to_api
 
         if self._closing:
             closing, self._closing = self._closing, []
-            entries = [*entries, *(tokenizer_pb2.DetokenizeEntry(key=k, close=True) for k in closing)]
+            for k in closing:
+                batch.entries.add(key=k, close=True)
         if self._call is None:
             self._call = self._stub.DetokenizeBatch()
         call = self._call
         try:
-            await call.write(tokenizer_pb2.DetokenizeBatchRequest(entries=entries))
+            await call.write(batch)
             self.messages_sent += 1
             resp = await call.read()
         except grpc.RpcError as e:

@@ -167,19 +167,18 @@ class PromptGeneration:
         else:
             self._events.put_nowait(error)
 
-    def detok_entry(self, index: int, token_ids: list[int],
-                    final: scheduler_pb2.GenerateResponse | None) -> tokenizer_pb2.DetokenizeEntry | None:
-        """The DetokenizeBatch entry this output needs (None: no text to make)."""
+    def detok_entry(self, entries, index: int, token_ids: list[int],
+                    final: scheduler_pb2.GenerateResponse | None) -> bool:
+        """Add the DetokenizeBatch entry this output needs to `entries`; False: no text to make."""
         if not 0 <= index < len(self.samples):
-            return None
+            return False
         s = self.samples[index]
         if s.done or s.stopped or (not token_ids and (final is None or not s.detok_open)):
-            return None
+            return False
         if final is not None and final.finish_reason in (scheduler_pb2.FINISH_REASON_ERROR,
                                                          scheduler_pb2.FINISH_REASON_ABORT):
-            return None
-        e = tokenizer_pb2.DetokenizeEntry(key=self._key * _MAX_SAMPLES + index, token_ids=token_ids,
-                                          finished=final is not None)
+            return False
+        e = entries.add(key=self._key * _MAX_SAMPLES + index, token_ids=token_ids, finished=final is not None)
         self._detok_batches += 1
         if not s.detok_open:
             s.detok_open = True
@@ -192,7 +191,7 @@ class PromptGeneration:
                 e.trace_context.update(tracing.carrier(trace.set_span_in_context(self._detok_span)))
         if final is not None:
             s.detok_open = False  # the tokenizer drops a finished key's state
-        return e
+        return True
 
     def on_output(self, index: int, token_ids: list[int], logprobs: list[common_pb2.TokenLogprobs] | None,
                   final: scheduler_pb2.GenerateResponse | None, text: tokenizer_pb2.DetokenizeResult | None) -> None:

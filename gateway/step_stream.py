@@ -43,8 +43,8 @@ class StreamClient(Protocol):
 
     def on_failed(self, error: APIError) -> None: ...
 
-    def detok_entry(self, index: int, token_ids: list[int],
-                    final: scheduler_pb2.GenerateResponse | None) -> tokenizer_pb2.DetokenizeEntry | None: ...
+    def detok_entry(self, entries, index: int, token_ids: list[int],
+                    final: scheduler_pb2.GenerateResponse | None) -> bool: ...
 
     def on_output(self, index: int, token_ids: list[int], logprobs: list[common_pb2.TokenLogprobs] | None,
                   final: scheduler_pb2.GenerateResponse | None, text: tokenizer_pb2.DetokenizeResult | None) -> None: ...
@@ -184,16 +184,15 @@ class StepStream:
                 outs.append((c, r.index, list(r.token_ids), list(r.logprobs) or None, final))
         if not outs:
             return
-        entries, where = [], []
+        batch = tokenizer_pb2.DetokenizeBatchRequest()
+        entries, where = batch.entries, []
         for i, (c, idx, ids, _, final) in enumerate(outs):
-            e = c.detok_entry(idx, ids, final)
-            if e is not None:
-                entries.append(e)
+            if c.detok_entry(entries, idx, ids, final):  # built in place: no per-entry copy
                 where.append(i)
         texts: list[tokenizer_pb2.DetokenizeResult | None] = [None] * len(outs)
-        if entries:
+        if where:
             try:
-                results = await self.detok.run(entries)
+                results = await self.detok.run(batch)
             except APIError as e:
                 for c in {id(o[0]): o[0] for o in outs}.values():
                     c.on_failed(e)
