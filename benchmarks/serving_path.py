@@ -138,7 +138,8 @@ def run_offline(core, prompts: list[list[int]], params, c: int, tag: str) -> dic
     return out
 
 
-def offline_phase(args, cfg: Path, tok_dir: Path) -> list[dict]:
+def offline_phase(args, cfg: Path, tok_dir: Path) -> tuple[list[dict], str]:
+    """(runs, device name): run in a child process, which alone touches the device here."""
     from engine_core.config import EngineConfig
     from engine_core.engine_core import EngineCore
     from engine_core.executor.local import LocalExecutor
@@ -161,7 +162,7 @@ def offline_phase(args, cfg: Path, tok_dir: Path) -> list[dict]:
             runs.append(r)
     finally:
         core.shutdown()
-    return runs
+    return runs, device_name(args.device)
 
 
 def params(args, max_tokens: int):
@@ -400,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     date = dt.date.today().isoformat()
     out = Path(args.out) if args.out else RESULTS / f"serving_path_{args.device.split(':')[0]}_{date}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "device": device_name(args.device),
+    result = {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "device": "",
               "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
               "settings": {k: getattr(args, k) for k in ("concurrency", "num_prompts", "c1_prompts", "input_len",
                                                          "output_len", "max_num_seqs", "gateway_workers",
@@ -421,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"== {name}", flush=True)
             # In its own process: the device memory is surely free again when the stack starts.
             with mp.get_context("spawn").Pool(1) as pool:
-                offline = pool.apply(offline_phase, (args, cfg, tok_dir))
+                offline, result["device"] = pool.apply(offline_phase, (args, cfg, tok_dir))
             runs = offline + stack_phase(args, cfg, tok_dir)
             ratios, goals = ratios_and_goals(runs)
             result["configs"][name] = {"runs": runs, "goals_met": goals}
