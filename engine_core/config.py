@@ -32,6 +32,10 @@ class EngineConfig:
     # Schedule and send step N+1 while step N runs (DESIGN.md §2); stop conditions apply one step
     # late (a finished request's surplus token is discarded).
     async_scheduling: bool = True
+    # While requests decode, new ones may wait up to this many steps to be admitted together, so
+    # that most steps stay pure-decode CUDA-graph replays (Scheduler._admit_now). None: 4 on CUDA
+    # (graphs), 0 on CPU or with --enforce-eager (every step is eager anyway).
+    max_admission_delay_steps: int | None = None
     tensor_parallel_size: int = 1
     max_logprobs: int = 20
     extra: dict = field(default_factory=dict)
@@ -63,8 +67,15 @@ class EngineConfig:
             bad("kv_cache_memory_gb", "must be > 0")
         if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 2:
             bad("num_gpu_blocks_override", "must be >= 2 (block 0 is reserved)")
+        if self.max_admission_delay_steps is not None and self.max_admission_delay_steps < 0:
+            bad("max_admission_delay_steps", "must be >= 0")
         if self.tensor_parallel_size < 1:
             bad("tensor_parallel_size", "must be >= 1")
+
+    def resolve_admission_delay(self, executor_device: str) -> int:
+        if self.max_admission_delay_steps is not None:
+            return self.max_admission_delay_steps
+        return 4 if executor_device.startswith("cuda") and not self.enforce_eager else 0
 
     def resolve_limits(self, model_context_len: int) -> None:
         """Fill defaults that depend on the model; reject limits the model cannot honour."""

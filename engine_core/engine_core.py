@@ -55,6 +55,7 @@ class EngineCore:
             max_num_batched_tokens=config.max_num_batched_tokens,
             enable_chunked_prefill=config.enable_chunked_prefill,
             enable_prefix_caching=config.enable_prefix_caching,
+            max_admission_delay_steps=config.resolve_admission_delay(self.info.device),
         )
         self.counters = EngineCounters()
         self._pending: list[RequestOutputDelta] = []  # produced outside step() (aborts)

@@ -72,6 +72,7 @@ class Scheduler:
         max_num_batched_tokens: int,
         enable_chunked_prefill: bool = True,
         enable_prefix_caching: bool = True,
+        max_admission_delay_steps: int = 0,
     ) -> None:
         self.block_size = block_size
         self.max_model_len = max_model_len
@@ -89,6 +90,10 @@ class Scheduler:
         self.finished_by_reason: dict[str, int] = {}
         self._last_step_tokens = 0
         self._last_step_seqs = 0
+        # Admission batching (see _admit_now): how many steps new work may wait while requests are
+        # decoding, and how many it has waited.
+        self.max_admission_delay_steps = max_admission_delay_steps
+        self._admission_delayed = 0
 
     # ------------------------------------------------------------------ requests in / out
     def add_request(self, request: Request) -> None:
@@ -182,7 +187,8 @@ class Scheduler:
 
         # 2) Waiting requests, FCFS, while budget, sequence slots and blocks last. Admitting new
         # work in a step that had to preempt would only thrash, so skip it then.
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted_any:
+        admit = self._admit_now() and not preempted_any
+        while admit and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
             # Stats are recorded on admission only: a request that does not fit is looked up again.
             computed_ids, num_computed = self.block_manager.get_computed_blocks(req, record_stats=False)
@@ -230,6 +236,24 @@ class Scheduler:
         self._last_step_tokens = out.total_num_scheduled_tokens
         self._last_step_seqs = len(scheduled)
         return out
+
+    def _admit_now(self) -> bool:
+        """Admission batching. A step that prefills anything cannot replay a decode CUDA graph, so
+        its host cost is that of an eager forward (several times a graph's). Under steady load
+        requests finish a few per step; admitting each at once would make nearly every step
+        eager. So while requests are decoding, new ones wait until they fill a batch (enough to
+        take 1/16 of the sequence slots, or every free slot) or until they have waited
+        max_admission_delay_steps steps. An idle engine admits at once (no latency at low load)."""
+        if not self.waiting or self.max_admission_delay_steps <= 0 or not self.running:
+            self._admission_delayed = 0
+            return True
+        free_slots = self.max_num_seqs - len(self.running)
+        if (len(self.waiting) >= min(free_slots, max(1, self.max_num_seqs // 16))
+                or self._admission_delayed >= self.max_admission_delay_steps):
+            self._admission_delayed = 0
+            return True
+        self._admission_delayed += 1
+        return False
 
     def _done_when_in_flight_returns(self, req: Request) -> bool:
         """With samples in flight, would the request surely be finished by max_tokens or

@@ -215,9 +215,14 @@ class ModelRunner:
         """Host numpy -> device: one pinned buffer per dtype, one non-blocking copy each."""
         dev = self.device
         T, B = x.input_ids.size, x.rows.size
-        i64 = np.concatenate([x.input_ids, x.positions, x.slot_mapping, x.logits_rows, x.pending_flat,
-                              x.pending_src])
-        i32 = np.concatenate([x.query_start_loc, x.seq_lens, x.block_tables.reshape(-1)])
+        # Segments padded to 16 bytes: a misaligned view would make Triton compile another variant.
+        T2, B4 = T + T % 2, -(-(B + 1) // 4) * 4
+        i64 = np.zeros(3 * T2 + x.logits_rows.size + 2 * x.pending_flat.size, dtype=np.int64)
+        i64[:T], i64[T2:T2 + T], i64[2 * T2:2 * T2 + T] = x.input_ids, x.positions, x.slot_mapping
+        i64[3 * T2:] = np.concatenate([x.logits_rows, x.pending_flat, x.pending_src])
+        i32 = np.zeros(2 * B4 + x.block_tables.size, dtype=np.int32)
+        i32[:B + 1], i32[B4:B4 + B] = x.query_start_loc, x.seq_lens
+        i32[2 * B4:] = x.block_tables.reshape(-1)
         on_cuda = dev.type == "cuda"
         h64 = torch.from_numpy(i64)
         h32 = torch.from_numpy(i32)
@@ -228,19 +233,19 @@ class ModelRunner:
         d32 = h32.to(dev, non_blocking=True)
         S, P = x.logits_rows.size, x.pending_flat.size
         ids = d64[:T]
-        pos = d64[T:2 * T]
-        slots = d64[2 * T:3 * T]
-        logits_rows = d64[3 * T:3 * T + S]
+        pos = d64[T2:T2 + T]
+        slots = d64[2 * T2:2 * T2 + T]
+        logits_rows = d64[3 * T2:3 * T2 + S]
         if P:
             # Tokens the previous step is sampling: taken on the device, never through the host.
-            o = 3 * T + S
+            o = 3 * T2 + S
             ids[d64[o:o + P]] = prev.sampled_device.index_select(0, d64[o + P:o + 2 * P])
         mb = x.block_tables.shape[1]
         md = AttentionMetadata(
             slot_mapping=slots,
             query_start_loc=d32[:B + 1],
-            seq_lens=d32[B + 1:2 * B + 1],
-            block_tables=d32[2 * B + 1:].view(B, mb),
+            seq_lens=d32[B4:B4 + B],
+            block_tables=d32[2 * B4:].view(B, mb),
             block_size=self.block_size,
             max_query_len=int(x.query_lens.max()),
             max_seq_len=int(x.seq_lens.max()),

@@ -40,7 +40,7 @@ def _split_len(seq_len, MAX_SPLITS: tl.constexpr, MIN_SPLIT: tl.constexpr, BLOCK
     return tl.maximum(tl.cdiv(tl.cdiv(seq_len, MAX_SPLITS), BLOCK_N) * BLOCK_N, MIN_SPLIT)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits", "stride_bt"])  # per-step ints: no variant per value class
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
     out_ptr,                 # [B, Hq, D] final output (used when DIRECT)
@@ -113,7 +113,7 @@ def _decode_split_kernel(
         tl.store(mid_lse_ptr + row, m_i + tl.log2(l_i), mask=g_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_reduce_kernel(
     mid_o_ptr, mid_lse_ptr, seq_lens_ptr, out_ptr, num_splits,
     stride_ot, stride_oh,

@@ -26,7 +26,9 @@ import triton.language as tl
 _LOG2E = 1.4426950408889634
 
 
-@triton.jit
+# Per-step ints are not specialized (Triton would compile a variant per "== 1" / "% 16 == 0" class
+# of each, on the hot path of a live server, whenever a new combination first shows up).
+@triton.jit(do_not_specialize=["first_req", "stride_bt"])
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
     first_req,  # index of the first request handled (= num_decodes: prefills follow the decodes)

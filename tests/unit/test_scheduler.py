@@ -122,3 +122,57 @@ def test_replay_after_executor_restart_keeps_tokens():
     new = so.scheduled_new_reqs[0]
     assert new.output_token_ids == generated and new.num_computed_tokens == 0
     assert s.num_preemptions == 0
+
+
+def sampled(so: SchedulerOutput, token: int) -> ModelRunnerOutput:
+    """One token for every request of the step (what an executor returns for decode steps)."""
+    ids = list(so.num_scheduled_tokens)
+    return ModelRunnerOutput(step_id=so.step_id, req_ids=ids, sampled_token_ids=[[token]] * len(ids),
+                             logprobs=[None] * len(ids))
+
+
+def test_async_placeholders_schedule_ahead_and_stop_exactly():
+    """Step N+1 is scheduled before step N's result: the request's next slot is a placeholder;
+    max_tokens is known ahead, so no step is scheduled past it."""
+    s = make_sched()
+    s.add_request(req("a", 4, max_tokens=2))
+    so0 = s.schedule()
+    assert so0.num_scheduled_tokens == {"a": 4}
+    so1 = s.schedule()  # before so0's result: decode of the token so0 is sampling
+    assert so1.num_scheduled_tokens == {"a": 1}
+    assert s.requests["a"].num_output_placeholders == 2
+    assert s.schedule().is_empty  # a will have 2 = max_tokens tokens once both land
+    assert s.update_from_output(so0, sampled(so0, 7))[0].new_token_ids == [7]
+    d = s.update_from_output(so1, sampled(so1, 8))
+    assert d[0].new_token_ids == [8] and d[0].finish_reason == "length"
+    assert s.block_manager.num_free_blocks == s.block_manager.num_usable_blocks
+
+
+def test_async_stale_result_after_preemption_is_ignored():
+    s = make_sched()
+    s.add_request(req("a", 4))
+    so0 = s.schedule()
+    a = s.requests["a"]
+    s.requests_for_replay()  # e.g. an executor restart while so0 was in flight
+    so1 = s.schedule()  # re-admitted from its tokens
+    assert [n.req_id for n in so1.scheduled_new_reqs] == ["a"] and a.admitted_step == so1.step_id
+    assert s.update_from_output(so0, sampled(so0, 7)) == []  # from before the replay: dropped
+    assert a.output_token_ids == [] and a.num_output_placeholders == 1
+
+
+def test_admission_batching_while_decoding():
+    s = make_sched(max_num_seqs=32, max_num_batched_tokens=64, max_admission_delay_steps=3)
+    s.add_request(req("a", 4, max_tokens=50))
+    so = s.schedule()  # idle engine: admitted at once
+    assert "a" in so.num_scheduled_tokens
+    s.update_from_output(so, fake_run(so, s))
+    s.add_request(req("b", 4, max_tokens=50, base=100))
+    waits = 0
+    while "b" not in (so := s.schedule()).num_scheduled_tokens:
+        s.update_from_output(so, fake_run(so, s))
+        waits += 1
+    assert waits == 3  # a single newcomer waits for company, at most 3 steps
+    s.update_from_output(so, fake_run(so, s))
+    s.add_request(req("c", 4, max_tokens=50, base=200))
+    s.add_request(req("d", 4, max_tokens=50, base=300))
+    assert {"c", "d"} <= set(s.schedule().num_scheduled_tokens)  # 2 = 32 // 16 waiting: a batch
