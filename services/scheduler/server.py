@@ -133,7 +133,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 await context.abort(verdict.code, verdict.message)
             remaining = params.n
             while remaining:
-                item = await sink.queue.get()
+                item = await sink.next()
                 if isinstance(item, CallFailed):
                     call.done = True
                     await context.abort(item.code, item.message)
@@ -335,6 +335,10 @@ class GuardedExecutor(Executor):
 
     def abandon_in_flight(self) -> None:
         self.inner.abandon_in_flight()
+
+    @property
+    def max_concurrent_batches(self) -> int:
+        return self.inner.max_concurrent_batches
 
     @staticmethod
     def _guard(fn, *args):

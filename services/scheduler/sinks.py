@@ -50,11 +50,14 @@ class SampleDelta:
 
 class CallSink:
     """Outputs of one Generate call: `accepted` resolves with None (queued) or a CallFailed; then
-    `queue` gets GenerateResponse messages and possibly a CallFailed."""
+    `next()` gives GenerateResponse messages and possibly a CallFailed. A sample's output that finds
+    its previous message still waiting to be written (the client reads slower than the engine
+    steps) is merged into it, so a slow call costs one write per wake-up, not one per step."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.accepted: asyncio.Future = loop.create_future()
         self.queue: asyncio.Queue = asyncio.Queue()
+        self._unsent: dict[int, scheduler_pb2.GenerateResponse] = {}  # sample index -> queued, not final
 
     def admitted(self, call, verdict: CallFailed | None) -> None:
         if not self.accepted.done():
@@ -62,7 +65,22 @@ class CallSink:
 
     def deliver(self, items: list[SampleDelta]) -> None:
         for it in items:
-            self.queue.put_nowait(it.to_response())
+            msg = it.to_response()
+            last = self._unsent.get(it.index)
+            if last is not None:
+                last.MergeFrom(msg)  # repeated fields (tokens, logprobs) append; a final's fields set
+                if it.final is not None:
+                    del self._unsent[it.index]
+                continue
+            self.queue.put_nowait(msg)
+            if it.final is None:
+                self._unsent[it.index] = msg
+
+    async def next(self) -> scheduler_pb2.GenerateResponse | CallFailed:
+        item = await self.queue.get()
+        if isinstance(item, scheduler_pb2.GenerateResponse) and self._unsent.get(item.index) is item:
+            del self._unsent[item.index]
+        return item
 
     def fail(self, call, failure: CallFailed) -> None:
         self.queue.put_nowait(failure)
