@@ -3,7 +3,7 @@
     executor   python -m services.executor  MODEL --port P_E  (engine flags)
     tokenizer  python -m services.tokenizer MODEL --port P_T
     scheduler  python -m services.scheduler --executor-address 127.0.0.1:P_E --port P_S  (engine flags)
-    gateway    python -m gateway --host H --port 8000 --scheduler-address .. --tokenizer-address .. --model-name ..
+    gateway    python -m gateway --host H --port 8000 --scheduler-address .. --tokenizer-address .. --workers N --model-name ..
 
 The three gRPC services start at once (the scheduler connects to the executor when its model is
 loaded); the gateway starts when the scheduler and the tokenizer are SERVING. The launcher waits
