@@ -61,9 +61,10 @@ class EngineCore:
         self._pending: list[RequestOutputDelta] = []  # produced outside step() (aborts)
         self._consecutive_failures = 0
         # Steps submitted to the executor whose results were not taken yet, oldest first. With
-        # async scheduling up to two: step N+1 is scheduled and sent while step N runs.
+        # async scheduling step N+1 is scheduled and sent while step N runs (as many as the
+        # executor can overlap: 2 in-process, 3 over gRPC).
         self._in_flight: deque[tuple[SchedulerOutput, float]] = deque()
-        self.max_in_flight = 2 if config.async_scheduling else 1
+        self.max_in_flight = executor.max_concurrent_batches if config.async_scheduling else 1
 
     @property
     def max_model_len(self) -> int:

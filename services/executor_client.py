@@ -183,6 +183,12 @@ class GrpcExecutor(Executor):
         self._channel.close()
 
     # ------------------------------------------------------------------ async scheduling
+    @property
+    def max_concurrent_batches(self) -> int:
+        # Two steps keep the device busy; a third covers the gRPC round trip and the other
+        # process's conversion work (the executor service materializes older steps itself).
+        return 3
+
     def abandon_in_flight(self) -> None:
         if self.num_in_flight:
             self._drop_stream(cancel=True)

@@ -54,6 +54,13 @@ class Executor(ABC):
         pass
 
     # ------------------------------------------------------------------ pipelined steps
+    @property
+    def max_concurrent_batches(self) -> int:
+        """How many submitted steps are worth having in flight (vLLM's name). 1: `submit` runs
+        the step itself, nothing overlaps. An in-process CUDA executor says 2 (prepare step N+1
+        while N runs); a remote one more, to also cover the round trip between processes."""
+        return 1
+
     def submit(self, scheduler_output: SchedulerOutput) -> None:
         """Start a step without waiting for it. Default: run it now, keep the result (or error)."""
         q = self._sync_results()

@@ -115,6 +115,10 @@ class LocalExecutor(Executor):
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute(scheduler_output)
 
+    @property
+    def max_concurrent_batches(self) -> int:
+        return 2  # on CPU too: the runner keeps one step unmaterialized, so the async path is tested
+
     def submit(self, scheduler_output: SchedulerOutput) -> None:
         self.runner.submit(scheduler_output)
 
