@@ -3,14 +3,17 @@ and concurrency C:
 
 1. offline  — the in-process EngineCore (LocalExecutor) driven as a closed loop with C requests in
               flight (token ids in and out, no tokenizer): the engine's own speed;
-2. grpc     — the scheduler service's per-request `Generate` RPC (token ids), C calls in flight;
+2. grpc     — the scheduler service's gRPC API (token ids), C requests in flight: on one
+              `GenerateStream` (the batched API the gateway uses; default) or as C per-request
+              `Generate` calls (--grpc-api generate);
 3. gateway  — the OpenAI HTTP gateway, C streaming /v1/completions clients (detokenized text, SSE).
 
 Paths 2 and 3 run against one `pagedserve serve` stack (executor, scheduler, tokenizer, gateway
 with --gateway-workers); path 1 runs first and frees the device before the stack starts. Dummy
 random weights (`dummy:<config>`), greedy, ignore_eos: every request makes exactly --output-len
 tokens. Prompts are random token ids, fresh per (path, C), so the prefix cache never hits. Clients
-of paths 2 and 3 are spread over --client-procs processes so that the client is not the bottleneck.
+of paths 2 and 3 are spread over --client-procs processes, and the HTTP client is a lean asyncio
+one (benchmarks/sse_client.py), so that the client is not the bottleneck.
 
 The tokenizer of a dummy config is synthetic and byte-level (GPT-2 byte alphabet + one word per
 remaining id, ByteLevel decoder), sized to the config's vocabulary, so any sampled id detokenizes
@@ -202,37 +205,89 @@ async def _grpc_client(addr: str, work: list[tuple[int, list[int]]], c: int, max
     return recs
 
 
+async def _grpc_stream_client(addr: str, work: list[tuple[int, list[int]]], c: int, max_tokens: int,
+                              tag: str) -> list:
+    """C requests in flight on one Scheduler.GenerateStream (the batched API the gateway uses: one
+    message per engine step for all of them), a finished one replaced at once."""
+    import grpc
+
+    from services.gen.pagedserve.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+    from services.grpc_server import channel_options
+
+    sp = common_pb2.SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    todo = list(reversed(work))
+    inflight: dict[int, list] = {}  # key -> [sent, first token, tokens]
+    recs = []
+    async with grpc.aio.insecure_channel(addr, options=channel_options()) as ch:
+        call = scheduler_pb2_grpc.SchedulerStub(ch).GenerateStream(timeout=3600)
+
+        async def add(k: int) -> None:
+            msg = scheduler_pb2.GenerateStreamRequest()
+            for _ in range(min(k, len(todo))):
+                i, p = todo.pop()
+                key = i + 1
+                inflight[key] = [time.monotonic(), None, 0]
+                msg.add.add(key=key, request=scheduler_pb2.GenerateRequest(
+                    request_id=f"grpcs-{tag}-{i}", prompt_token_ids=p, sampling_params=sp))
+            if msg.add:
+                await call.write(msg)
+
+        await add(c)
+        while inflight:
+            msg = await call.read()
+            now = time.monotonic()
+            if msg.errors:
+                raise RuntimeError(f"GenerateStream: {msg.errors[0].message}")
+            for key, n in zip(msg.keys, msg.num_tokens):
+                rec = inflight[key]
+                rec[1] = rec[1] or now
+                rec[2] += n
+            done = 0
+            for o in msg.outputs:
+                rec = inflight[o.key]
+                if o.response.token_ids:
+                    rec[1] = rec[1] or now
+                    rec[2] += len(o.response.token_ids)
+                if o.response.finish_reason != scheduler_pb2.FINISH_REASON_UNSPECIFIED:
+                    recs.append((rec[0], rec[1], now, rec[2]))
+                    del inflight[o.key]
+                    done += 1
+            await add(done)
+        call.cancel()
+    return recs
+
+
 async def _http_client(url: str, work: list[tuple[int, list[int]]], c: int, max_tokens: int, tag: str) -> list:
-    import httpx
+    """C keep-alive connections, each a closed loop over the shared work (benchmarks/sse_client.py:
+    a lean client, so that the client is not what is measured)."""
+    from benchmarks.sse_client import SSEConnection
 
     recs = []
-    limits = httpx.Limits(max_connections=c + 4, max_keepalive_connections=c + 4)
-    async with httpx.AsyncClient(base_url=url, timeout=3600, limits=limits) as client:
-        sem = asyncio.Semaphore(c)
+    todo = list(reversed(work))
 
-        async def one(i: int, p: list[int]) -> None:
-            body = {"prompt": p, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
-                    "stream_options": {"include_usage": True}}
-            async with sem:
+    async def worker() -> None:
+        conn = await SSEConnection.open(url)
+        try:
+            while todo:
+                _, p = todo.pop()
+                body = json.dumps({"prompt": p, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+                                   "stream": True, "stream_options": {"include_usage": True}}).encode()
                 t0, first, n = time.monotonic(), None, 0
-                async with client.stream("POST", "/v1/completions", json=body) as r:
-                    if r.status_code != 200:
-                        raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
-                    async for line in r.aiter_lines():
-                        if not line.startswith("data: {"):
-                            continue
-                        if first is None and '"text":"' in line and '"text":""' not in line:
-                            first = time.monotonic()
-                        elif '"usage":{' in line:
-                            n = json.loads(line[6:])["usage"]["completion_tokens"]
+                async for data in conn.post_stream("/v1/completions", body):
+                    if first is None and b'"text":"' in data and b'"text":""' not in data:
+                        first = time.monotonic()
+                    elif b'"usage":{' in data:
+                        n = json.loads(data)["usage"]["completion_tokens"]
                 recs.append((t0, first, time.monotonic(), n))
+        finally:
+            conn.close()
 
-        await asyncio.gather(*(one(i, p) for i, p in work))
+    await asyncio.gather(*(worker() for _ in range(min(c, len(work)))))
     return recs
 
 
 def _client_proc(kind: str, target: str, work, c: int, max_tokens: int, tag: str, start_at: float) -> list:
-    fn = _grpc_client if kind == "grpc" else _http_client
+    fn = {"grpc": _grpc_stream_client, "grpc-generate": _grpc_client, "http": _http_client}[kind]
     time.sleep(max(0.0, start_at - time.monotonic()))  # every process starts together
     return asyncio.run(fn(target, work, c, max_tokens, tag))
 
@@ -288,12 +343,13 @@ def stack_phase(args, cfg: Path, tok_dir: Path) -> list[dict]:
             def steps() -> int:
                 return stub.GetStats(scheduler_pb2.GetStatsRequest(), timeout=10).num_steps
 
+            grpc_kind = "grpc" if args.grpc_api == "stream" else "grpc-generate"
             warm = make_prompts(4, args.input_len, 8, hi=args.vocab_hi)
-            run_clients("grpc", sched, warm, 4, args, "warm")
+            run_clients(grpc_kind, sched, warm, 4, args, "warm")
             run_clients("http", url, warm, 4, args, "warm")
             for c in args.concurrency:
-                for kind, target in (("grpc", sched), ("http", url)):
-                    prompts = make_prompts(n_prompts(args, c), args.input_len, (200 if kind == "grpc" else 300) + c,
+                for kind, target in ((grpc_kind, sched), ("http", url)):
+                    prompts = make_prompts(n_prompts(args, c), args.input_len, (300 if kind == "http" else 200) + c,
                                            hi=args.vocab_hi)
                     s0 = steps()
                     r = run_clients(kind, target, prompts, c, args, f"{kind}c{c}")
@@ -386,6 +442,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gateway-workers", type=int, default=4)
     p.add_argument("--client-procs", type=int, default=min(8, max(1, (os.cpu_count() or 2) // 4)),
                    help="benchmark client processes for the grpc and gateway paths")
+    p.add_argument("--grpc-api", choices=("stream", "generate"), default="stream",
+                   help="path 2 through Scheduler.GenerateStream (the batched API the gateway uses; default) or "
+                        "the per-request Generate RPC")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads of the model on CPU (default 1)")
     p.add_argument("--startup-timeout", type=float, default=900.0)
     p.add_argument("--out", default=None, help="result JSON (default benchmarks/results/serving_path_<device>_<date>.json)")
@@ -405,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
               "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
               "settings": {k: getattr(args, k) for k in ("concurrency", "num_prompts", "c1_prompts", "input_len",
                                                          "output_len", "max_num_seqs", "gateway_workers",
-                                                         "client_procs", "dtype")},
+                                                         "client_procs", "dtype", "grpc_api")},
               "goals": {"gateway_vs_offline_min": GOAL_THROUGHPUT, "tpot_vs_step_max": GOAL_TPOT,
                         "ttft_added_c1_ms_max": GOAL_TTFT_MS},
               "configs": {}, "ratios": {}}
