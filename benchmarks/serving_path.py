@@ -24,11 +24,12 @@ time); `ratios` = throughput of gateway / offline at C=64, 256 and grpc / offlin
 config; goals: gateway >= 90 % of offline at 64 and 256, gateway TPOT p50 <= 1.15 x offline step
 time, TTFT added by the stack <= 3 ms at C=1.
 
-GPU (the issue's run):
-    python benchmarks/serving_path.py --device cuda \\
-        --configs smollm2-135m-instruct,llama-3.1-8b-instruct --concurrency 1,64,256 \\
-        --num-prompts 1024 --c1-prompts 16 --input-len 128 --output-len 128 --gateway-workers 4
-CPU smoke (tests/integration/test_serving_path_bench.py): a tiny config, a few requests.
+GPU (the issue's run; one config per call, merged into one JSON + PNG by --append):
+    python benchmarks/serving_path.py --device cuda --configs smollm2-135m-instruct \\
+        --concurrency 1,64,256 --num-prompts 1024 --c1-prompts 16 --input-len 128 --output-len 128 \\
+        --gateway-workers 4 --client-procs 4 --out benchmarks/results/serving_path_h200.json --append
+    (the same with --configs llama-3.1-8b-instruct)
+CPU smoke (tests/integration/test_serving_path.py): a tiny config, a few requests.
 """
 from __future__ import annotations
 
@@ -449,6 +450,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--startup-timeout", type=float, default=900.0)
     p.add_argument("--out", default=None, help="result JSON (default benchmarks/results/serving_path_<device>_<date>.json)")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--append", action="store_true",
+                   help="merge into an existing --out file (its other configs' results are kept)")
     args = p.parse_args(argv)
     args.concurrency = [int(x) for x in args.concurrency.split(",") if x]
     args.config_list = [x for x in args.configs.split(",") if x]
@@ -487,6 +490,12 @@ def main(argv: list[str] | None = None) -> int:
             result["configs"][name] = {"runs": runs, "goals_met": goals}
             result["ratios"][name] = ratios
             print(f"  ratios {ratios}  goals {goals}", flush=True)
+    if args.append and out.exists():  # configs run separately (one device call each) end up in one file
+        old = json.loads(out.read_text())
+        result["configs"] = {**old.get("configs", {}), **result["configs"]}
+        result["ratios"] = {**old.get("ratios", {}), **result["ratios"]}
+        result["command"] = [*([old["command"]] if isinstance(old["command"], str) else old["command"]),
+                             result["command"]]
     out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")
     if not args.no_plot:
