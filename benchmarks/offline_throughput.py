@@ -142,17 +142,8 @@ def llama_parts(parts: set[int], profile: bool) -> list[dict]:
     # against whichever mode runs first.
     llm.generate(p1, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
     if 2 in parts:
-        p = p1
-        res, el = timed(lambda: llm.generate(p, SamplingParams(temperature=0, max_tokens=256, ignore_eos=True),
-                                             use_tqdm=False))
-        # Decode rate: exclude the prefill step (time to first token measured separately).
-        _, t_prefill = timed(lambda: llm.generate(p, SamplingParams(temperature=0, max_tokens=1), use_tqdm=False))
-        decode = 255 / (el - t_prefill)
-        out.append({"part": 2, "config": "llama-3.1-8b-instruct", "engine": "pagedserve", "batch": 1,
-                    "output_tok_s": 256 / el, "decode_tok_s": decode, "roofline_tok_s": roofline,
-                    "pct_of_roofline": 100 * decode / roofline, "copy_bandwidth_GBps": bw / 1e9,
-                    "weight_bytes": weight_bytes})
-        print(out[-1], flush=True)
+        out.append(decode_bs1(llm, p1, roofline, "pagedserve"))
+        out[-1].update(copy_bandwidth_GBps=bw / 1e9, weight_bytes=weight_bytes)
     if 3 in parts:
         p = torch.randint(100, vocab, (64, 128), generator=g).tolist()
         res, el = timed(lambda: llm.generate(p, SamplingParams(temperature=0, max_tokens=256, ignore_eos=True),
@@ -166,14 +157,7 @@ def llama_parts(parts: set[int], profile: bool) -> list[dict]:
         out.append({"part": 2, "profile_table": profile_decode(llm, vocab)})
     if 2 in parts:  # the same decode with synchronous scheduling, for the delta
         llm.engine.core.max_in_flight = 1
-        res, el = timed(lambda: llm.generate(p1, SamplingParams(temperature=0, max_tokens=256, ignore_eos=True),
-                                             use_tqdm=False))
-        _, t_prefill = timed(lambda: llm.generate(p1, SamplingParams(temperature=0, max_tokens=1), use_tqdm=False))
-        decode = 255 / (el - t_prefill)
-        out.append({"part": 2, "config": "llama-3.1-8b-instruct", "engine": "pagedserve_sync", "batch": 1,
-                    "output_tok_s": 256 / el, "decode_tok_s": decode, "roofline_tok_s": roofline,
-                    "pct_of_roofline": 100 * decode / roofline, "async_scheduling": False})
-        print(out[-1], flush=True)
+        out.append(decode_bs1(llm, p1, roofline, "pagedserve_sync"))
         llm.engine.core.max_in_flight = 2
     llm = model = None
     free()
@@ -198,6 +182,19 @@ def llama_parts(parts: set[int], profile: bool) -> list[dict]:
     hf = None
     free()
     return out
+
+
+def decode_bs1(llm: LLM, prompt: list[list[int]], roofline: float, engine: str) -> dict:
+    """Batch-1 decode rate: 256 tokens, minus the prefill step (timed separately)."""
+    params = SamplingParams(temperature=0, max_tokens=256, ignore_eos=True)
+    _, el = timed(lambda: llm.generate(prompt, params, use_tqdm=False))
+    _, t_prefill = timed(lambda: llm.generate(prompt, SamplingParams(temperature=0, max_tokens=1), use_tqdm=False))
+    decode = 255 / (el - t_prefill)
+    row = {"part": 2, "config": "llama-3.1-8b-instruct", "engine": engine, "batch": 1, "output_tok_s": 256 / el,
+           "decode_tok_s": decode, "roofline_tok_s": roofline, "pct_of_roofline": 100 * decode / roofline,
+           "async_scheduling": llm.engine.core.max_in_flight > 1}
+    print(row, flush=True)
+    return row
 
 
 # ---------------------------------------------------------------------------------- part 4
