@@ -124,6 +124,20 @@ def test_pipelined_submit(served):
     assert client.num_in_flight == 0
 
 
+def test_abandoned_steps_do_not_leak_into_the_next_stream(served):
+    """A scheduler that gives up on in-flight steps (a replay) drops the stream; the steps the
+    executor already took are abandoned there, so the next stream's first result is its own."""
+    _, fake, client = served
+    fake.step_delay_s = 0.05
+    client.submit(prefill(20, new_req("q", [1, 2, 3])))
+    client.submit(decode(21, {"q": 3}))
+    client.abandon_in_flight()
+    assert client.num_in_flight == 0
+    client.reset()
+    out = client.execute(prefill(30, new_req("q", [1, 2, 3])))
+    assert out.step_id == 30 and out.req_ids == ["q"]
+
+
 def test_health_and_reflection(served):
     srv, _, client = served
     ch = grpc.insecure_channel(f"127.0.0.1:{srv.port}")
