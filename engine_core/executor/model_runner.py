@@ -113,7 +113,7 @@ class ModelRunner:
         self._results: deque[_StepHandle] = deque()  # submitted, result not taken yet
         # Sampling metadata of the last step, reused while the sampling rows and their params
         # are unchanged and nothing in it depends on the output so far (no penalties / seeds / min_tokens).
-        self._md_cache: tuple[tuple, SamplingMetadata] | None = None
+        self._md_cache: tuple[tuple[bytes, bytes], SamplingMetadata] | None = None
         self.stats = RunnerStats()
 
     @staticmethod
@@ -200,8 +200,9 @@ class ModelRunner:
         num_lp = [b.params[r].logprobs for r in rows.tolist()]
         if not len(rows):
             return _StepHandle(so.step_id, inputs.req_ids, inputs.sample_idx, rows, gens, num_lp, None, None, None, t0)
-        logits = self.model.compute_logits(hidden.index_select(0, logits_rows))
-        result = self.sampler(logits, self._sampling_metadata(inputs, rows, ids, logits_rows))
+        result = self._sample(hidden, logits_rows, inputs, rows, ids)
+        # The sampled ids (and logprobs) start their copy to pinned host memory now; the event
+        # tells get_result when they are there. The device tensor feeds the next step's inputs.
         host = SamplerOutput(*(_to_host_async(t) for t in (result.sampled_token_ids, result.logprobs,
                                                            result.logprob_token_ids, result.ranks)))
         event = None
@@ -210,6 +211,12 @@ class ModelRunner:
             event.record()
         return _StepHandle(so.step_id, inputs.req_ids, inputs.sample_idx, rows, gens, num_lp,
                            result.sampled_token_ids, host, event, t0)
+
+    def _sample(self, hidden: torch.Tensor, logits_rows: torch.Tensor, x: StepInputs, rows: np.ndarray,
+                ids: torch.Tensor) -> SamplerOutput:
+        """Logits of the rows that predict a next token, then the batched sampler (no host sync)."""
+        logits = self.model.compute_logits(hidden.index_select(0, logits_rows))
+        return self.sampler(logits, self._sampling_metadata(x, rows, ids, logits_rows))
 
     def _prepare_inputs(self, x: StepInputs, prev: _StepHandle | None):
         """Host numpy -> device: one pinned buffer per dtype, one non-blocking copy each."""
