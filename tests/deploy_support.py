@@ -1,23 +1,25 @@
 """What the deployment tests share: docker compose files read the way Docker Compose reads them
 (`${VAR:-default}` interpolation, `!reset` / `!override` tags, override-file merging), the
-Kubernetes manifests rendered by scripts/kustomize.py, and the service CLIs' argument parsers.
+Kubernetes manifests rendered by `kubectl kustomize` (or a standalone `kustomize build`), and the
+service CLIs' argument parsers.
 
 No Docker engine or cluster is needed: compose files are checked against the compose-spec JSON
 schema (vendored by the check-jsonschema package), manifests with kubernetes-validate, and the
-commands with the services' own argparse parsers.
+commands with the services' own argparse parsers. Rendering is offline: kustomize only reads k8s/.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import importlib
-import importlib.util
 import json
 import re
-import sys
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -297,16 +299,26 @@ def flag_value(argv: list[str], flag: str) -> str | None:
 
 
 # ---------------------------------------------------------------------------- kubernetes
-def _kustomize_module():
-    spec = importlib.util.spec_from_file_location("pagedserve_kustomize", ROOT / "scripts" / "kustomize.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("pagedserve_kustomize", mod)
-    spec.loader.exec_module(mod)
-    return mod
+def kustomize_command() -> list[str] | None:
+    """The kustomize that renders k8s/: the one built into kubectl (what `kubectl apply -k` deploys
+    with, so the tests check exactly that output), else a standalone kustomize binary; None if
+    neither is on PATH."""
+    if shutil.which("kubectl"):
+        return ["kubectl", "kustomize"]
+    if shutil.which("kustomize"):
+        return ["kustomize", "build"]
+    return None
 
 
 def render_k8s(path: Path) -> list[dict]:
-    return _kustomize_module().build(path)
+    """The resources of a kustomization directory; skips the calling test without a kustomize."""
+    cmd = kustomize_command()
+    if cmd is None:
+        pytest.skip("rendering k8s/ needs `kubectl` or `kustomize` on PATH; neither was found")
+    out = subprocess.run([*cmd, str(path)], check=False, capture_output=True, text=True, timeout=60)
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} {path} failed: {out.stderr.strip()}")
+    return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
 
 
 def pod_spec(res: dict) -> dict | None:
