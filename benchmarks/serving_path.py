@@ -74,8 +74,9 @@ def config_name(name: str) -> str:
 def synthetic_tokenizer(vocab_size: int, eos_token_id: int, out_dir: Path) -> Path:
     """A byte-level tokenizer of exactly `vocab_size` ids: the 256 byte symbols, then `Ġw<i>` words."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    from services.tokenizer.server import _bytes_to_unicode
+    from transformers.convert_slow_tokenizer import (
+        bytes_to_unicode as _bytes_to_unicode,
+    )
 
     alphabet = list(_bytes_to_unicode().values())
     vocab = {ch: i for i, ch in enumerate(alphabet)}

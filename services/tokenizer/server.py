@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import importlib.util
 import json
 import logging
@@ -41,20 +42,13 @@ _INLINE_MAX_CHARS = 2048
 _INLINE_MAX_TOKENS = 512
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte <-> printable-unicode table used by byte-level BPE vocabularies."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
+@functools.cache
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2 byte-level vocabularies' printable-unicode symbol -> the byte it stands for."""
+    # Imported here: only byte-level tokenizers need it, and transformers is loaded by then anyway.
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-
-_BYTE_DECODER = {c: b for b, c in _bytes_to_unicode().items()}
+    return {c: b for b, c in bytes_to_unicode().items()}
 
 
 def _is_byte_level(tokenizer) -> bool:
@@ -272,7 +266,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
                 raw = None
                 if self._byte_level and piece is not None and t not in self._special_ids:
                     try:
-                        raw = bytes(_BYTE_DECODER[c] for c in piece)
+                        raw = bytes(_byte_decoder()[c] for c in piece)
                     except KeyError:  # an added (non byte-level) token
                         raw = None
                 cache[t] = (text, raw if raw is not None else text.encode("utf-8", "surrogatepass"))
