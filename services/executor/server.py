@@ -20,8 +20,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
@@ -40,33 +39,6 @@ logger = logging.getLogger(__name__)
 SERVICE_NAME = executor_pb2.DESCRIPTOR.services_by_name["Executor"].full_name
 DEFAULT_EXECUTOR = "engine_core.executor:make_executor"  # LocalExecutor; MultiprocExecutor for TP > 1
 _EOF = object()
-
-
-class _SerialThread:
-    """One daemon thread that runs submitted calls in order (the executor's home thread)."""
-
-    def __init__(self, name: str = "executor") -> None:
-        self._q: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while True:
-            fut, fn, args = self._q.get()
-            if not fut.set_running_or_notify_cancel():
-                continue
-            try:
-                fut.set_result(fn(*args))
-            except BaseException as e:  # noqa: BLE001 - delivered to the caller
-                fut.set_exception(e)
-
-    def submit(self, fn: Callable, *args: Any) -> Future:
-        fut: Future = Future()
-        self._q.put((fut, fn, args))
-        return fut
-
-    def call(self, fn: Callable, *args: Any) -> Any:
-        return self.submit(fn, *args).result()
 
 
 def _describe_error(e: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -170,7 +142,8 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
     """
 
     def __init__(self, executor: Executor | None = None) -> None:
-        self._thread = _SerialThread()
+        # The executor's home thread (module docstring).
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="executor")
         self._executor: Executor | None = None
         self._info: ExecutorInfo | None = None
         self._info_pb: executor_pb2.ExecutorInfo | None = None
@@ -189,7 +162,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
             ex = factory()
             return ex, ex.describe()
 
-        ex, info = self._thread.call(build)
+        ex, info = self._thread.submit(build).result()
         self._info, self._info_pb = info, convert.executor_info_to_proto(info)
         if self.metrics is not None:
             self.metrics.set_info(info)
@@ -214,6 +187,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
                 self._thread.submit(self._executor.shutdown).result(timeout)
             except Exception:
                 logger.exception("executor shutdown failed")
+        self._thread.shutdown(wait=False, cancel_futures=True)
 
     def _check_ready(self, context: grpc.ServicerContext) -> None:
         if self._closing.is_set():
@@ -231,7 +205,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
         self._held.clear()
         self._tracer.reset()
         try:
-            self._thread.call(self._executor.reset)
+            self._thread.submit(self._executor.reset).result()
         except Exception as e:
             logger.exception("executor reset failed")
             code, msg = _describe_error(e)
@@ -320,7 +294,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
             # Steps submitted but never answered (the stream broke): their results must not be
             # handed to the next stream.
             try:
-                self._thread.call(self._executor.abandon_in_flight)
+                self._thread.submit(self._executor.abandon_in_flight).result()
             except Exception:
                 logger.exception("abandoning in-flight steps failed")
             logger.info("step stream from %s closed", peer)

@@ -1,5 +1,5 @@
 """Where a request's outputs go: the engine thread groups each step's deltas by sink and posts ONE
-callback per step to the event loop (services/scheduler/engine_loop.py `_route`); the sink turns
+callback per step to the event loop (services/scheduler/output_routing.py `_route`); the sink turns
 them into gRPC messages there.
 
 - `CallSink`: one `Generate` call (the documented per-request RPC): fans the step batch out into

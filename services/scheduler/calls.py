@@ -1,0 +1,53 @@
+"""A Generate request as the scheduler service tracks it: the call (its sink, its samples) and the
+route from an engine-level sample id back to it."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from engine_core.request import Request
+from engine_core.sampling_params import SamplingParams
+from services.scheduler.sinks import CallSink, StreamSink
+
+
+@dataclass(eq=False)
+class GenerateCall:
+    """One request (a Generate call, or one request of a GenerateStream). The engine thread tells
+    its `sink` (event loop side) whether it was admitted, then delivers its outputs there."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    sink: CallSink | StreamSink
+    key: int = 0  # the GenerateStream key (stream requests only)
+    submitted: float = field(default_factory=time.monotonic)
+    done: bool = False
+    # W3C trace context for the executor's spans (services/tracing.py); None: not traced.
+    trace_context: dict[str, str] | None = None
+    remaining: int = 0  # samples without a final message yet (event-loop side bookkeeping)
+    span: object = None  # the request's tracing.server_span (stream requests)
+
+    def __post_init__(self) -> None:
+        self.remaining = self.params.n
+
+    @property
+    def n(self) -> int:
+        return self.params.n
+
+    @property
+    def child_ids(self) -> list[str]:
+        return child_ids(self.request_id, self.params.n)
+
+
+def child_ids(request_id: str, n: int) -> list[str]:
+    """Engine-level ids of a request's samples: the id itself for n=1, "<id>#<i>" for n>1."""
+    return [request_id] if n == 1 else [f"{request_id}#{i}" for i in range(n)]
+
+
+@dataclass(eq=False)
+class Route:
+    """Engine-level sample id -> its call and sample index."""
+
+    call: GenerateCall
+    index: int
+    request: Request
