@@ -3,12 +3,12 @@
 Independent of any engine state: the offline engine and the gRPC tokenizer service's
 DetokenizeStream both drive one ``IncrementalDetokenizer`` per request/sequence.
 
-Detokenization uses the decode-window scheme of vLLM / TGI: the text of a new token is
-``decode(tokens[prefix_offset:]) - decode(tokens[prefix_offset:read_offset])``, where the window
-always starts a few tokens back so that decoders which treat the first token specially
-(sentencepiece's leading space) see the same context every time. A delta whose decoded tail ends
-with U+FFFD (an incomplete multi-byte UTF-8 character split over byte-level tokens) is held back
-until the next token completes it, so no delta ever carries half a character.
+Detokenization is tokenizers' ``DecodeStream`` (the decode-window scheme of vLLM / TGI, in Rust),
+stepped one token at a time and started on the last few prompt tokens, so that decoders which treat
+the first token specially (sentencepiece's leading space) see the same context as a full decode.
+The stream returns nothing while the text ends with U+FFFD (an incomplete multi-byte UTF-8 character
+split over byte-level tokens), so no delta ever carries half a character; ``finish()`` flushes such
+a held-back tail the way ``decode`` would (as U+FFFD).
 
 Stop strings: after every token the new text is searched for each stop string (only the region a
 new match could occupy). The stop string that *completes first* wins -- the one with the smallest
@@ -24,17 +24,20 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
+from tokenizers.decoders import DecodeStream
+
 if TYPE_CHECKING:
     from engine_core.tokenizer import Tokenizer
 
 __all__ = ["IncrementalDetokenizer", "StopChecker", "check_stop_strings", "find_stop_string"]
 
-REPLACEMENT_CHAR = "\ufffd"
 # Prompt tokens used as decode context for the first output token (vLLM uses 5 too).
 INITIAL_CONTEXT_TOKENS = 5
-# A pending tail still ending in U+FFFD after this many tokens is garbage, not a split character
+# A held-back tail still incomplete after this many tokens is garbage, not a split character
 # (a UTF-8 character is at most 4 bytes): emit it rather than let the decode window grow forever.
 MAX_PENDING_TOKENS = 16
+# DecodeStream's error when a decoder's output is not monotonic (vLLM #17448): restart the stream.
+_INVALID_PREFIX = "Invalid prefix encountered"
 
 
 def find_stop_string(text: str, stop: Sequence[str], start: int = 0) -> tuple[str, int] | None:
@@ -145,12 +148,17 @@ class IncrementalDetokenizer:
         self.skip_special_tokens = skip_special_tokens
         self._stop = StopChecker(stop, include_stop_str_in_output)
         self.output_token_ids: list[int] = []
-
-        # Decode window over context + output tokens.
-        self._tokens: list[int] = list(prompt_token_ids[-INITIAL_CONTEXT_TOKENS:]) if prompt_token_ids else []
-        self._prefix_offset = 0
-        self._read_offset = len(self._tokens)
-        self._prefix_text = self._decode(self._tokens)
+        self._backend = tokenizer.backend
+        context = list(prompt_token_ids[-INITIAL_CONTEXT_TOKENS:])
+        # DecodeStream would emit a context that ends inside a character (a prompt given as ids, cut
+        # mid-character) as output: leave such a tail out of the context.
+        while context and tokenizer.decode_raw(context, skip_special_tokens=skip_special_tokens).endswith("\ufffd"):
+            context.pop()
+        self._stream = DecodeStream(context, skip_special_tokens)
+        # For finish(): the ids the stream holds back (no text yet) and up to INITIAL_CONTEXT_TOKENS
+        # ids before them, which decode them the way the stream would.
+        self._context = context
+        self._pending: list[int] = []
         self._finished = False
 
     # -- public state -------------------------------------------------------------------------
@@ -178,40 +186,48 @@ class IncrementalDetokenizer:
 
     # -- core ---------------------------------------------------------------------------------
 
-    def _decode(self, ids: list[int]) -> str:
-        if not ids:
-            return ""
-        return self.tokenizer.decode_raw(ids, skip_special_tokens=self.skip_special_tokens)
+    def _restart_stream(self) -> None:
+        """A fresh stream without context (its old state is unusable or only holds garbage)."""
+        self._stream = DecodeStream(skip_special_tokens=self.skip_special_tokens)
+        self._context = []
+
+    def _pending_text(self) -> str:
+        """The held-back ids' text, decoded after their context (U+FFFD for an incomplete char)."""
+        decode, skip = self.tokenizer.decode_raw, self.skip_special_tokens
+        before = decode(self._context, skip_special_tokens=skip) if self._context else ""
+        return decode(self._context + self._pending, skip_special_tokens=skip)[len(before) :]
 
     def _step(self, token_id: int) -> str:
         """Append one token; return the newly complete text (maybe "")."""
-        self._tokens.append(token_id)
-        new_text = self._decode(self._tokens[self._prefix_offset :])
-        pending = len(self._tokens) - self._read_offset
-        if len(new_text) <= len(self._prefix_text) or (
-            new_text.endswith(REPLACEMENT_CHAR) and pending < MAX_PENDING_TOKENS
-        ):
-            # Nothing visible yet (e.g. a skipped special token) or an incomplete UTF-8 char:
-            # keep the window (its first token keeps providing context) and wait.
-            return ""
-        delta = new_text[len(self._prefix_text) :]
-        self._prefix_offset = self._read_offset
-        self._read_offset = len(self._tokens)
-        self._prefix_text = self._decode(self._tokens[self._prefix_offset : self._read_offset])
-        # Keep the context list from growing without bound.
-        if self._prefix_offset > 1024:
-            del self._tokens[: self._prefix_offset]
-            self._read_offset -= self._prefix_offset
-            self._prefix_offset = 0
-        return delta
+        self._pending.append(token_id)
+        try:
+            text = self._stream.step(self._backend, token_id)
+        except Exception as e:
+            if not str(e).startswith(_INVALID_PREFIX):
+                raise
+            self._restart_stream()  # the ids held back so far are dropped, as vLLM does
+            self._pending = [token_id]
+            text = self._stream.step(self._backend, token_id)
+        if text is None:  # nothing visible yet: a skipped special token or an incomplete character
+            if len(self._pending) < MAX_PENDING_TOKENS:
+                return ""
+            text = self._pending_text()
+            if text:  # garbage bytes (not just skipped special tokens): emit them and move past
+                self._restart_stream()
+                self._pending.clear()
+                return text
+        self._context += self._pending
+        del self._context[:-INITIAL_CONTEXT_TOKENS]
+        self._pending.clear()
+        return text
 
     def update(self, new_token_ids: Iterable[int]) -> str | None:
         """Append generated tokens; return the stop string matched by them, else None."""
         if self._finished or self.stopped:
             return None
-        for tok in new_token_ids:
-            self.output_token_ids.append(int(tok))
-            delta = self._step(int(tok))
+        for tok in map(int, new_token_ids):
+            self.output_token_ids.append(tok)
+            delta = self._step(tok)
             if delta and self._stop.append(delta) is not None:
                 return self._stop.stop_str
         return None
@@ -222,12 +238,10 @@ class IncrementalDetokenizer:
         if self._finished:
             return None
         self._finished = True
-        if self.stopped or len(self._tokens) == self._read_offset:
+        if self.stopped or not self._pending:
             return None
-        new_text = self._decode(self._tokens[self._prefix_offset :])
-        delta = new_text[len(self._prefix_text) :]
-        self._prefix_offset = self._read_offset = len(self._tokens)
-        self._prefix_text = ""
+        delta = self._pending_text()
+        self._pending.clear()
         return self._stop.append(delta) if delta else None
 
     def get_next_delta(self, finished: bool = False) -> str:

@@ -107,8 +107,11 @@ class Tokenizer:
         chat_template: str | None = None,
     ) -> None:
         self._hf = hf_tokenizer
-        self._backend = getattr(hf_tokenizer, "backend_tokenizer", None)  # tokenizers.Tokenizer (Rust)
         self.name = name or str(getattr(hf_tokenizer, "name_or_path", "") or "tokenizer")
+        # The Rust tokenizers.Tokenizer: fast decoding and the incremental detokenizer's DecodeStream.
+        self._backend = getattr(hf_tokenizer, "backend_tokenizer", None)
+        if self._backend is None:
+            raise ValueError(f"{self.name}: only fast (tokenizers-backed) tokenizers are supported")
         self.vocab_size: int = len(hf_tokenizer)
         self.bos_token_id: int | None = hf_tokenizer.bos_token_id
         self.add_bos_token: bool = self._detect_add_bos()
@@ -174,8 +177,6 @@ class Tokenizer:
         from transformers import AutoTokenizer
 
         hf = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        if getattr(hf, "backend_tokenizer", None) is None:
-            raise ValueError(f"{model_dir}: only fast (tokenizers-backed) tokenizers are supported")
         return cls(hf, name=os.path.basename(os.path.normpath(model_dir)), eos_token_ids=_generation_eos(model_dir))
 
     # ------------------------------------------------------------------ helpers
@@ -198,6 +199,11 @@ class Tokenizer:
         return self._hf
 
     @property
+    def backend(self) -> Any:
+        """The underlying ``tokenizers.Tokenizer`` (Rust)."""
+        return self._backend
+
+    @property
     def all_special_ids(self) -> set[int]:
         return self._special_token_ids()
 
@@ -217,10 +223,8 @@ class Tokenizer:
 
     def decode_raw(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Decode without HF's post-hoc ``clean_up_tokenization_spaces`` (straight through the Rust
-        backend when there is one). Fast; what the incremental detokenizer uses."""
-        if self._backend is not None:
-            return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
-        return self._hf.decode(list(ids), skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
+        backend). Fast; what the tokenizer service and the incremental detokenizer use."""
+        return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def convert_ids_to_tokens(self, ids: Sequence[int], skip_special_tokens: bool = False) -> list[str]:
         return self._hf.convert_ids_to_tokens(list(ids), skip_special_tokens=skip_special_tokens)
@@ -229,9 +233,7 @@ class Tokenizer:
         return self._hf.convert_tokens_to_string(list(tokens))
 
     def token_to_id(self, token: str) -> int | None:
-        if self._backend is not None:
-            return self._backend.token_to_id(token)
-        return self._hf.get_vocab().get(token)
+        return self._backend.token_to_id(token)
 
     # ------------------------------------------------------------------ chat
 

@@ -53,8 +53,7 @@ def _byte_decoder() -> dict[str, int]:
 
 def _is_byte_level(tokenizer) -> bool:
     """True when the vocabulary's token strings are GPT-2 byte-level (their bytes are recoverable)."""
-    backend = getattr(tokenizer, "_backend", None) or getattr(getattr(tokenizer, "hf", None), "backend_tokenizer", None)
-    decoder = getattr(backend, "decoder", None)
+    decoder = getattr(tokenizer.backend, "decoder", None)
     return decoder is not None and "ByteLevel" in repr(decoder)
 
 

@@ -7,6 +7,7 @@ import os
 import pytest
 
 from engine_core.detokenizer import (
+    MAX_PENDING_TOKENS,
     IncrementalDetokenizer,
     StopChecker,
     check_stop_strings,
@@ -137,6 +138,15 @@ def test_no_chat_template_raises(tok):
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}])  # shared HF object untouched
 
 
+def test_slow_tokenizer_rejected():
+    # The detokenizer steps a tokenizers.DecodeStream: only Rust-backed (fast) tokenizers work.
+    class SlowTokenizer:
+        name_or_path = "slow"
+
+    with pytest.raises(ValueError, match="only fast"):
+        Tokenizer(SlowTokenizer())
+
+
 # ----------------------------------------------------------------------------- detokenizer
 
 
@@ -181,6 +191,55 @@ def test_incomplete_tail_flushed_on_finish(tok):
     assert detok.get_next_delta() == "ok"  # " " + partial emoji held back with it
     assert "\ufffd" not in detok.output_text
     assert detok.get_next_delta(finished=True) == tok.decode(ids[:-1])[2:]  # flushed as U+FFFD
+
+
+MIXED_SCRIPT_PARTS = [
+    MULTIBYTE_TEXT + " ",
+    "def f(x):\n    return {'k': x ** 2}  # ← λ\n\t",
+    "Привет, мир! مرحبا بالعالم. こんにちは世界。한국어 텍스트. ",
+    "👨‍👩‍👧‍👦 🇫🇷 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ½ · ñ € 5 ",
+    "Ελληνικά: αβγ. हिन्दी पाठ. ไทย ",
+]
+
+
+@pytest.mark.parametrize("chunk", [1, 7])
+def test_incremental_equals_full_decode_long_mixed_script(tok, chunk):
+    # 2,000 tokens of CJK, emoji (ZWJ sequences, flags), accents, RTL, Indic scripts and code, with
+    # special tokens in between: the DecodeStream deltas add up to exactly what decode() gives.
+    ids = tok.encode("".join(MIXED_SCRIPT_PARTS) * 10, add_special_tokens=False)
+    ids[500:500] = [2, 1]  # <|im_end|> <|im_start|>: skipped by default
+    assert len(ids) > 2000 and sum("\ufffd" in tok.decode_raw([i]) for i in ids) > 100
+    assert "\ufffd" not in tok.decode(ids)
+    for skip in (True, False):
+        detok = IncrementalDetokenizer(tok, _prompt_ids(tok), skip_special_tokens=skip)
+        deltas, stop = _stream(detok, ids, chunk)
+        assert stop is None
+        assert "".join(deltas) == detok.output_text == tok.decode(ids, skip_special_tokens=skip)
+        assert not any("\ufffd" in d for d in deltas)
+        assert detok.output_token_ids == ids
+
+
+def test_prompt_cut_mid_character(tok):
+    # Prompt ids ending inside a character (the emoji's first bytes): none of the prompt's text
+    # leaks into the output, which reads like decode() of the output ids.
+    ids = tok.encode("ok 🎉 yes", add_special_tokens=False)
+    for k in range(1, len(ids)):
+        detok = IncrementalDetokenizer(tok, ids[:k])
+        detok.update(ids[k:])
+        assert detok.get_next_delta(finished=True) == detok.output_text == tok.decode(ids[k:])
+
+
+def test_garbage_bytes_are_not_held_back_forever(tok):
+    # Lone UTF-8 lead bytes never complete a character: after MAX_PENDING_TOKENS they are emitted
+    # (as U+FFFD, like decode) instead of growing the held-back tail for the rest of the stream.
+    lead = tok.token_to_id("ð")  # GPT-2 byte-level symbol of byte 0xF0
+    ids = [lead] * (MAX_PENDING_TOKENS + 4) + tok.encode(" ok", add_special_tokens=False)
+    detok = IncrementalDetokenizer(tok, [])
+    detok.update(ids[:MAX_PENDING_TOKENS])
+    assert detok.get_next_delta() == "\ufffd" * MAX_PENDING_TOKENS
+    detok.update(ids[MAX_PENDING_TOKENS:])
+    assert detok.get_next_delta(finished=True) == "\ufffd" * 4 + " ok"
+    assert detok.output_text == tok.decode(ids)
 
 
 # ----------------------------------------------------------------------------- stop strings
