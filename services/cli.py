@@ -3,6 +3,7 @@ gRPC stack + gateway), client (streaming gRPC client), bench."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 import time
@@ -41,6 +42,37 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# Subcommands that need the `serve` extra (grpcio, protobuf, fastapi, httpx): (name, module, registrar).
+_OPTIONAL_COMMANDS = (
+    ("serve", "services.launcher", "add_serve_parser"),
+    ("client", "services.client", "add_client_parser"),
+    ("bench", "benchmarks.serve_bench", "add_bench_parser"),
+    ("health", "services.healthcheck", "add_health_parser"),
+)
+
+
+def _add_optional(sub: argparse._SubParsersAction, name: str, module: str, register: str) -> None:
+    """Registers `name` from `module`; when that module cannot load, a placeholder that says why, so
+    the rest of the CLI (`generate`) keeps working and `pagedserve <name>` explains instead of vanishing."""
+    try:
+        getattr(importlib.import_module(module), register)(sub)
+        return
+    except ImportError as e:
+        if (e.name or "").split(".")[0] == module.split(".")[0]:  # our own package, left out (the Docker image: benchmarks)
+            reason = f"{e}: this install leaves it out"
+        else:  # the serve extra is not installed
+            reason = f"a dependency is missing ({e}); install it with: pip install 'pagedserve[serve]'"
+    except Exception as e:  # noqa: BLE001 - the generated stubs reject an older grpcio (RuntimeError) or protobuf (VersionError)
+        reason = f"{e} (pip install -U 'pagedserve[serve]' installs versions that fit)"
+    p = sub.add_parser(name, help=f"unavailable (`pagedserve {name}` says why)", description=f"`pagedserve {name}` is unavailable: {reason}")
+    p.set_defaults(func=lambda _args: _unavailable(name, reason), unavailable=True)
+
+
+def _unavailable(name: str, reason: str) -> int:
+    print(f"error: `pagedserve {name}` is unavailable: {reason}", file=sys.stderr)
+    return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     from engine_core.config import EngineConfig
 
@@ -60,35 +92,18 @@ def build_parser() -> argparse.ArgumentParser:
     EngineConfig.add_cli_args(gen)
     gen.set_defaults(func=_cmd_generate)
 
-    try:
-        from services.launcher import add_serve_parser
-        add_serve_parser(sub)
-    except ImportError:
-        pass
-    try:
-        from services.client import add_client_parser
-        add_client_parser(sub)
-    except ImportError:
-        pass
-    try:  # benchmarks/ is not an installed package: the `pagedserve` script needs the repo root on the path
-        from pathlib import Path
-        if (root := str(Path(__file__).resolve().parent.parent)) not in sys.path:
-            sys.path.append(root)
-        from benchmarks.serve_bench import add_bench_parser
-        add_bench_parser(sub)
-    except ImportError:
-        pass
-    try:
-        from services.healthcheck import add_health_parser
-        add_health_parser(sub)
-    except ImportError:
-        pass
+    for name, module, register in _OPTIONAL_COMMANDS:
+        _add_optional(sub, name, module, register)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # known args only: an unavailable subcommand (see _add_optional) reports why, whatever its options
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "unavailable", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return args.func(args) or 0
 
 

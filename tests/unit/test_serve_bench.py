@@ -11,6 +11,7 @@ import random
 import pytest
 
 from benchmarks import serve_bench as sb
+from benchmarks.serve_bench import cli, driver, metrics
 
 
 def _completion(text: str) -> str:
@@ -112,7 +113,7 @@ def test_percentile_matches_numpy():
     for n in (1, 2, 5, 101):
         xs = [rng.random() for _ in range(n)]
         for q in (0, 50, 90, 99, 100):
-            assert sb._percentile(xs, q) == pytest.approx(float(np.percentile(xs, q)))
+            assert metrics._percentile(xs, q) == pytest.approx(float(np.percentile(xs, q)))
 
 
 def test_parse_goodput_and_lists():
@@ -121,9 +122,9 @@ def test_parse_goodput_and_lists():
     for bad in (["ttft"], ["foo:3"], ["ttft:-1"]):
         with pytest.raises(ValueError):
             sb.parse_goodput(bad)
-    assert sb._parse_list("1,4,16", int) == [1, 4, 16]
-    assert sb._parse_list(None, int) == [None]
-    assert sb._parse_list("inf,2.5", float) == [math.inf, 2.5]
+    assert driver._parse_list("1,4,16", int) == [1, 4, 16]
+    assert driver._parse_list(None, int) == [None]
+    assert driver._parse_list("inf,2.5", float) == [math.inf, 2.5]
 
 
 def test_random_dataset_lengths_and_determinism():
@@ -201,5 +202,5 @@ def test_cli_registers_bench_serve():
 
     args = build_parser().parse_args(["bench", "serve", "--max-concurrency", "1,4", "--goodput", "ttft:200",
                                       "tpot:50", "--num-prompts", "3"])
-    assert args.func is sb._cmd_bench_serve
+    assert args.func is cli._cmd_bench_serve
     assert args.max_concurrency == "1,4" and args.goodput == ["ttft:200", "tpot:50"] and args.num_prompts == 3
