@@ -80,5 +80,5 @@ def test_installed_versions_satisfy_the_floors(name):
 def test_runtime_floors_match_the_apis_used():
     reqs = _requirements()
     assert _floor(reqs["transformers"]) >= Version("5")  # v5 tokenizer APIs
-    assert _floor(reqs["tokenizers"]) >= Version("0.21")
+    assert _floor(reqs["tokenizers"]) >= Version("0.22")  # DecodeStream(ids=...)
     assert "standard" in reqs["uvicorn"].extras  # uvloop + httptools: the gateway's event loop and parser
