@@ -40,15 +40,20 @@ def test_other_subcommands_still_register(broken_client):
     assert e.value.code == 0
 
 
-def test_missing_extra_names_the_install(monkeypatch, capsys):
+def _fail_import(monkeypatch, module: str, missing: str) -> None:
+    """Make the CLI's import of `module` fail as if package `missing` were not installed."""
     real = importlib.import_module
 
     def import_module(name, package=None):
-        if name == "services.launcher":
-            raise ModuleNotFoundError("No module named 'grpc'", name="grpc")
+        if name == module:
+            raise ModuleNotFoundError(f"No module named {missing!r}", name=missing)
         return real(name, package)
 
     monkeypatch.setattr(cli.importlib, "import_module", import_module)
+
+
+def test_missing_extra_names_the_install(monkeypatch, capsys):
+    _fail_import(monkeypatch, "services.launcher", "grpc")
     assert cli.main(["serve"]) == 2
     assert "pip install 'pagedserve[serve]'" in capsys.readouterr().err
 
@@ -61,14 +66,7 @@ def test_unknown_options_still_rejected_for_available_commands():
 
 def test_left_out_package_is_not_blamed_on_the_extra(monkeypatch, capsys):
     """The Docker image leaves benchmarks/ out: `pagedserve bench` says so instead of suggesting the extra."""
-    real = importlib.import_module
-
-    def import_module(name, package=None):
-        if name == "benchmarks.serve_bench":
-            raise ModuleNotFoundError("No module named 'benchmarks'", name="benchmarks")
-        return real(name, package)
-
-    monkeypatch.setattr(cli.importlib, "import_module", import_module)
+    _fail_import(monkeypatch, "benchmarks.serve_bench", "benchmarks")
     assert cli.main(["bench", "serve", "--num-prompts", "2"]) == 2
     err = capsys.readouterr().err
     assert "this install leaves it out" in err and "pagedserve[serve]" not in err
