@@ -1,4 +1,4 @@
-"""Scheduler-side request state. The executor keeps its own mirror (see executor/request_state.py)."""
+"""Scheduler-side request state. The executor keeps its own mirror as rows of executor/input_batch.py."""
 from __future__ import annotations
 
 import enum
