@@ -261,12 +261,14 @@ class Scheduler:
         away (and could run past max_model_len). An EOS or stop token can only be seen when it
         lands: that costs one discarded token (async scheduling's "stop one step late")."""
         k = req.num_output_placeholders
-        if k == 0:
-            return False
+        return k > 0 and self._length_reached(req, extra_tokens=k)
+
+    def _length_reached(self, req: Request, extra_tokens: int = 0) -> bool:
+        """max_tokens or max_model_len reached, counting `extra_tokens` still being sampled."""
         mt = req.sampling_params.max_tokens
-        if mt is not None and len(req.output_token_ids) + k >= mt:
+        if mt is not None and len(req.output_token_ids) + extra_tokens >= mt:
             return True
-        return req.num_tokens + k >= self.max_model_len
+        return req.num_tokens + extra_tokens >= self.max_model_len
 
     # ------------------------------------------------------------------ results
     def update_from_output(self, so: SchedulerOutput, result: ModelRunnerOutput) -> list[RequestOutputDelta]:
@@ -306,9 +308,7 @@ class Scheduler:
             if tok in sp.stop_token_ids:
                 req.stop_reason = tok
                 return RequestStatus.FINISHED_STOPPED
-        if sp.max_tokens is not None and n_out >= sp.max_tokens:
-            return RequestStatus.FINISHED_LENGTH
-        if req.num_tokens >= self.max_model_len:
+        if self._length_reached(req):
             return RequestStatus.FINISHED_LENGTH
         return None
 

@@ -58,7 +58,6 @@ class InputBatch:
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.row_of: dict[str, int] = {}
-        self.req_id_of: list[str | None] = [None] * initial_rows
         self.params: list[SamplingParams | None] = [None] * initial_rows
         self.free_rows: list[int] = list(range(initial_rows - 1, -1, -1))
         width = min(initial_width, max_model_len + 1)
@@ -75,22 +74,15 @@ class InputBatch:
         # the step's sampling tensors can be reused while the sampling rows stay the same.
         self.stateless = np.zeros(initial_rows, dtype=bool)
 
-    def __len__(self) -> int:
-        return len(self.row_of)
-
-    def __contains__(self, req_id: str) -> bool:
-        return req_id in self.row_of
-
     # ------------------------------------------------------------------ capacity
     def _ensure_rows(self) -> None:
         if self.free_rows:
             return
-        old = len(self.req_id_of)
+        old = len(self.params)
         new = old * 2
         for name in ("token_ids", "prompt_len", "num_tokens", "num_computed", "block_table", "num_blocks",
                      "generation", "stateless"):
             setattr(self, name, _grow(getattr(self, name), rows=new))
-        self.req_id_of += [None] * (new - old)
         self.params += [None] * (new - old)
         self.free_rows = list(range(new - 1, old - 1, -1))
 
@@ -114,7 +106,6 @@ class InputBatch:
         self._ensure_width(len(toks) + 1)
         self._ensure_blocks(len(new.block_ids))
         self.row_of[new.req_id] = row
-        self.req_id_of[row] = new.req_id
         self.params[row] = p = new.sampling_params
         self.stateless[row] = p.seed is None and not p.needs_penalties and p.min_tokens == 0
         self.token_ids[row, : len(toks)] = toks
@@ -130,7 +121,6 @@ class InputBatch:
         row = self.row_of.pop(req_id, None)
         if row is None:
             return
-        self.req_id_of[row] = None
         self.params[row] = None
         self.generation[row] += 1
         self.free_rows.append(row)
@@ -164,10 +154,6 @@ class InputBatch:
 
     def prompt_token_ids(self, row: int) -> np.ndarray:
         return self.token_ids[row, : self.prompt_len[row]]
-
-    def all_token_ids(self, req_id: str) -> list[int]:
-        row = self.row_of[req_id]
-        return self.token_ids[row, : self.num_tokens[row]].tolist()
 
     # ------------------------------------------------------------------ one step's inputs
     def prepare(self, so: SchedulerOutput, pending_rows: np.ndarray | None,

@@ -13,7 +13,6 @@ serialises their host-state updates, never a device wait.
 """
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections import deque
@@ -23,7 +22,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine_core.executor.base import ExecutorError
 from engine_core.executor.cuda_graph import CudaGraphRunner
 from engine_core.executor.input_batch import InputBatch, StepInputs
 from engine_core.layers.attention_metadata import AttentionMetadata
@@ -31,8 +29,6 @@ from engine_core.layers.sampler import Sampler, SamplerOutput, make_generator
 from engine_core.model_config import ModelConfig
 from engine_core.sampling_metadata import SamplingMetadata
 from engine_core.scheduler_output import ModelRunnerOutput, SchedulerOutput
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -172,7 +168,7 @@ class ModelRunner:
     def reset(self) -> None:
         self.abandon_in_flight()
         with self._lock:
-            self.batch = InputBatch(self.block_size, self.batch.max_model_len, initial_rows=len(self.batch.req_id_of))
+            self.batch = InputBatch(self.block_size, self.batch.max_model_len, initial_rows=len(self.batch.params))
             self._md_cache = None
 
     # ------------------------------------------------------------------ state from deltas
@@ -296,8 +292,7 @@ class ModelRunner:
             # that token, so it is this step's input at the row's logits position.
             srows = torch.from_numpy(np.flatnonzero(pending)).to(self.device)
             toks = ids.index_select(0, logits_rows.index_select(0, srows))
-            r = srows
-            md.output_token_counts.index_put_((r, toks), torch.ones_like(toks, dtype=torch.int32), accumulate=True)
+            md.output_token_counts.index_put_((srows, toks), torch.ones_like(toks, dtype=torch.int32), accumulate=True)
         self._md_cache = (key, md) if stateless else None
         return md
 
@@ -324,5 +319,3 @@ class ModelRunner:
         out.execute_time_s = time.perf_counter() - handle.t0
         return out
 
-
-__all__ = ["ExecutorError", "ModelRunner"]
