@@ -47,6 +47,7 @@ import statistics
 import sys
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,40 +90,55 @@ def summarize(name: str, concurrency: int, ttfts: list[float], ends: list[float]
 
 
 # ================================================================ part 1: in-process
-def run_inprocess(core, prompts: list[list[int]], params, concurrency: int, tag: str) -> dict:
-    """Closed loop: keep `concurrency` requests in the engine; a finished one is replaced at once."""
+@dataclass
+class RequestTrace:
+    """One request of a closed loop (time.perf_counter() seconds)."""
+
+    sent: float
+    first: float | None = None  # first token
+    end: float | None = None
+    token_ids: list[int] = field(default_factory=list)
+
+
+def closed_loop(core, prompts: list[list[int]], params, concurrency: int, tag: str) -> list[RequestTrace]:
+    """Drive an EngineCore as a closed loop: keep `concurrency` requests in it, replace a finished
+    one at once. Returns one trace per prompt, in prompt order."""
     pending = collections.deque(enumerate(prompts))
-    start: dict[str, float] = {}
-    ttft: dict[str, float] = {}
-    end: dict[str, float] = {}
-    toks: dict[str, list[int]] = collections.defaultdict(list)
-    inflight: set[str] = set()
+    traces: dict[str, RequestTrace] = {}
     order = [f"ip-{tag}-{i}" for i in range(len(prompts))]
+    inflight: set[str] = set()
 
     def admit() -> None:
         while pending and len(inflight) < concurrency:
             i, p = pending.popleft()
             rid = order[i]
-            start[rid] = time.perf_counter()
+            traces[rid] = RequestTrace(sent=time.perf_counter())
             core.add_request(rid, p, params)
             inflight.add(rid)
 
-    steps0 = core.counters.num_steps
-    t_start = time.perf_counter()
     admit()
     while inflight:
         deltas = core.step()
         now = time.perf_counter()
         for d in deltas:
+            t = traces[d.request_id]
             if d.new_token_ids:
-                ttft.setdefault(d.request_id, now - start[d.request_id])
-                toks[d.request_id].extend(d.new_token_ids)
+                if t.first is None:
+                    t.first = now
+                t.token_ids.extend(d.new_token_ids)
             if d.finished:
-                end[d.request_id] = now
+                t.end = now
                 inflight.discard(d.request_id)
         admit()
-    res = summarize("in-process", concurrency, [ttft[r] for r in order], [end[r] for r in order],
-                    [len(toks[r]) for r in order], t_start, [toks[r] for r in order])
+    return [traces[r] for r in order]
+
+
+def run_inprocess(core, prompts: list[list[int]], params, concurrency: int, tag: str) -> dict:
+    steps0 = core.counters.num_steps
+    t_start = time.perf_counter()
+    traces = closed_loop(core, prompts, params, concurrency, tag)
+    res = summarize("in-process", concurrency, [t.first - t.sent for t in traces], [t.end for t in traces],
+                    [len(t.token_ids) for t in traces], t_start, [t.token_ids for t in traces])
     res["engine_steps"] = core.counters.num_steps - steps0
     return res
 

@@ -50,7 +50,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.grpc_overhead import make_prompts, pct, wait_serving
+from benchmarks.grpc_overhead import closed_loop, make_prompts, pct, wait_serving
 from benchmarks.servers import start_pagedserve
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -94,7 +94,7 @@ def synthetic_tokenizer(vocab_size: int, eos_token_id: int, out_dir: Path) -> Pa
 
 
 def summarize(path: str, c: int, recs: list[tuple[float, float | None, float, int]]) -> dict:
-    """recs: (sent, first token, end, tokens) per request, time.monotonic() seconds."""
+    """recs: (sent, first token, end, tokens) per request, in seconds of one monotonic clock."""
     t0 = min(r[0] for r in recs)
     elapsed = max(r[2] for r in recs) - t0
     toks = sum(r[3] for r in recs)
@@ -109,34 +109,8 @@ def summarize(path: str, c: int, recs: list[tuple[float, float | None, float, in
 # ---------------------------------------------------------------------------- path 1: offline
 def run_offline(core, prompts: list[list[int]], params, c: int, tag: str) -> dict:
     """Closed loop: keep `c` requests in the engine; a finished one is replaced at once."""
-    pending = list(enumerate(prompts))[::-1]
-    sent: dict[str, float] = {}
-    first: dict[str, float] = {}
-    ntok: dict[str, int] = {}
-    recs = []
-    inflight: set[str] = set()
-
-    def admit() -> None:
-        while pending and len(inflight) < c:
-            i, p = pending.pop()
-            rid = f"off-{tag}-{i}"
-            sent[rid], ntok[rid] = time.monotonic(), 0
-            core.add_request(rid, p, params)
-            inflight.add(rid)
-
     steps0 = core.counters.num_steps
-    admit()
-    while inflight:
-        deltas = core.step()
-        now = time.monotonic()
-        for d in deltas:
-            if d.new_token_ids:
-                first.setdefault(d.request_id, now)
-                ntok[d.request_id] += len(d.new_token_ids)
-            if d.finished:
-                inflight.discard(d.request_id)
-                recs.append((sent[d.request_id], first.get(d.request_id), now, ntok[d.request_id]))
-        admit()
+    recs = [(t.sent, t.first, t.end, len(t.token_ids)) for t in closed_loop(core, prompts, params, c, tag)]
     out = summarize("offline", c, recs)
     out["engine_steps"] = core.counters.num_steps - steps0
     out["step_ms"] = 1e3 * out["elapsed_s"] / max(1, out["engine_steps"])
