@@ -9,6 +9,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 from engine_core.config import EngineConfig
 from engine_core.executor.base import Executor, ExecutorError, ExecutorInfo
@@ -16,6 +17,8 @@ from engine_core.request import Request, RequestStatus
 from engine_core.sampling_params import SamplingParams
 from engine_core.scheduler import RequestOutputDelta, Scheduler, SchedulerStats
 from engine_core.scheduler_output import SchedulerOutput
+from engine_core.structured_output.compiler import GrammarCompiler
+from engine_core.structured_output.request_grammar import RequestGrammar
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +42,7 @@ class EngineCounters:
 class EngineCore:
     MAX_REPLAYS = 3
 
-    def __init__(self, config: EngineConfig, executor: Executor) -> None:
+    def __init__(self, config: EngineConfig, executor: Executor, tokenizer: Any | None = None) -> None:
         self.config = config
         self.executor = executor
         self.info: ExecutorInfo = executor.describe()
@@ -65,6 +68,9 @@ class EngineCore:
         # executor can overlap: 2 in-process, 3 over gRPC).
         self._in_flight: deque[tuple[SchedulerOutput, float]] = deque()
         self.max_in_flight = executor.max_concurrent_batches if config.async_scheduling else 1
+        # Structured output needs the tokenizer's vocabulary; built on first use.
+        self.tokenizer = tokenizer
+        self._grammar_compiler: GrammarCompiler | None = None
 
     @property
     def max_model_len(self) -> int:
@@ -89,10 +95,36 @@ class EngineCore:
             raise ValueError(f"logprobs {params.logprobs} exceeds max_logprobs {self.config.max_logprobs}")
         if params.n != 1:
             raise ValueError("EngineCore takes one sequence per request; fan out n>1 into child requests")
+        if params.structured_outputs is not None and self.tokenizer is None:
+            raise ValueError("structured output needs the model's tokenizer, and this engine has none "
+                             "(a dummy model, or a scheduler started without --tokenizer)")
+
+    @property
+    def grammar_compiler(self) -> GrammarCompiler:
+        if self._grammar_compiler is None:
+            if self.tokenizer is None:
+                raise ValueError("structured output needs the model's tokenizer, and this engine has none")
+            self._grammar_compiler = GrammarCompiler(self.tokenizer, self.info.vocab_size,
+                                                     list(self.info.eos_token_ids))
+        return self._grammar_compiler
+
+    def compile_grammar(self, params: SamplingParams) -> Any | None:
+        """The compiled grammar of params' structured_outputs (cached; None without one). Thread-safe:
+        the scheduler service calls it off the engine thread, so a compile never stalls a step."""
+        if params.structured_outputs is None:
+            return None
+        return self.grammar_compiler.compile(params.structured_outputs)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    arrival_time: float | None = None, trace_context: dict[str, str] | None = None) -> Request:
+                    arrival_time: float | None = None, trace_context: dict[str, str] | None = None,
+                    compiled_grammar: Any | None = None) -> Request:
+        """compiled_grammar: from compile_grammar (done earlier, off the step thread); compiled here
+        when the params have structured_outputs and none is given."""
         self.validate_request(prompt_token_ids, params)
+        grammar = None
+        if params.structured_outputs is not None:
+            compiled = compiled_grammar if compiled_grammar is not None else self.compile_grammar(params)
+            grammar = RequestGrammar(self.grammar_compiler.matcher(compiled), self.info.vocab_size)
         req = Request(
             request_id=request_id,
             prompt_token_ids=list(prompt_token_ids),
@@ -100,6 +132,7 @@ class EngineCore:
             eos_token_ids=tuple(self.info.eos_token_ids),
             arrival_time=arrival_time if arrival_time is not None else time.monotonic(),
             trace_context=trace_context,
+            grammar=grammar,
         )
         self.scheduler.add_request(req)
         self.counters.requests_added += 1
@@ -128,7 +161,10 @@ class EngineCore:
         """
         deltas, self._pending = self._pending, []
         submitted = False
-        if len(self._in_flight) < self.max_in_flight and self.scheduler.has_unfinished_requests():
+        # A grammar's next bitmask needs the request's last token: one step in flight while any
+        # structured-output request is unfinished (free requests pay nothing otherwise).
+        max_in_flight = 1 if self.scheduler.has_grammar_requests else self.max_in_flight
+        if len(self._in_flight) < max_in_flight and self.scheduler.has_unfinished_requests():
             so = self.scheduler.schedule()
             if not so.is_empty or so.finished_req_ids:
                 try:
@@ -141,7 +177,7 @@ class EngineCore:
                 submitted = True
         if not self._in_flight:
             return deltas
-        if submitted and len(self._in_flight) < self.max_in_flight:
+        if submitted and len(self._in_flight) < max_in_flight:
             return deltas  # come back to schedule the next step while this one runs
         so, t0 = self._in_flight.popleft()
         try:

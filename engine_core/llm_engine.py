@@ -15,7 +15,7 @@ from engine_core.executor.base import Executor
 from engine_core.outputs import CompletionOutput, RequestOutput
 from engine_core.sampling_params import SamplingParams
 from engine_core.scheduler import RequestOutputDelta
-from engine_core.tokenizer import Tokenizer, load_tokenizer
+from engine_core.tokenizer import Tokenizer, load_engine_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -35,20 +35,10 @@ class LLMEngine:
 
             executor = make_executor(config)  # LocalExecutor, or MultiprocExecutor for TP > 1
         self.config = config
-        self.core = EngineCore(config, executor)
-        self.tokenizer = tokenizer if tokenizer is not None else self._load_tokenizer(config, executor)
+        self.tokenizer = tokenizer if tokenizer is not None else load_engine_tokenizer(config, executor)
+        self.core = EngineCore(config, executor, tokenizer=self.tokenizer)
         self._requests: dict[str, _Tracked] = {}
         self._child_to_parent: dict[str, tuple[str, int]] = {}
-
-    @staticmethod
-    def _load_tokenizer(config: EngineConfig, executor: Executor) -> Tokenizer | None:
-        path = config.tokenizer
-        if path is None:
-            source = getattr(executor, "source", None)
-            if source is None or source.kind == "dummy":
-                return None  # random-weight model: token ids only
-            path = source.path
-        return load_tokenizer(path)
 
     # ------------------------------------------------------------------ requests
     def encode_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:

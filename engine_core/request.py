@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 from engine_core.sampling_params import SamplingParams
+from engine_core.structured_output.request_grammar import RequestGrammar
 
 
 class RequestStatus(enum.IntEnum):
@@ -58,6 +59,8 @@ class Request:
     block_hashes: list[bytes] = field(default_factory=list)
     # W3C trace context handed to the executor with the request (None: not traced).
     trace_context: dict[str, str] | None = None
+    # Structured output: the grammar matcher, advanced with every kept output token (None: free).
+    grammar: RequestGrammar | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from engine_core.structured_output.params import StructuredOutputsParams
+
 # Below this temperature sampling is greedy (argmax); matches vLLM's _SAMPLING_EPS.
 GREEDY_EPS = 1e-5
 
@@ -28,8 +30,12 @@ class SamplingParams:
     logprobs: int | None = None  # number of top logprobs per sampled token (0: only the sampled one)
     logit_bias: dict[int, float] = field(default_factory=dict)
     skip_special_tokens: bool = True
+    # Token-level constraint on the output (JSON schema, regex, choice, grammar); None: free text.
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
@@ -73,6 +79,8 @@ class SamplingParams:
             bad("stop_token_ids", "must be non-negative token ids")
         if any(not s for s in self.stop):
             bad("stop", "must not contain empty strings")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            bad("structured_outputs", "must be a StructuredOutputsParams or a dict")
         for tok, bias in self.logit_bias.items():
             if tok < 0 or not -100.0 <= bias <= 100.0:
                 raise ValueError(f"logit_bias entries must map token ids >= 0 to values in [-100, 100], got {tok}: {bias}")

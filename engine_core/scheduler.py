@@ -94,6 +94,8 @@ class Scheduler:
         # decoding, and how many it has waited.
         self.max_admission_delay_steps = max_admission_delay_steps
         self._admission_delayed = 0
+        # Unfinished requests under a grammar: each step's bitmask needs their previous token.
+        self._grammar_req_ids: set[str] = set()
 
     # ------------------------------------------------------------------ requests in / out
     def add_request(self, request: Request) -> None:
@@ -108,6 +110,8 @@ class Scheduler:
         request.status = RequestStatus.WAITING
         self.requests[request.request_id] = request
         self.waiting.append(request)
+        if request.grammar is not None:
+            self._grammar_req_ids.add(request.request_id)
 
     def finish_requests(self, request_ids: list[str], status: RequestStatus,
                         stop_reason: int | str | None = None) -> list[Request]:
@@ -131,11 +135,18 @@ class Scheduler:
         self.block_manager.free(req)
         self._finished_req_ids.add(req.request_id)
         self.requests.pop(req.request_id, None)
+        self._grammar_req_ids.discard(req.request_id)
         reason = req.finish_reason or "unknown"
         self.finished_by_reason[reason] = self.finished_by_reason.get(reason, 0) + 1
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.running)
+
+    @property
+    def has_grammar_requests(self) -> bool:
+        """Structured-output requests are unfinished: a step's bitmask is built from the request's
+        last token, so the engine runs synchronously (one step in flight) while they exist."""
+        return bool(self._grammar_req_ids)
 
     @property
     def num_unfinished(self) -> int:
@@ -147,6 +158,8 @@ class Scheduler:
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
         req.num_output_placeholders = 0  # in-flight samples are dropped; recomputed on resumption
+        if req.grammar is not None:
+            req.grammar.rollback_to(len(req.output_token_ids))
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(req)
@@ -165,8 +178,9 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             num_new = min(req.num_tokens + req.num_output_placeholders - req.num_computed_tokens, budget)
-            if num_new <= 0 or self._done_when_in_flight_returns(req):
-                i += 1
+            if num_new <= 0 or self._done_when_in_flight_returns(req) or (
+                    req.grammar is not None and req.num_output_placeholders):
+                i += 1  # (a grammar's next bitmask needs the token still in flight)
                 continue
             while True:
                 new_blocks = self.block_manager.allocate_slots(req, num_new)
@@ -227,6 +241,8 @@ class Scheduler:
             req.num_computed_tokens += num_new
             if req.num_computed_tokens == req.num_tokens + req.num_output_placeholders:
                 req.num_output_placeholders += 1  # this step samples the next token
+                if req.grammar is not None:
+                    out.grammar_bitmasks[req.request_id] = req.grammar.next_bitmask()
         out.total_num_scheduled_tokens = sum(out.num_scheduled_tokens.values())
         # A request preempted this step may also have finished earlier; either way the executor
         # must drop it before running this step (a resumed one arrives as a NewRequestData).
@@ -290,6 +306,8 @@ class Scheduler:
                 req.output_token_ids.append(tok)
                 accepted.append(tok)
                 status = self._check_stop(req, tok)
+                if req.grammar is not None and not req.grammar.accept(tok) and status is None:
+                    status = RequestStatus.FINISHED_STOPPED  # the grammar is complete (or rejects)
                 if status is not None:
                     break
             lps = logprobs[: len(accepted)] if logprobs is not None else None

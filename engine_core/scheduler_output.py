@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from engine_core.sampling_params import SamplingParams
 
 
@@ -51,6 +53,9 @@ class SchedulerOutput:
     finished_req_ids: set[str] = field(default_factory=set)
     # Copy-on-write block copies (src, dst) to apply before the forward pass (n>1 / beam search).
     block_copies: list[tuple[int, int]] = field(default_factory=list)
+    # Structured output: per request that samples under a grammar this step, the allowed-token
+    # bitmask of the sampled position ([words] int32, bit t of word t // 32 = token t allowed).
+    grammar_bitmasks: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def is_empty(self) -> bool:

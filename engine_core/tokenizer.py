@@ -22,7 +22,7 @@ import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-__all__ = ["Tokenizer", "load_tokenizer"]
+__all__ = ["Tokenizer", "load_engine_tokenizer", "load_tokenizer"]
 
 # Tokens that end a turn / a document in common chat models. Added to ``eos_token_ids`` when the
 # vocabulary has them as *special* tokens (llama.cpp treats the same set as end-of-generation).
@@ -326,3 +326,19 @@ def load_tokenizer(model_path: str) -> Tokenizer:
                 return Tokenizer.from_gguf(os.path.join(model_path, ggufs[0]))
         return Tokenizer.from_pretrained(model_path)
     raise FileNotFoundError(f"model path not found: {model_path}")
+
+
+def load_engine_tokenizer(config: Any, executor: Any = None) -> Tokenizer | None:
+    """The engine's tokenizer: config.tokenizer, else the in-process executor's model (None for a
+    dummy model or a remote executor: token ids only, no structured output)."""
+    path = config.tokenizer
+    if path is None:
+        source = getattr(executor, "source", None)
+        if source is None or source.kind == "dummy":
+            return None
+        path = source.path
+    if path == "default":
+        from engine_core.loader.model_source import embedded_gguf_path
+
+        path = embedded_gguf_path()
+    return load_tokenizer(path)

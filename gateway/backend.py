@@ -186,11 +186,11 @@ class Backend:
         return list(resp.token_ids)
 
     async def apply_chat_template(self, messages: Sequence[tokenizer_pb2.ChatMessage],
-                                  add_generation_prompt: bool = True) -> tuple[str, list[int]]:
+                                  add_generation_prompt: bool = True, tools_json: str = "") -> tuple[str, list[int]]:
         from gateway.telemetry import span
 
         req = tokenizer_pb2.ApplyChatTemplateRequest(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                     tokenize=True)
+                                                     tokenize=True, tools_json=tools_json)
         with span("tokenize", **{"pagedserve.messages": len(messages)}):
             try:
                 resp = await self.tokenizer.ApplyChatTemplate(req, timeout=self.config.rpc_timeout_s,

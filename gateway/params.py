@@ -7,9 +7,11 @@ DetokenizeStream watches for them and the gateway finishes the sample through Ab
 from __future__ import annotations
 
 from engine_core.sampling_params import SamplingParams
+from engine_core.structured_output.params import StructuredOutputsParams
 from gateway.backend import ModelFacts
 from gateway.errors import bad_request, context_length_exceeded
 from gateway.protocol import SamplingFields
+from gateway.structured_output import structured_outputs_of
 from services.convert import sampling_params_to_proto
 from services.gen.pagedserve.v1 import common_pb2
 
@@ -24,7 +26,8 @@ def _param_of(message: str) -> str | None:
 
 def build_sampling_params(req: SamplingFields, facts: ModelFacts, *, max_tokens: int | None,
                           logprobs: int | None, logprobs_field: str = "logprobs",
-                          max_tokens_field: str = "max_tokens", max_n: int = 128) -> SamplingParams:
+                          max_tokens_field: str = "max_tokens", max_n: int = 128,
+                          structured_outputs: StructuredOutputsParams | None = None) -> SamplingParams:
     """Validate the request's sampling fields; raises a 400 APIError naming the bad field."""
     if not 1 <= req.n <= max_n:
         raise bad_request(f"n must be an integer in [1, {max_n}], got {req.n}", param="n")
@@ -53,6 +56,7 @@ def build_sampling_params(req: SamplingFields, facts: ModelFacts, *, max_tokens:
     kw = {
         "n": req.n, "max_tokens": max_tokens, "logprobs": logprobs, "seed": req.seed, "logit_bias": bias,
         "stop": req.stop_list, "stop_token_ids": req.stop_token_ids or [],
+        "structured_outputs": structured_outputs if structured_outputs is not None else structured_outputs_of(req),
     }
     for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                  "repetition_penalty", "min_tokens", "ignore_eos", "skip_special_tokens",

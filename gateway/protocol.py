@@ -30,6 +30,11 @@ PROMPT_SHAPE_MSG = ("must be a string, an array of strings, an array of token id
 
 
 # ---------------------------------------------------------------------------- requests
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")  # json_schema: {name, schema, strict, description}
+    type: StrictStr
+
+
 class StreamOptions(BaseModel):
     include_usage: StrictBool | None = False
 
@@ -58,6 +63,13 @@ class SamplingFields(BaseModel):
     stop_token_ids: list[StrictInt] | None = None
     skip_special_tokens: StrictBool | None = True
     include_stop_str_in_output: StrictBool | None = False
+    # Structured output (gateway/structured_output.py): OpenAI's response_format, vLLM's extras.
+    response_format: ResponseFormat | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | StrictStr | None = None
+    guided_regex: StrictStr | None = None
+    guided_choice: list[StrictStr] | None = None
+    guided_grammar: StrictStr | None = None
 
     @property
     def stop_list(self) -> list[str]:
@@ -108,18 +120,12 @@ class ChatMessageParam(BaseModel):
     content: StrictStr | list[ContentPart] | None = None
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    type: StrictStr
-
-
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessageParam] = Field(...)
     max_tokens: StrictInt | None = None  # deprecated by OpenAI in favour of max_completion_tokens
     max_completion_tokens: StrictInt | None = None
     logprobs: StrictBool | None = False
     top_logprobs: StrictInt | None = None
-    response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     # vLLM extras
@@ -195,6 +201,7 @@ class ChatMessage(BaseModel):
     role: str = "assistant"
     content: str | None = None
     refusal: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatChoice(BaseModel):

@@ -7,6 +7,9 @@ value, including dict order of SchedulerOutput.num_scheduled_tokens (the executo
 from __future__ import annotations
 
 import dataclasses
+import json
+
+import numpy as np
 
 from engine_core.executor.base import ExecutorInfo
 from engine_core.sampling_params import SamplingParams
@@ -17,6 +20,7 @@ from engine_core.scheduler_output import (
     SchedulerOutput,
     TokenLogprobs,
 )
+from engine_core.structured_output.params import StructuredOutputsParams
 from services.gen.pagedserve.v1 import common_pb2, executor_pb2
 
 __all__ = [
@@ -29,6 +33,8 @@ __all__ = [
     "sampling_params_to_proto",
     "scheduler_output_from_proto",
     "scheduler_output_to_proto",
+    "structured_outputs_from_proto",
+    "structured_outputs_to_proto",
     "token_logprobs_from_proto",
     "token_logprobs_to_proto",
 ]
@@ -62,7 +68,28 @@ def sampling_params_to_proto(sp: SamplingParams) -> common_pb2.SamplingParams:
         msg.stop_token_ids.extend(sp.stop_token_ids)
     for tok, bias in sp.logit_bias.items():
         msg.logit_bias[tok] = bias
+    if sp.structured_outputs is not None:
+        msg.structured_outputs.CopyFrom(structured_outputs_to_proto(sp.structured_outputs))
     return msg
+
+
+def structured_outputs_to_proto(so: StructuredOutputsParams) -> common_pb2.StructuredOutputs:
+    kind = so.kind
+    if kind == "json":
+        return common_pb2.StructuredOutputs(json=json.dumps(so.json))
+    if kind == "json_object":
+        return common_pb2.StructuredOutputs(json_object=True)
+    if kind == "choice":
+        return common_pb2.StructuredOutputs(choice=list(so.choice))
+    return common_pb2.StructuredOutputs(**{kind: getattr(so, kind)})
+
+
+def structured_outputs_from_proto(msg: common_pb2.StructuredOutputs) -> StructuredOutputsParams:
+    kw = {name: getattr(msg, name) for name in ("json", "json_object", "regex", "grammar", "structural_tag")
+          if msg.HasField(name)}
+    if msg.choice:
+        kw["choice"] = list(msg.choice)
+    return StructuredOutputsParams(**kw)
 
 
 def sampling_params_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:
@@ -79,6 +106,11 @@ def sampling_params_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams
         kw["stop_token_ids"] = list(msg.stop_token_ids)
     if msg.logit_bias:
         kw["logit_bias"] = dict(msg.logit_bias)
+    if msg.HasField("structured_outputs"):
+        try:
+            kw["structured_outputs"] = structured_outputs_from_proto(msg.structured_outputs)
+        except ValueError as e:
+            raise ValueError(f"structured_outputs: {e}") from None
     return SamplingParams(**kw)
 
 
@@ -100,7 +132,7 @@ def token_logprobs_from_proto(msg: common_pb2.TokenLogprobs) -> TokenLogprobs:
 def scheduler_output_to_proto(so: SchedulerOutput) -> executor_pb2.StepBatch:
     """Raises ValueError when so is inconsistent (a scheduled request without a
     num_scheduled_tokens entry, or an entry / spec tokens for a request that is not scheduled)."""
-    nst, spec = so.num_scheduled_tokens, so.scheduled_spec_decode_tokens
+    nst, spec, masks = so.num_scheduled_tokens, so.scheduled_spec_decode_tokens, so.grammar_bitmasks
     NewPb, CachedPb = executor_pb2.NewRequestData, executor_pb2.CachedRequestData
     try:
         cached = []
@@ -111,6 +143,8 @@ def scheduler_output_to_proto(so: SchedulerOutput) -> executor_pb2.StepBatch:
                 m.new_block_ids.extend(r.new_block_ids)
             if spec and r.req_id in spec:
                 m.spec_token_ids.extend(spec[r.req_id])
+            if masks and r.req_id in masks:
+                m.grammar_bitmask = masks[r.req_id].astype("<i4", copy=False).tobytes()
             cached.append(m)
         new = []
         for r in so.scheduled_new_reqs:
@@ -123,6 +157,8 @@ def scheduler_output_to_proto(so: SchedulerOutput) -> executor_pb2.StepBatch:
                 m.spec_token_ids.extend(spec[r.req_id])
             if r.trace_context:
                 m.trace_context.update(r.trace_context)
+            if masks and r.req_id in masks:
+                m.grammar_bitmask = masks[r.req_id].astype("<i4", copy=False).tobytes()
             new.append(m)
     except KeyError as e:
         raise ValueError(f"step {so.step_id}: request {e.args[0]!r} is scheduled but has no "
@@ -150,6 +186,7 @@ def scheduler_output_from_proto(msg: executor_pb2.StepBatch) -> SchedulerOutput:
     ids: list[str] = []
     counts: list[int] = []
     spec: dict[str, list[int]] = {}
+    masks: dict[str, np.ndarray] = {}
     cached_reqs = []
     for r in msg.scheduled_cached_reqs:
         if r.num_computed_tokens < 0:
@@ -161,6 +198,8 @@ def scheduler_output_from_proto(msg: executor_pb2.StepBatch) -> SchedulerOutput:
         counts.append(r.num_scheduled_tokens)
         if r.spec_token_ids:
             spec[r.req_id] = list(r.spec_token_ids)
+        if r.grammar_bitmask:
+            masks[r.req_id] = _bitmask_from_bytes(r.req_id, r.grammar_bitmask)
     new_reqs = []
     for r in msg.scheduled_new_reqs:
         if not r.prompt_token_ids:
@@ -180,6 +219,8 @@ def scheduler_output_from_proto(msg: executor_pb2.StepBatch) -> SchedulerOutput:
         counts.append(r.num_scheduled_tokens)
         if r.spec_token_ids:
             spec[r.req_id] = list(r.spec_token_ids)
+        if r.grammar_bitmask:
+            masks[r.req_id] = _bitmask_from_bytes(r.req_id, r.grammar_bitmask)
     if len(set(ids)) != len(ids):
         seen: set[str] = set()
         dup = next(r for r in ids if r in seen or seen.add(r))
@@ -212,7 +253,14 @@ def scheduler_output_from_proto(msg: executor_pb2.StepBatch) -> SchedulerOutput:
         scheduled_spec_decode_tokens=spec,
         finished_req_ids=set(msg.finished_req_ids),
         block_copies=[(c.src, c.dst) for c in msg.block_copies],
+        grammar_bitmasks=masks,
     )
+
+
+def _bitmask_from_bytes(req_id: str, data: bytes) -> np.ndarray:
+    if len(data) % 4:
+        raise ValueError(f"request {req_id!r}: grammar_bitmask is {len(data)} bytes, not whole int32 words")
+    return np.frombuffer(data, dtype="<i4").astype(np.int32)
 
 
 def check_step_against_info(so: SchedulerOutput, info: ExecutorInfo) -> None:
@@ -247,6 +295,10 @@ def check_step_against_info(so: SchedulerOutput, info: ExecutorInfo) -> None:
             raise ValueError(f"new request {r.req_id!r}: sampling_params: {e}") from None
     for r in so.scheduled_cached_reqs:
         check_blocks(f"cached request {r.req_id!r} new_block_ids", r.new_block_ids)
+    words = (vocab + 31) // 32
+    for rid, mask in so.grammar_bitmasks.items():
+        if mask.shape != (words,):
+            raise ValueError(f"grammar_bitmask of {rid!r} has {mask.size} words; the vocabulary needs {words}")
     for rid, toks in so.scheduled_spec_decode_tokens.items():
         check_tokens(f"scheduled_spec_decode_tokens[{rid!r}]", toks)
     check_blocks("block_copies", [b for pair in so.block_copies for b in pair])

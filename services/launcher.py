@@ -237,6 +237,9 @@ class Stack:
         scheduler_argv = [*py, "services.scheduler", "--executor-address", executor_address,
                           "--port", str(ports["scheduler"]), "--max-queue-len", str(args.max_queue_len),
                           "--executor-timeout", str(args.executor_timeout), *common, *eflags]
+        if not args.tokenizer and not str(args.model or "").startswith("dummy:"):
+            # Structured output compiles grammars against the vocabulary in the scheduler.
+            scheduler_argv += ["--tokenizer", args.model or "default"]
         if args.scheduler_metrics_port is not None:
             scheduler_argv += ["--metrics-port", str(args.scheduler_metrics_port), "--metrics-host", args.host]
         self.executor = Service("executor", executor_argv, executor_address, EXECUTOR_SERVICE, restart=True)

@@ -29,6 +29,7 @@ from engine_core.layers.sampler import Sampler, SamplerOutput, make_generator
 from engine_core.model_config import ModelConfig
 from engine_core.sampling_metadata import SamplingMetadata
 from engine_core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from engine_core.structured_output.bitmask import apply_token_bitmask
 
 
 @dataclass
@@ -196,7 +197,7 @@ class ModelRunner:
         num_lp = [b.params[r].logprobs for r in rows.tolist()]
         if not len(rows):
             return _StepHandle(so.step_id, inputs.req_ids, inputs.sample_idx, rows, gens, num_lp, None, None, None, t0)
-        result = self._sample(hidden, logits_rows, inputs, rows, ids)
+        result = self._sample(hidden, logits_rows, inputs, rows, ids, so.grammar_bitmasks)
         # The sampled ids (and logprobs) start their copy to pinned host memory now; the event
         # tells get_result when they are there. The device tensor feeds the next step's inputs.
         host = SamplerOutput(*(_to_host_async(t) for t in (result.sampled_token_ids, result.logprobs,
@@ -209,9 +210,15 @@ class ModelRunner:
                            result.sampled_token_ids, host, event, t0)
 
     def _sample(self, hidden: torch.Tensor, logits_rows: torch.Tensor, x: StepInputs, rows: np.ndarray,
-                ids: torch.Tensor) -> SamplerOutput:
-        """Logits of the rows that predict a next token, then the batched sampler (no host sync)."""
+                ids: torch.Tensor, grammar_bitmasks: dict[str, np.ndarray]) -> SamplerOutput:
+        """Logits of the rows that predict a next token, then the batched sampler (no host sync).
+        Structured-output rows first get their grammar's bitmask (-inf on forbidden tokens)."""
         logits = self.model.compute_logits(hidden.index_select(0, logits_rows))
+        if grammar_bitmasks:
+            masked = [(i, grammar_bitmasks[x.req_ids[b]]) for i, b in enumerate(x.sample_idx.tolist())
+                      if x.req_ids[b] in grammar_bitmasks]
+            if masked:
+                apply_token_bitmask(logits, np.stack([m for _, m in masked]), [i for i, _ in masked])
         return self.sampler(logits, self._sampling_metadata(x, rows, ids, logits_rows))
 
     def _prepare_inputs(self, x: StepInputs, prev: _StepHandle | None):

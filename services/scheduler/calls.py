@@ -26,6 +26,7 @@ class GenerateCall:
     trace_context: dict[str, str] | None = None
     remaining: int = 0  # samples without a final message yet (event-loop side bookkeeping)
     span: object = None  # the request's tracing.server_span (stream requests)
+    compiled_grammar: object = None  # structured output: compiled off the engine thread (xgrammar)
 
     def __post_init__(self) -> None:
         self.remaining = self.params.n

@@ -56,7 +56,7 @@ class EngineLoop(ExecutorSupervision, OutputRouting, StatsPublishing):
 
     def __init__(self, config: EngineConfig, make_executor: Callable[[EngineConfig], Executor], *,
                  executor_name: str = "executor", executor_timeout_s: float = 30.0,
-                 max_queue_len: int = 0) -> None:
+                 max_queue_len: int = 0, tokenizer=None) -> None:
         self.config = config
         self._make_executor = make_executor
         self.executor_name = executor_name
@@ -64,6 +64,8 @@ class EngineLoop(ExecutorSupervision, OutputRouting, StatsPublishing):
         self.max_queue_len = max_queue_len
         self.executor: Executor | None = None
         self.core: ServiceEngineCore | None = None
+        # The model's tokenizer, for structured output (grammars are compiled against its vocabulary).
+        self.tokenizer = tokenizer
         self.info: ExecutorInfo | None = None  # read by the event loop (atomic reference swap)
 
         self._cond = threading.Condition()
@@ -126,6 +128,16 @@ class EngineLoop(ExecutorSupervision, OutputRouting, StatsPublishing):
             self._inbox.append(("add", call))
             self._adds_in_inbox += call.n
             self._cond.notify()
+
+    def compile_grammar(self, params):
+        """Thread-safe (called from worker threads). None before the executor has connected:
+        add_request compiles then."""
+        core = self.core
+        if core is None:
+            if params.structured_outputs is not None and self.tokenizer is None:
+                raise ValueError("structured output needs the model's tokenizer: start the scheduler with --tokenizer")
+            return None
+        return core.compile_grammar(params)
 
     def queue_estimate(self) -> tuple[int, int]:
         """(samples waiting or about to, samples running): what admission control looks at."""
@@ -270,7 +282,7 @@ class EngineLoop(ExecutorSupervision, OutputRouting, StatsPublishing):
                 if cid in self._routes:
                     raise ValueError(f"request_id {cid!r} is already in use")
                 req = core.add_request(cid, call.prompt_token_ids, child, arrival_time=call.submitted,
-                                       trace_context=call.trace_context)
+                                       trace_context=call.trace_context, compiled_grammar=call.compiled_grammar)
                 added.append(cid)
                 self._routes[cid] = Route(call, i, req)
         except ValueError as e:

@@ -12,6 +12,7 @@ import grpc
 from engine_core.engine_core import EngineCore
 from engine_core.executor.base import ExecutorError, ExecutorInfo
 from engine_core.scheduler import RequestOutputDelta
+from engine_core.tokenizer import load_engine_tokenizer
 from services.scheduler.sinks import CallFailed
 
 logger = logging.getLogger(__name__)
@@ -141,7 +142,13 @@ class ExecutorSupervision:
             self._add(call)
 
     def _build_core(self, info: ExecutorInfo) -> None:
-        self.core = ServiceEngineCore(self.config, self.executor)  # describes the executor again
+        if self.tokenizer is None:  # --tokenizer, or the model of an in-process executor
+            try:
+                self.tokenizer = load_engine_tokenizer(self.config, self.executor)
+            except (OSError, ValueError) as e:
+                logger.warning("no tokenizer (%s): structured output requests will be refused", e)
+        # describes the executor again
+        self.core = ServiceEngineCore(self.config, self.executor, tokenizer=self.tokenizer)
 
     def _expire(self, now: float) -> None:
         """While the executor is down: fail what has waited longer than executor_timeout_s."""

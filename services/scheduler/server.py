@@ -108,6 +108,17 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                               f"the scheduler's waiting queue is full ({limit} requests); retry later")
         return params
 
+    async def _compile_grammar(self, params: SamplingParams):
+        """Structured output: compile the grammar in a worker thread while the request waits (never
+        on the engine thread, so no step stalls). None: no constraint (or no engine yet: then
+        add_request compiles). CallFailed: an invalid schema / regex / grammar, before any compute."""
+        if params.structured_outputs is None:
+            return None
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, self.engine.compile_grammar, params)
+        except ValueError as e:
+            return CallFailed(grpc.StatusCode.INVALID_ARGUMENT, f"structured_outputs: {e}")
+
     def _submit(self, call: GenerateCall, span: tracing.server_span) -> None:
         if tracing.span_is_sampled(span.span):
             call.trace_context = tracing.carrier(span.context)
@@ -123,8 +134,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         params = self._check(request)
         if isinstance(params, CallFailed):
             await context.abort(params.code, params.message)
+        compiled = await self._compile_grammar(params)
+        if isinstance(compiled, CallFailed):
+            await context.abort(compiled.code, compiled.message)
         sink = CallSink(asyncio.get_running_loop())
-        call = GenerateCall(request.request_id, list(request.prompt_token_ids), params, sink)
+        call = GenerateCall(request.request_id, list(request.prompt_token_ids), params, sink,
+                            compiled_grammar=compiled)
         try:
             self._submit(call, span)
             verdict = await sink.accepted
@@ -189,7 +204,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         try:
             async for req in request_iterator:
                 for add in req.add:
-                    self._stream_add(add, sink, calls)
+                    await self._stream_add(add, sink, calls)
                 for ab in req.abort:
                     call = calls.get(ab.key)
                     if call is None or call.done:
@@ -201,7 +216,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         finally:
             sink.wake()  # the writer re-checks whether the stream is over
 
-    def _stream_add(self, add: scheduler_pb2.StreamAdd, sink: StreamSink, calls: dict[int, GenerateCall]) -> None:
+    async def _stream_add(self, add: scheduler_pb2.StreamAdd, sink: StreamSink,
+                          calls: dict[int, GenerateCall]) -> None:
         request = add.request
         # x-request-id is left out: server_span would set it as the reader task's log context.
         md = {k: v for k, v in add.trace_context.items() if k != tracing.REQUEST_ID_METADATA_KEY}
@@ -209,14 +225,17 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                                    {"pagedserve.request_id": request.request_id,
                                     "pagedserve.prompt_tokens": len(request.prompt_token_ids)})
         params = self._check(request)
-        if isinstance(params, CallFailed) or add.key in calls:
+        if not isinstance(params, CallFailed):
+            compiled = await self._compile_grammar(params)
+        if isinstance(params, CallFailed) or isinstance(compiled, CallFailed) or add.key in calls:
+            params = compiled if isinstance(compiled, CallFailed) else params
             failure = params if isinstance(params, CallFailed) else CallFailed(
                 grpc.StatusCode.INVALID_ARGUMENT, f"stream key {add.key} is already in use")
             span.end()
             sink.admitted(GenerateCall(request.request_id, [], SamplingParams(), sink, key=add.key), failure)
             return
         call = GenerateCall(request.request_id, list(request.prompt_token_ids), params, sink, key=add.key,
-                            span=span if span.span is not None else None)
+                            span=span if span.span is not None else None, compiled_grammar=compiled)
         if call.span is None:
             span.end()
         calls[add.key] = call

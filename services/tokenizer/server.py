@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Sequence
 import grpc
 from opentelemetry import trace
 
+from engine_core.tool_calls import messages_for_template, validate_tools
 from services import tracing
 from services.gen.pagedserve.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from services.grpc_server import (
@@ -149,7 +150,12 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
                 msg.update(extra)
             messages.append(msg)
         add_gen = request.add_generation_prompt if request.HasField("add_generation_prompt") else True
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_gen, tokenize=False)
+        try:
+            functions = validate_tools(json.loads(request.tools_json)) if request.tools_json else None
+        except ValueError as e:
+            raise ClientError(f"tools: {e}") from None
+        messages, kwargs = messages_for_template(messages, functions, self.tokenizer.chat_template)
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_gen, tokenize=False, **kwargs)
         # The template writes its own special tokens (BOS included).
         ids = self.tokenizer.encode(text, add_special_tokens=False) if request.tokenize else []
         return text, ids
