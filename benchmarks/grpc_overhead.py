@@ -100,9 +100,11 @@ class RequestTrace:
     token_ids: list[int] = field(default_factory=list)
 
 
-def closed_loop(core, prompts: list[list[int]], params, concurrency: int, tag: str) -> list[RequestTrace]:
+def closed_loop(core, prompts: list[list[int]], params, concurrency: int, tag: str,
+                on_step=None) -> list[RequestTrace]:
     """Drive an EngineCore as a closed loop: keep `concurrency` requests in it, replace a finished
-    one at once. Returns one trace per prompt, in prompt order."""
+    one at once. `params`: one SamplingParams, or one per prompt. `on_step(seconds)` sees each
+    step's duration. Returns one trace per prompt, in prompt order."""
     pending = collections.deque(enumerate(prompts))
     traces: dict[str, RequestTrace] = {}
     order = [f"ip-{tag}-{i}" for i in range(len(prompts))]
@@ -113,13 +115,16 @@ def closed_loop(core, prompts: list[list[int]], params, concurrency: int, tag: s
             i, p = pending.popleft()
             rid = order[i]
             traces[rid] = RequestTrace(sent=time.perf_counter())
-            core.add_request(rid, p, params)
+            core.add_request(rid, p, params[i] if isinstance(params, list) else params)
             inflight.add(rid)
 
     admit()
     while inflight:
+        t0 = time.perf_counter()
         deltas = core.step()
         now = time.perf_counter()
+        if on_step is not None:
+            on_step(now - t0)
         for d in deltas:
             t = traces[d.request_id]
             if d.new_token_ids:

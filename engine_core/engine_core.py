@@ -161,12 +161,15 @@ class EngineCore:
         """
         deltas, self._pending = self._pending, []
         submitted = False
-        # A grammar's next bitmask needs the request's last token: one step in flight while any
-        # structured-output request is unfinished (free requests pay nothing otherwise).
-        max_in_flight = 1 if self.scheduler.has_grammar_requests else self.max_in_flight
+        max_in_flight = self._max_in_flight_now()
         if len(self._in_flight) < max_in_flight and self.scheduler.has_unfinished_requests():
             so = self.scheduler.schedule()
             if not so.is_empty or so.finished_req_ids:
+                if so.grammar_req_ids:
+                    if self._in_flight:  # the previous token is still being sampled: bitmasks follow
+                        so.bitmasks_deferred = True
+                    else:
+                        so.grammar_bitmasks = self.scheduler.fill_grammar_bitmasks(so.grammar_req_ids)
                 try:
                     self.executor.submit(so)
                 except ExecutorError as e:
@@ -188,6 +191,7 @@ class EngineCore:
         self._consecutive_failures = 0
         self.counters.busy_time_s += time.perf_counter() - t0
         if so.is_empty:
+            self._provide_deferred_bitmasks()
             return deltas  # only told the executor to drop finished requests
         self.counters.num_steps += 1
         new = self.scheduler.update_from_output(so, result)
@@ -195,7 +199,31 @@ class EngineCore:
             self.counters.generation_tokens += len(d.new_token_ids)
             if d.num_output_tokens == len(d.new_token_ids):  # first tokens of this request
                 self.counters.prompt_tokens += d.num_prompt_tokens
+        self._provide_deferred_bitmasks()
         return deltas + new
+
+    def _max_in_flight_now(self) -> int:
+        """Deferred bitmasks are filled once the one step before theirs has returned, so at most
+        two steps are in flight while structured-output requests run (one if the executor cannot
+        take bitmasks after the step)."""
+        if not self.scheduler.has_grammar_requests:
+            return self.max_in_flight
+        return min(self.max_in_flight, 2 if self.executor.supports_deferred_bitmasks else 1)
+
+    def _provide_deferred_bitmasks(self) -> None:
+        """The oldest step in flight waits for its bitmasks, and every earlier result is applied
+        now: fill them from the matchers and hand them over (the executor then samples)."""
+        if not self._in_flight:
+            return
+        nxt = self._in_flight[0][0]
+        if not nxt.bitmasks_deferred:
+            return
+        nxt.bitmasks_deferred = False
+        nxt.grammar_bitmasks = self.scheduler.fill_grammar_bitmasks(nxt.grammar_req_ids)
+        try:
+            self.executor.provide_bitmasks(nxt.step_id, nxt.grammar_bitmasks)
+        except ExecutorError as e:
+            self._fail_in_flight(e)
 
     def _fail_in_flight(self, error: ExecutorError) -> None:
         """A step failed: every step still in flight is lost with it; replay from tokens."""

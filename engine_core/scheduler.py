@@ -17,6 +17,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from engine_core.block_manager import BlockManager
 from engine_core.request import Request, RequestStatus
 from engine_core.scheduler_output import (
@@ -25,6 +27,10 @@ from engine_core.scheduler_output import (
     NewRequestData,
     SchedulerOutput,
     TokenLogprobs,
+)
+from engine_core.structured_output.request_grammar import (
+    BitmaskFiller,
+    accept_first_tokens,
 )
 
 
@@ -96,6 +102,7 @@ class Scheduler:
         self._admission_delayed = 0
         # Unfinished requests under a grammar: each step's bitmask needs their previous token.
         self._grammar_req_ids: set[str] = set()
+        self._bitmask_filler: BitmaskFiller | None = None
 
     # ------------------------------------------------------------------ requests in / out
     def add_request(self, request: Request) -> None:
@@ -144,9 +151,26 @@ class Scheduler:
 
     @property
     def has_grammar_requests(self) -> bool:
-        """Structured-output requests are unfinished: a step's bitmask is built from the request's
-        last token, so the engine runs synchronously (one step in flight) while they exist."""
+        """Structured-output requests are unfinished (their bitmasks need every earlier step's
+        result applied, which bounds how many steps may be in flight)."""
         return bool(self._grammar_req_ids)
+
+    def fill_grammar_bitmasks(self, req_ids: list[str]) -> dict[str, np.ndarray]:
+        """Bitmasks for the next sampled position of each request still running under a grammar
+        (one batched, multi-threaded fill). Call once every earlier step's result is applied."""
+        grammars = []
+        ids = []
+        for rid in req_ids:
+            req = self.requests.get(rid)
+            if req is not None and req.grammar is not None and req.status == RequestStatus.RUNNING:
+                grammars.append(req.grammar)
+                ids.append(rid)
+        if not grammars:
+            return {}
+        if self._bitmask_filler is None:
+            self._bitmask_filler = BitmaskFiller()
+        masks = self._bitmask_filler.fill(grammars)
+        return {rid: masks[i] for i, rid in enumerate(ids)}
 
     @property
     def num_unfinished(self) -> int:
@@ -178,9 +202,8 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             num_new = min(req.num_tokens + req.num_output_placeholders - req.num_computed_tokens, budget)
-            if num_new <= 0 or self._done_when_in_flight_returns(req) or (
-                    req.grammar is not None and req.num_output_placeholders):
-                i += 1  # (a grammar's next bitmask needs the token still in flight)
+            if num_new <= 0 or self._done_when_in_flight_returns(req):
+                i += 1
                 continue
             while True:
                 new_blocks = self.block_manager.allocate_slots(req, num_new)
@@ -242,7 +265,7 @@ class Scheduler:
             if req.num_computed_tokens == req.num_tokens + req.num_output_placeholders:
                 req.num_output_placeholders += 1  # this step samples the next token
                 if req.grammar is not None:
-                    out.grammar_bitmasks[req.request_id] = req.grammar.next_bitmask()
+                    out.grammar_req_ids.append(req.request_id)  # bitmask: EngineCore, when its token is known
         out.total_num_scheduled_tokens = sum(out.num_scheduled_tokens.values())
         # A request preempted this step may also have finished earlier; either way the executor
         # must drop it before running this step (a resumed one arrives as a NewRequestData).
@@ -293,21 +316,31 @@ class Scheduler:
         that slot produces is discarded (the request is gone when its result arrives)."""
         deltas: list[RequestOutputDelta] = []
         now = time.monotonic()
+        live = []
         for req_id, token_ids, logprobs in zip(result.req_ids, result.sampled_token_ids, result.logprobs):
             req = self.requests.get(req_id)
             if (req is None or req.status != RequestStatus.RUNNING or not token_ids
                     or req.admitted_step > so.step_id):
                 continue  # aborted/preempted while in flight (stale), or a prefill chunk (no token yet)
+            live.append((req, token_ids, logprobs))
+        # Grammar matchers take each request's first new token in one batched call.
+        grammar_ok = accept_first_tokens([(req.grammar, toks[0]) for req, toks, _ in live
+                                          if req.grammar is not None]) if self._grammar_req_ids else []
+        g = 0
+        for req, token_ids, logprobs in live:
             req.num_output_placeholders = max(0, req.num_output_placeholders - 1)
             if req.first_token_time is None:
                 req.first_token_time = now
             accepted: list[int] = []
-            for tok in token_ids:
+            for i, tok in enumerate(token_ids):
                 req.output_token_ids.append(tok)
                 accepted.append(tok)
                 status = self._check_stop(req, tok)
-                if req.grammar is not None and not req.grammar.accept(tok) and status is None:
-                    status = RequestStatus.FINISHED_STOPPED  # the grammar is complete (or rejects)
+                if req.grammar is not None:
+                    ok = grammar_ok[g] if i == 0 else req.grammar.accept(tok)
+                    g += i == 0
+                    if not ok and status is None:
+                        status = RequestStatus.FINISHED_STOPPED  # the grammar is complete (or rejects)
                 if status is not None:
                     break
             lps = logprobs[: len(accepted)] if logprobs is not None else None

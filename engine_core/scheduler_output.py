@@ -53,9 +53,15 @@ class SchedulerOutput:
     finished_req_ids: set[str] = field(default_factory=set)
     # Copy-on-write block copies (src, dst) to apply before the forward pass (n>1 / beam search).
     block_copies: list[tuple[int, int]] = field(default_factory=list)
-    # Structured output: per request that samples under a grammar this step, the allowed-token
-    # bitmask of the sampled position ([words] int32, bit t of word t // 32 = token t allowed).
+    # Structured output: the requests that sample under a grammar this step, and each one's
+    # allowed-token bitmask for the sampled position ([words] int32, bit t of word t // 32 = token
+    # t allowed). The bitmask needs the request's previous token: when that is still in flight
+    # (async scheduling) the step goes out with bitmasks_deferred and the bitmasks follow through
+    # Executor.provide_bitmasks once the previous step's result is applied; the executor runs the
+    # forward pass meanwhile and samples when they arrive.
+    grammar_req_ids: list[str] = field(default_factory=list)
     grammar_bitmasks: dict[str, np.ndarray] = field(default_factory=dict)
+    bitmasks_deferred: bool = False
 
     @property
     def is_empty(self) -> bool:

@@ -37,6 +37,14 @@ from dataclasses import dataclass, field
 import grpc
 
 from engine_core.sampling_params import SamplingParams
+from engine_core.tool_calls import (
+    ToolCall,
+    ToolChoice,
+    parse_tool_calls,
+    parse_tool_choice,
+    tool_call_constraint,
+    validate_tools,
+)
 from services import convert
 from services.gen.pagedserve.v1 import (
     scheduler_pb2,
@@ -95,6 +103,9 @@ class CompletionResult:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     error: str | None = None
+    # Parsed from the text when the request had tools (engine_core.tool_calls); the text is then
+    # the content outside the calls (None: only calls).
+    tool_calls: list[ToolCall] = field(default_factory=list)
 
 
 @dataclass
@@ -121,6 +132,29 @@ def make_params(sampling_params: SamplingParams | None, **kw) -> SamplingParams:
     if sampling_params is not None and kw:
         return dataclasses.replace(sampling_params, **kw)
     return sampling_params if sampling_params is not None else SamplingParams(**kw)
+
+
+def _with_tools(sp: SamplingParams, tools: list[dict] | None, tool_choice) -> tuple[SamplingParams, ToolChoice,
+                                                                                   list[dict] | None]:
+    """OpenAI tools + tool_choice -> (params with the enforcing grammar, the choice, tools to render)."""
+    functions = validate_tools(tools) if tools else None
+    choice = parse_tool_choice(tool_choice, functions)
+    constraint = tool_call_constraint(choice, functions) if functions else None
+    if constraint is not None:
+        sp = dataclasses.replace(sp, structured_outputs=constraint)
+    return sp, choice, (tools if functions and choice.mode != "none" else None)
+
+
+def _attach_tool_calls(result: GenerationResult, choice: ToolChoice) -> GenerationResult:
+    if choice.mode == "none":
+        return result
+    for out in result.outputs:
+        content, calls = parse_tool_calls(out.text, choice)
+        if calls:
+            out.text, out.tool_calls = content or "", calls
+            if out.finish_reason == "stop":
+                out.finish_reason = "tool_calls"
+    return result
 
 
 class _SampleState:
@@ -249,19 +283,22 @@ class PagedServeClient:
         return list(self.tokenizer.Encode(tokenizer_pb2.EncodeRequest(
             text=text, add_special_tokens=add_special_tokens), timeout=self.timeout).token_ids)
 
-    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
-        req = _chat_request(messages, add_generation_prompt)
+    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> list[int]:
+        req = _chat_request(messages, add_generation_prompt, tools)
         return list(self.tokenizer.ApplyChatTemplate(req, timeout=self.timeout).token_ids)
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.Decode(tokenizer_pb2.DecodeRequest(
             token_ids=list(token_ids), skip_special_tokens=skip_special_tokens), timeout=self.timeout).text
 
-    def prompt_token_ids(self, prompt: Prompt, chat: bool = False) -> list[int]:
+    def prompt_token_ids(self, prompt: Prompt, chat: bool = False, tools: list[dict] | None = None) -> list[int]:
         if isinstance(prompt, str):
-            return self.apply_chat_template([{"role": "user", "content": prompt}]) if chat else self.encode(prompt)
+            if chat or tools:
+                return self.apply_chat_template([{"role": "user", "content": prompt}], tools=tools)
+            return self.encode(prompt)
         if prompt and isinstance(prompt[0], dict):
-            return self.apply_chat_template(prompt)  # type: ignore[arg-type]
+            return self.apply_chat_template(prompt, tools=tools)  # type: ignore[arg-type]
         return [int(t) for t in prompt]
 
     # ------------------------------------------------------------------ scheduler
@@ -304,11 +341,16 @@ class PagedServeClient:
                 d.close()
 
     def generate(self, prompt: Prompt, sampling_params: SamplingParams | None = None, *, chat: bool = False,
-                 request_id: str | None = None, **kw) -> GenerationResult:
-        sp = make_params(sampling_params, **kw)
-        prompt_ids = self.prompt_token_ids(prompt, chat)
+                 request_id: str | None = None, tools: list[dict] | None = None, tool_choice=None,
+                 **kw) -> GenerationResult:
+        """tools / tool_choice as in OpenAI's chat API: the tools are rendered into the chat prompt,
+        "required" or a named function is enforced by a grammar, and calls are parsed into
+        outputs[i].tool_calls. Structured output in general: SamplingParams.structured_outputs."""
+        sp, choice, render = _with_tools(make_params(sampling_params, **kw), tools, tool_choice)
+        prompt_ids = self.prompt_token_ids(prompt, chat, render)
         rid = request_id or f"client-{uuid.uuid4().hex}"
-        return _collect(rid, prompt_ids, sp.n, self.generate_stream(prompt_ids, sp, request_id=rid))
+        return _attach_tool_calls(
+            _collect(rid, prompt_ids, sp.n, self.generate_stream(prompt_ids, sp, request_id=rid)), choice)
 
     def generate_token_ids(self, prompt_token_ids: Sequence[int], sampling_params: SamplingParams | None = None,
                            *, request_id: str | None = None, **kw) -> Iterator[scheduler_pb2.GenerateResponse]:
@@ -333,7 +375,8 @@ class PagedServeClient:
         return self.scheduler.GetModelInfo(scheduler_pb2.GetModelInfoRequest(), timeout=self.timeout)
 
 
-def _chat_request(messages: Sequence[dict], add_generation_prompt: bool) -> tokenizer_pb2.ApplyChatTemplateRequest:
+def _chat_request(messages: Sequence[dict], add_generation_prompt: bool,
+                  tools: list[dict] | None = None) -> tokenizer_pb2.ApplyChatTemplateRequest:
     import json
 
     msgs = []
@@ -342,7 +385,7 @@ def _chat_request(messages: Sequence[dict], add_generation_prompt: bool) -> toke
         msgs.append(tokenizer_pb2.ChatMessage(role=m["role"], content=m.get("content") or "",
                                               extra_json=json.dumps(extra) if extra else ""))
     return tokenizer_pb2.ApplyChatTemplateRequest(messages=msgs, add_generation_prompt=add_generation_prompt,
-                                                  tokenize=True)
+                                                  tokenize=True, tools_json=json.dumps(tools) if tools else "")
 
 
 # ---------------------------------------------------------------------------- asyncio
@@ -399,8 +442,9 @@ class AsyncPagedServeClient:
             text=text, add_special_tokens=add_special_tokens), timeout=self.timeout)
         return list(resp.token_ids)
 
-    async def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
-        resp = await self.tokenizer.ApplyChatTemplate(_chat_request(messages, add_generation_prompt),
+    async def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True,
+                                  tools: list[dict] | None = None) -> list[int]:
+        resp = await self.tokenizer.ApplyChatTemplate(_chat_request(messages, add_generation_prompt, tools),
                                                       timeout=self.timeout)
         return list(resp.token_ids)
 
@@ -409,13 +453,13 @@ class AsyncPagedServeClient:
             token_ids=list(token_ids), skip_special_tokens=skip_special_tokens), timeout=self.timeout)
         return resp.text
 
-    async def prompt_token_ids(self, prompt: Prompt, chat: bool = False) -> list[int]:
+    async def prompt_token_ids(self, prompt: Prompt, chat: bool = False, tools: list[dict] | None = None) -> list[int]:
         if isinstance(prompt, str):
-            if chat:
-                return await self.apply_chat_template([{"role": "user", "content": prompt}])
+            if chat or tools:
+                return await self.apply_chat_template([{"role": "user", "content": prompt}], tools=tools)
             return await self.encode(prompt)
         if prompt and isinstance(prompt[0], dict):
-            return await self.apply_chat_template(prompt)  # type: ignore[arg-type]
+            return await self.apply_chat_template(prompt, tools=tools)  # type: ignore[arg-type]
         return [int(t) for t in prompt]
 
     async def generate_stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None, *,
@@ -456,12 +500,13 @@ class AsyncPagedServeClient:
                 d.close()
 
     async def generate(self, prompt: Prompt, sampling_params: SamplingParams | None = None, *,
-                       chat: bool = False, request_id: str | None = None, **kw) -> GenerationResult:
-        sp = make_params(sampling_params, **kw)
-        prompt_ids = await self.prompt_token_ids(prompt, chat)
+                       chat: bool = False, request_id: str | None = None, tools: list[dict] | None = None,
+                       tool_choice=None, **kw) -> GenerationResult:
+        sp, choice, render = _with_tools(make_params(sampling_params, **kw), tools, tool_choice)
+        prompt_ids = await self.prompt_token_ids(prompt, chat, render)
         rid = request_id or f"client-{uuid.uuid4().hex}"
         chunks = [c async for c in self.generate_stream(prompt_ids, sp, request_id=rid)]
-        return _collect(rid, prompt_ids, sp.n, chunks)
+        return _attach_tool_calls(_collect(rid, prompt_ids, sp.n, chunks), choice)
 
     async def abort(self, request_ids: Sequence[str]) -> scheduler_pb2.AbortResponse:
         return await self.scheduler.Abort(scheduler_pb2.AbortRequest(request_ids=list(request_ids)),

@@ -80,6 +80,16 @@ class Executor(ABC):
             raise item
         return item
 
+    @property
+    def supports_deferred_bitmasks(self) -> bool:
+        """Can take a step with bitmasks_deferred (structured output under async scheduling): run
+        its forward pass at submit, sample once provide_bitmasks brings the grammar bitmasks."""
+        return False
+
+    def provide_bitmasks(self, step_id: int, bitmasks: dict) -> None:
+        """The grammar bitmasks of a submitted step that had bitmasks_deferred."""
+        raise NotImplementedError(f"{type(self).__name__} does not take deferred bitmasks")
+
     def abandon_in_flight(self) -> None:
         """Drop every submitted step whose result was not taken (before a reset/replay)."""
         self._sync_results().clear()

@@ -125,6 +125,13 @@ class LocalExecutor(Executor):
     def get_result(self) -> ModelRunnerOutput:
         return self.runner.get_result()
 
+    @property
+    def supports_deferred_bitmasks(self) -> bool:
+        return True
+
+    def provide_bitmasks(self, step_id: int, bitmasks: dict) -> None:
+        self.runner.provide_bitmasks(step_id, bitmasks)
+
     def abandon_in_flight(self) -> None:
         self.runner.abandon_in_flight()
 

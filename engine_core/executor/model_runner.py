@@ -3,7 +3,8 @@ of deltas into model inputs, runs the model and samples.
 
 A step is three stages, each its own method: `_prepare_inputs` (deltas -> host numpy -> one pinned
 non-blocking copy per dtype), `_forward` (CUDA graph for pure-decode batches, eager otherwise) and
-`_sample`. `submit` runs them and returns at once; the sampled ids start their copy to pinned host
+`_sample_step`. `submit` runs them and returns at once (a structured-output step whose grammar
+bitmasks are deferred stops before sampling until `provide_bitmasks`); the sampled ids start their copy to pinned host
 memory behind a CUDA event, and `get_result` waits for that event only. So with async scheduling
 the host prepares step N+1 while the device runs step N, and step N+1 takes the ids step N samples
 straight from device memory (`pending` positions): the GPU never waits for Python.
@@ -29,7 +30,7 @@ from engine_core.layers.sampler import Sampler, SamplerOutput, make_generator
 from engine_core.model_config import ModelConfig
 from engine_core.sampling_metadata import SamplingMetadata
 from engine_core.scheduler_output import ModelRunnerOutput, SchedulerOutput
-from engine_core.structured_output.bitmask import apply_token_bitmask
+from engine_core.structured_output.bitmask import BitmaskApplier
 
 
 @dataclass
@@ -58,6 +59,8 @@ class _StepHandle:
     t0: float
     materialized: bool = False
     tokens: list[int] = field(default_factory=list)
+    # Forward pass done, sampling waits for the grammar bitmasks (SchedulerOutput.bitmasks_deferred).
+    awaiting_bitmasks: tuple | None = None
 
     def wait(self) -> None:
         if self.event is not None:
@@ -108,6 +111,8 @@ class ModelRunner:
         self._lock = threading.Lock()
         self._unmaterialized: deque[_StepHandle] = deque()  # sampled ids not yet in the input batch
         self._results: deque[_StepHandle] = deque()  # submitted, result not taken yet
+        self._awaiting: _StepHandle | None = None  # forward done, sampling waits for provide_bitmasks
+        self._bitmasks = BitmaskApplier(device)
         # Sampling metadata of the last step, reused while the sampling rows and their params
         # are unchanged and nothing in it depends on the output so far (no penalties / seeds / min_tokens).
         self._md_cache: tuple[tuple[bytes, bytes], SamplingMetadata] | None = None
@@ -123,6 +128,9 @@ class ModelRunner:
     def submit(self, so: SchedulerOutput) -> None:
         t0 = time.perf_counter()
         with self._lock:
+            if self._awaiting is not None:
+                raise RuntimeError(f"step {so.step_id} submitted before the bitmasks of step "
+                                   f"{self._awaiting.step_id}")
             # Every step but the newest must be on the host before this one's inputs are gathered
             # (at most one token per request is ever pending).
             while len(self._unmaterialized) > 1:
@@ -135,16 +143,32 @@ class ModelRunner:
                 handle = self._run(so, t0)
                 if handle.sampled_device is not None:
                     self._unmaterialized.append(handle)
+                elif handle.awaiting_bitmasks is not None:
+                    self._awaiting = handle
                 else:
                     handle.materialized = True
             self._results.append(handle)
         self.stats.steps += 1
         self.stats.submit_s += time.perf_counter() - t0
 
+    @torch.inference_mode()
+    def provide_bitmasks(self, step_id: int, bitmasks: dict[str, np.ndarray]) -> None:
+        """Sample a step submitted with bitmasks_deferred, under its grammar bitmasks."""
+        with self._lock:
+            handle = self._awaiting
+            if handle is None or handle.step_id != step_id:
+                raise RuntimeError(f"provide_bitmasks({step_id}): no step is waiting for bitmasks with that id")
+            self._awaiting = None
+            self._sample_step(handle, *handle.awaiting_bitmasks, bitmasks)
+            handle.awaiting_bitmasks = None
+            self._unmaterialized.append(handle)
+
     def get_result(self) -> ModelRunnerOutput:
         if not self._results:
             raise RuntimeError("get_result() without a submitted step")
         handle = self._results[0]
+        if handle.awaiting_bitmasks is not None:
+            raise RuntimeError(f"get_result(): step {handle.step_id} still waits for its bitmasks")
         t = time.perf_counter()
         handle.wait()  # outside the lock: submit of the next step goes on meanwhile
         self.stats.wait_s += time.perf_counter() - t
@@ -165,6 +189,7 @@ class ModelRunner:
         with self._lock:
             self._unmaterialized.clear()
             self._results.clear()
+            self._awaiting = None
 
     def reset(self) -> None:
         self.abandon_in_flight()
@@ -195,31 +220,39 @@ class ModelRunner:
         rows = inputs.rows[inputs.sample_idx]
         gens = b.generation[rows].copy()
         num_lp = [b.params[r].logprobs for r in rows.tolist()]
+        handle = _StepHandle(so.step_id, inputs.req_ids, inputs.sample_idx, rows, gens, num_lp, None, None, None, t0)
         if not len(rows):
-            return _StepHandle(so.step_id, inputs.req_ids, inputs.sample_idx, rows, gens, num_lp, None, None, None, t0)
-        result = self._sample(hidden, logits_rows, inputs, rows, ids, so.grammar_bitmasks)
+            return handle
+        # Logits and sampling metadata now (the metadata counts this step's pending tokens as of
+        # submit); only masking + sampling wait when the grammar bitmasks are deferred.
+        logits = self.model.compute_logits(hidden.index_select(0, logits_rows))
+        md = self._sampling_metadata(inputs, rows, ids, logits_rows)
+        masked_idx = inputs.req_ids, inputs.sample_idx
+        if so.bitmasks_deferred:
+            handle.awaiting_bitmasks = (logits, md, masked_idx)
+            return handle
+        self._sample_step(handle, logits, md, masked_idx, so.grammar_bitmasks)
+        return handle
+
+    def _sample_step(self, handle: _StepHandle, logits: torch.Tensor, md: SamplingMetadata,
+                     masked_idx: tuple[list[str], np.ndarray], grammar_bitmasks: dict[str, np.ndarray]) -> None:
+        """Structured-output rows get their grammar's bitmask (-inf on forbidden tokens), then the
+        batched sampler runs (no host sync)."""
+        if grammar_bitmasks:
+            req_ids, sample_idx = masked_idx
+            masked = [(i, grammar_bitmasks[req_ids[b]]) for i, b in enumerate(sample_idx.tolist())
+                      if req_ids[b] in grammar_bitmasks]
+            if masked:
+                self._bitmasks.apply(logits, np.stack([m for _, m in masked]), [i for i, _ in masked])
+        result = self.sampler(logits, md)
         # The sampled ids (and logprobs) start their copy to pinned host memory now; the event
         # tells get_result when they are there. The device tensor feeds the next step's inputs.
-        host = SamplerOutput(*(_to_host_async(t) for t in (result.sampled_token_ids, result.logprobs,
-                                                           result.logprob_token_ids, result.ranks)))
-        event = None
+        handle.host = SamplerOutput(*(_to_host_async(t) for t in (result.sampled_token_ids, result.logprobs,
+                                                                  result.logprob_token_ids, result.ranks)))
         if self.device.type == "cuda":
-            event = torch.cuda.Event()
-            event.record()
-        return _StepHandle(so.step_id, inputs.req_ids, inputs.sample_idx, rows, gens, num_lp,
-                           result.sampled_token_ids, host, event, t0)
-
-    def _sample(self, hidden: torch.Tensor, logits_rows: torch.Tensor, x: StepInputs, rows: np.ndarray,
-                ids: torch.Tensor, grammar_bitmasks: dict[str, np.ndarray]) -> SamplerOutput:
-        """Logits of the rows that predict a next token, then the batched sampler (no host sync).
-        Structured-output rows first get their grammar's bitmask (-inf on forbidden tokens)."""
-        logits = self.model.compute_logits(hidden.index_select(0, logits_rows))
-        if grammar_bitmasks:
-            masked = [(i, grammar_bitmasks[x.req_ids[b]]) for i, b in enumerate(x.sample_idx.tolist())
-                      if x.req_ids[b] in grammar_bitmasks]
-            if masked:
-                apply_token_bitmask(logits, np.stack([m for _, m in masked]), [i for i, _ in masked])
-        return self.sampler(logits, self._sampling_metadata(x, rows, ids, logits_rows))
+            handle.event = torch.cuda.Event()
+            handle.event.record()
+        handle.sampled_device = result.sampled_token_ids
 
     def _prepare_inputs(self, x: StepInputs, prev: _StepHandle | None):
         """Host numpy -> device: one pinned buffer per dtype, one non-blocking copy each."""

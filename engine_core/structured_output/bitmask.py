@@ -5,33 +5,66 @@ import numpy as np
 import torch
 
 
-def apply_token_bitmask(logits: torch.Tensor, bitmask: np.ndarray, rows: list[int]) -> None:
-    """Set logits[rows[i], t] = -inf wherever bit t of bitmask[i] is 0 (in place).
+class BitmaskApplier:
+    """Sets logits[r, t] = -inf wherever bit t of row r's bitmask is 0 (in place).
 
-    bitmask: [R, words] int32 (bit t of word t // 32, little-endian bit order: xgrammar's layout).
-    Uses xgrammar's kernel (CUDA / Triton / CPU) when it is installed, a torch fallback otherwise.
+    Bitmasks are [words] int32 per constrained row (bit t of word t // 32, little-endian bit order:
+    xgrammar's layout); unconstrained rows get all ones. The batch's rows are assembled on the host
+    into a reused pinned buffer (two, alternating, each guarded by an event so a buffer is never
+    rewritten while its copy is in flight), sent with one non-blocking copy, and applied by
+    xgrammar's kernel (CUDA / Triton / CPU), or by a torch fallback without xgrammar.
     """
-    if not rows:
-        return
-    mask = torch.from_numpy(np.ascontiguousarray(bitmask, dtype=np.int32))
-    if logits.device.type != "cpu":
-        mask = mask.pin_memory().to(logits.device, non_blocking=True)
-    vocab = logits.shape[-1]
-    try:
-        import xgrammar as xgr
-    except ImportError:
-        xgr = None
-    if xgr is not None:
-        full = mask
-        if len(rows) != logits.shape[0] or rows != list(range(len(rows))):
-            # xgrammar takes one mask row per logits row, and `indices` names the rows to mask.
-            full = torch.full((logits.shape[0], mask.shape[1]), -1, dtype=torch.int32, device=mask.device)
-            full[torch.as_tensor(rows, device=mask.device)] = mask
-        xgr.apply_token_bitmask_inplace(logits, full, vocab_size=min(vocab, full.shape[1] * 32))
-        return
-    bits = torch.arange(32, dtype=torch.int32, device=logits.device)
-    allowed = ((mask.unsqueeze(-1) >> bits) & 1).bool().flatten(1)[:, :vocab]
-    if allowed.shape[1] < vocab:
-        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
-    idx = torch.as_tensor(rows, device=logits.device)
-    logits.index_copy_(0, idx, logits.index_select(0, idx).masked_fill_(~allowed, float("-inf")))
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._buffers: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []
+        self._next = 0
+        try:
+            import xgrammar as xgr
+
+            self._xgr_apply = xgr.apply_token_bitmask_inplace
+        except ImportError:  # pragma: no cover - xgrammar is a dependency
+            self._xgr_apply = None
+
+    def _host_buffer(self, rows: int, words: int) -> torch.Tensor:
+        cuda = self.device.type == "cuda"
+        if len(self._buffers) < 2:
+            self._buffers.append((torch.empty(0, dtype=torch.int32), None))
+        i = self._next
+        self._next = (i + 1) % 2
+        buf, event = self._buffers[i]
+        if event is not None:
+            event.synchronize()  # its previous copy has left
+        if buf.numel() < rows * words:
+            buf = torch.empty(max(rows * words, 2 * buf.numel()), dtype=torch.int32, pin_memory=cuda)
+        self._buffers[i] = (buf, None)
+        self._current = i
+        return buf[: rows * words].view(rows, words)
+
+    def apply(self, logits: torch.Tensor, bitmask: np.ndarray, rows: list[int]) -> None:
+        if not rows:
+            return
+        n, vocab = logits.shape
+        words = bitmask.shape[1]
+        host = self._host_buffer(n, words)
+        hv = host.numpy()
+        if len(rows) == n:
+            hv[rows] = bitmask
+        else:
+            hv.fill(-1)
+            hv[rows] = bitmask
+        if self.device.type == "cuda":
+            mask = host.to(self.device, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._buffers[self._current] = (self._buffers[self._current][0], event)
+        else:
+            mask = host
+        if self._xgr_apply is not None:
+            self._xgr_apply(logits, mask, vocab_size=min(vocab, words * 32))
+            return
+        bits = torch.arange(32, dtype=torch.int32, device=logits.device)
+        allowed = ((mask.unsqueeze(-1) >> bits) & 1).bool().flatten(1)[:, :vocab]
+        if allowed.shape[1] < vocab:
+            allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
+        logits.masked_fill_(~allowed, float("-inf"))

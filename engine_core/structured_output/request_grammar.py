@@ -8,7 +8,7 @@ samples it is scheduled and travels with the step (StepBatch's grammar_bitmask).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,7 +19,6 @@ class RequestGrammar:
     matcher: Any  # xgrammar.GrammarMatcher
     vocab_size: int
     num_accepted: int = 0  # output tokens the matcher has consumed
-    _scratch: Any = field(default=None, repr=False)
 
     @property
     def words(self) -> int:
@@ -47,9 +46,40 @@ class RequestGrammar:
 
     def next_bitmask(self) -> np.ndarray:
         """Allowed tokens for the next position: [words] int32, bit i of word i//32 = token i."""
-        import torch
+        return BitmaskFiller(max_threads=1).fill([self])[0]
 
-        if self._scratch is None:
-            self._scratch = torch.zeros((1, self.words), dtype=torch.int32)
-        self.matcher.fill_next_token_bitmask(self._scratch, 0)
-        return self._scratch[0].numpy().copy()
+
+class BitmaskFiller:
+    """Fills the bitmasks of many requests at once with xgrammar's batch matcher (C++, outside the
+    GIL) into a fresh [n, words] int32 array. One thread by default: measured on an H200 host
+    (benchmarks/structured_output.py --fill-threads), 32 JSON-schema masks take 0.46 ms on one
+    thread and 3.3 ms with xgrammar's "auto" (16) threads, whose dispatch costs more than the fill."""
+
+    def __init__(self, max_threads: int | str = 1) -> None:
+        import xgrammar as xgr
+
+        self._batch = xgr.BatchGrammarMatcher(max_threads=max_threads)
+
+    def fill(self, grammars: list[RequestGrammar]) -> np.ndarray:
+        words = grammars[0].words
+        out = np.empty((len(grammars), words), dtype=np.int32)
+        if len(grammars) == 1:
+            grammars[0].matcher.fill_next_token_bitmask(out, 0)
+        else:
+            self._batch.batch_fill_next_token_bitmask([g.matcher for g in grammars], out)
+        return out
+
+
+def accept_first_tokens(pairs: list[tuple[RequestGrammar, int]]) -> list[bool]:
+    """Advance many matchers by one token each in one call (xgrammar's batch accept)."""
+    if not pairs:
+        return []
+    if len(pairs) == 1:
+        return [pairs[0][0].accept(pairs[0][1])]
+    import xgrammar as xgr
+
+    grammars = [g for g, _ in pairs]
+    oks = xgr.BatchGrammarMatcher.batch_accept_token([g.matcher for g in grammars], [int(t) for _, t in pairs])
+    for g, ok in zip(grammars, oks):
+        g.num_accepted += bool(ok)
+    return [bool(ok) for ok in oks]

@@ -75,6 +75,7 @@ class Stack:
             self.close()
             raise
         self.url = f"http://{self.gw.address}"
+        self.scheduler_address, self.tokenizer_address = sch.address, tok.address
         if not wait_until(lambda: healthy(self.url) or not all(p.alive() for p in self.procs), 180, 0.25) \
                 or not healthy(self.url):
             out = "\n".join(f"--- {p.name}\n{p.output()}" for p in self.procs)
@@ -301,3 +302,17 @@ def test_bad_constraints_are_400_and_stack_keeps_serving(stack, body, needle):
     assert err.status_code == 400
     assert needle in str(err.body), err.body
     assert ok.choices[0].finish_reason in ("length", "stop")
+
+
+def test_grpc_client_library_tools_and_structured_outputs(stack):
+    from services.client import PagedServeClient
+
+    params = TOOLS[0]["function"]["parameters"]
+    with PagedServeClient(stack.scheduler_address, stack.tokenizer_address) as client:
+        r = client.generate("What is the weather in Paris?", temperature=0, max_tokens=60, tools=TOOLS,
+                            tool_choice={"type": "function", "function": {"name": "get_weather"}})
+        assert r.finish_reason == "tool_calls" and r.outputs[0].tool_calls[0].name == "get_weather"
+        jsonschema.validate(json.loads(r.outputs[0].tool_calls[0].arguments), params)
+        r = client.generate("A person:", temperature=0, max_tokens=60,
+                            structured_outputs={"json": SCHEMAS["enum"]})
+        jsonschema.validate(json.loads(r.text), SCHEMAS["enum"])

@@ -146,7 +146,8 @@ def test_bitmask_travels_through_the_step_proto(llm):
     core = llm.engine.core
     req = core.add_request("bm", [1, 2, 3], SamplingParams(structured_outputs=P(choice=["yes"])))
     so = core.scheduler.schedule()
-    assert set(so.grammar_bitmasks) == {"bm"}
+    assert so.grammar_req_ids == ["bm"] and not so.grammar_bitmasks  # EngineCore fills them
+    so.grammar_bitmasks = core.scheduler.fill_grammar_bitmasks(so.grammar_req_ids)
     mask = so.grammar_bitmasks["bm"]
     assert mask.dtype == np.int32 and mask.shape == ((core.info.vocab_size + 31) // 32,)
     back = convert.scheduler_output_from_proto(convert.scheduler_output_to_proto(so))
@@ -157,7 +158,9 @@ def test_bitmask_travels_through_the_step_proto(llm):
         convert.check_step_against_info(back, core.info)
     sp = convert.sampling_params_from_proto(convert.sampling_params_to_proto(req.sampling_params))
     assert sp.structured_outputs == P(choice=["yes"])
+    core.executor.execute(so)  # the executor samples under the mask: only "yes"'s first token is allowed
     core.abort_requests(["bm"])
+    core.executor.execute(core.scheduler.schedule())  # drops "bm"
     while core.has_unfinished_requests():
         core.step()
 
