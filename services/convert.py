@@ -25,6 +25,8 @@ from services.gen.pagedserve.v1 import common_pb2, executor_pb2
 
 __all__ = [
     "check_step_against_info",
+    "deferred_bitmasks_from_proto",
+    "deferred_bitmasks_to_proto",
     "executor_info_from_proto",
     "executor_info_to_proto",
     "model_runner_output_from_proto",
@@ -177,7 +179,31 @@ def scheduler_output_to_proto(so: SchedulerOutput) -> executor_pb2.StepBatch:
         msg.finished_req_ids.extend(sorted(so.finished_req_ids))
     if so.block_copies:
         msg.block_copies.extend([executor_pb2.BlockCopy(src=a, dst=b) for a, b in so.block_copies])
+    if so.bitmasks_deferred:
+        msg.bitmasks_deferred = True
     return msg
+
+
+def deferred_bitmasks_to_proto(step_id: int, bitmasks: dict[str, np.ndarray]) -> executor_pb2.StepBatch:
+    """The message that brings a bitmasks_deferred step its grammar bitmasks."""
+    msg = executor_pb2.StepBatch(step_id=step_id)
+    msg.deferred_bitmasks.req_ids.extend(bitmasks)
+    msg.deferred_bitmasks.bitmasks.extend(m.astype("<i4", copy=False).tobytes() for m in bitmasks.values())
+    return msg
+
+
+def deferred_bitmasks_from_proto(msg: executor_pb2.StepBatch, vocab_size: int) -> dict[str, np.ndarray]:
+    d = msg.deferred_bitmasks
+    if len(d.req_ids) != len(d.bitmasks):
+        raise ValueError(f"deferred_bitmasks of step {msg.step_id}: {len(d.req_ids)} req_ids but {len(d.bitmasks)} bitmasks")
+    words = (vocab_size + 31) // 32
+    out = {}
+    for rid, data in zip(d.req_ids, d.bitmasks):
+        m = _bitmask_from_bytes(rid, data)
+        if m.shape != (words,):
+            raise ValueError(f"grammar_bitmask of {rid!r} has {m.size} words; the vocabulary needs {words}")
+        out[rid] = m
+    return out
 
 
 def scheduler_output_from_proto(msg: executor_pb2.StepBatch) -> SchedulerOutput:
@@ -253,7 +279,9 @@ def scheduler_output_from_proto(msg: executor_pb2.StepBatch) -> SchedulerOutput:
         scheduled_spec_decode_tokens=spec,
         finished_req_ids=set(msg.finished_req_ids),
         block_copies=[(c.src, c.dst) for c in msg.block_copies],
+        grammar_req_ids=list(masks),
         grammar_bitmasks=masks,
+        bitmasks_deferred=msg.bitmasks_deferred,
     )
 
 

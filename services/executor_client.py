@@ -212,6 +212,19 @@ class GrpcExecutor(Executor):
         self._stream.pending.append(batch.step_id)
         self._stream.send(batch)
 
+    @property
+    def supports_deferred_bitmasks(self) -> bool:
+        return True
+
+    def provide_bitmasks(self, step_id: int, bitmasks: dict) -> None:
+        """The deferred grammar bitmasks of a submitted step, on the same stream (after the step)."""
+        if self._stream is None or step_id not in self._stream.pending:
+            raise GrpcExecutorError(f"executor at {self.target}: step {step_id} is not in flight")
+        msg = convert.deferred_bitmasks_to_proto(step_id, bitmasks)
+        if self.track_bytes:
+            self.stats.bytes_sent += msg.ByteSize()
+        self._stream.send(msg)
+
     def get_result(self, timeout: float | None = None) -> ModelRunnerOutput:
         """The result of the oldest submitted step. Raises GrpcExecutorError on any failure (every
         other in-flight step is then lost too: the stream is dropped)."""

@@ -61,6 +61,7 @@ class _StepHandle:
     tokens: list[int] = field(default_factory=list)
     # Forward pass done, sampling waits for the grammar bitmasks (SchedulerOutput.bitmasks_deferred).
     awaiting_bitmasks: tuple | None = None
+    sampled: threading.Event = field(default_factory=threading.Event)  # set once a deferred step sampled
 
     def wait(self) -> None:
         if self.event is not None:
@@ -160,15 +161,16 @@ class ModelRunner:
                 raise RuntimeError(f"provide_bitmasks({step_id}): no step is waiting for bitmasks with that id")
             self._awaiting = None
             self._sample_step(handle, *handle.awaiting_bitmasks, bitmasks)
-            handle.awaiting_bitmasks = None
             self._unmaterialized.append(handle)
+            handle.sampled.set()
 
     def get_result(self) -> ModelRunnerOutput:
         if not self._results:
             raise RuntimeError("get_result() without a submitted step")
         handle = self._results[0]
-        if handle.awaiting_bitmasks is not None:
-            raise RuntimeError(f"get_result(): step {handle.step_id} still waits for its bitmasks")
+        if handle.awaiting_bitmasks is not None and not handle.sampled.wait(timeout=300.0):
+            # (The executor service's result thread may get here before provide_bitmasks ran.)
+            raise RuntimeError(f"get_result(): step {handle.step_id} got no bitmasks")
         t = time.perf_counter()
         handle.wait()  # outside the lock: submit of the next step goes on meanwhile
         self.stats.wait_s += time.perf_counter() - t
@@ -187,6 +189,8 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         with self._lock:
+            if self._awaiting is not None:
+                self._awaiting.sampled.set()  # wake a get_result waiting for its bitmasks
             self._unmaterialized.clear()
             self._results.clear()
             self._awaiting = None

@@ -228,6 +228,16 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
                 for batch in request_iterator:
                     if ended.is_set():
                         break
+                    if batch.HasField("deferred_bitmasks"):  # a bitmasks_deferred step's bitmasks
+                        try:
+                            masks = convert.deferred_bitmasks_from_proto(batch, self._info.vocab_size)
+                        except ValueError as e:
+                            tickets.put((grpc.StatusCode.INVALID_ARGUMENT, f"malformed bitmasks: {e}"))
+                            break
+                        # Queued behind the step's submit on the executor thread; a failure shows
+                        # up as that step's get_result error.
+                        self._thread.submit(self._executor.provide_bitmasks, batch.step_id, masks)
+                        continue
                     try:
                         so = convert.scheduler_output_from_proto(batch)
                         convert.check_step_against_info(so, self._info)

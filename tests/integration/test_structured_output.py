@@ -114,7 +114,7 @@ def run(coro):
 async def chat(client: openai.AsyncOpenAI, content: str, stream: bool, **kw) -> tuple[str, dict]:
     """(text, {"finish_reason", "tool_calls"}) of one greedy chat completion, streamed or not."""
     messages = [{"role": "user", "content": content}]
-    kw.setdefault("max_tokens", 160)
+    kw.setdefault("max_tokens", 120)
     if not stream:
         r = await client.chat.completions.create(model=client.model_name, messages=messages, temperature=0, **kw)
         c = r.choices[0]

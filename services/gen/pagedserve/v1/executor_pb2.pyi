@@ -98,7 +98,7 @@ class BlockCopy(_message.Message):
     def __init__(self, src: _Optional[int] = ..., dst: _Optional[int] = ...) -> None: ...
 
 class StepBatch(_message.Message):
-    __slots__ = ("step_id", "scheduled_new_reqs", "scheduled_cached_reqs", "schedule_order", "total_num_scheduled_tokens", "finished_req_ids", "block_copies")
+    __slots__ = ("step_id", "scheduled_new_reqs", "scheduled_cached_reqs", "schedule_order", "total_num_scheduled_tokens", "finished_req_ids", "block_copies", "bitmasks_deferred", "deferred_bitmasks")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     SCHEDULED_NEW_REQS_FIELD_NUMBER: _ClassVar[int]
     SCHEDULED_CACHED_REQS_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +106,8 @@ class StepBatch(_message.Message):
     TOTAL_NUM_SCHEDULED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     FINISHED_REQ_IDS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_COPIES_FIELD_NUMBER: _ClassVar[int]
+    BITMASKS_DEFERRED_FIELD_NUMBER: _ClassVar[int]
+    DEFERRED_BITMASKS_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     scheduled_new_reqs: _containers.RepeatedCompositeFieldContainer[NewRequestData]
     scheduled_cached_reqs: _containers.RepeatedCompositeFieldContainer[CachedRequestData]
@@ -113,7 +115,17 @@ class StepBatch(_message.Message):
     total_num_scheduled_tokens: int
     finished_req_ids: _containers.RepeatedScalarFieldContainer[str]
     block_copies: _containers.RepeatedCompositeFieldContainer[BlockCopy]
-    def __init__(self, step_id: _Optional[int] = ..., scheduled_new_reqs: _Optional[_Iterable[_Union[NewRequestData, _Mapping]]] = ..., scheduled_cached_reqs: _Optional[_Iterable[_Union[CachedRequestData, _Mapping]]] = ..., schedule_order: _Optional[_Iterable[int]] = ..., total_num_scheduled_tokens: _Optional[int] = ..., finished_req_ids: _Optional[_Iterable[str]] = ..., block_copies: _Optional[_Iterable[_Union[BlockCopy, _Mapping]]] = ...) -> None: ...
+    bitmasks_deferred: bool
+    deferred_bitmasks: DeferredBitmasks
+    def __init__(self, step_id: _Optional[int] = ..., scheduled_new_reqs: _Optional[_Iterable[_Union[NewRequestData, _Mapping]]] = ..., scheduled_cached_reqs: _Optional[_Iterable[_Union[CachedRequestData, _Mapping]]] = ..., schedule_order: _Optional[_Iterable[int]] = ..., total_num_scheduled_tokens: _Optional[int] = ..., finished_req_ids: _Optional[_Iterable[str]] = ..., block_copies: _Optional[_Iterable[_Union[BlockCopy, _Mapping]]] = ..., bitmasks_deferred: _Optional[bool] = ..., deferred_bitmasks: _Optional[_Union[DeferredBitmasks, _Mapping]] = ...) -> None: ...
+
+class DeferredBitmasks(_message.Message):
+    __slots__ = ("req_ids", "bitmasks")
+    REQ_IDS_FIELD_NUMBER: _ClassVar[int]
+    BITMASKS_FIELD_NUMBER: _ClassVar[int]
+    req_ids: _containers.RepeatedScalarFieldContainer[str]
+    bitmasks: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, req_ids: _Optional[_Iterable[str]] = ..., bitmasks: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class TokenLogprobsList(_message.Message):
     __slots__ = ("entries",)
