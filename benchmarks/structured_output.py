@@ -4,6 +4,11 @@ grammar, and grammar compile time (cold and cached), in-process (EngineCore clos
     python benchmarks/structured_output.py [--model default|PATH|dummy:DIR --tokenizer DIR]
         [--concurrency 32] [--num-requests 96] [--max-tokens 64] [--device auto]
 
+On the device (random weights, no GGUF): first `python benchmarks/structured_output.py
+--export-tokenizer DIR` here (the embedded SmolLM2's tokenizer as an HF directory), carry DIR, and
+run with `--model dummy:benchmarks/configs/<config>.json --tokenizer DIR` (a model with a larger
+vocabulary simply never gets the ids the tokenizer lacks).
+
 The peer is the same engine in the same run with no constrained requests (0 %); the ratio is the
 throughput kept. Every request produces exactly --max-tokens tokens: free ones ignore EOS, and the
 constrained ones follow a schema (an array of 40 short strings) that is longer than --max-tokens,
@@ -122,8 +127,14 @@ def main() -> int:
     ap.add_argument("--fill-threads", type=int, default=None, help="bitmask fill threads (default: xgrammar's auto)")
     ap.add_argument("--no-async-scheduling", action="store_true", help="one step in flight (the sync peer)")
     ap.add_argument("--breakdown", action="store_true", help="time the engine's host-side calls per step")
+    ap.add_argument("--export-tokenizer", metavar="DIR", default=None,
+                    help="write the embedded SmolLM2 tokenizer to DIR (for dummy: runs elsewhere) and exit")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.export_tokenizer:
+        load_engine_tokenizer(EngineConfig(tokenizer="default")).hf.save_pretrained(args.export_tokenizer)
+        print(f"wrote {args.export_tokenizer}")
+        return 0
 
     config = EngineConfig(model=args.model, tokenizer=args.tokenizer, device=args.device, max_model_len=1024,
                           max_num_seqs=max(args.concurrency, 1))
