@@ -88,16 +88,20 @@ def parse_tool_choice(tool_choice: Any, functions: list[dict[str, Any]] | None) 
     raise ValueError("tool_choice must be none, auto, required or {\"type\": \"function\", \"function\": {\"name\": ...}}")
 
 
-def tool_call_constraint(choice: ToolChoice, functions: list[dict[str, Any]]) -> StructuredOutputsParams | None:
-    """The grammar that enforces tool_choice (None for none/auto)."""
+def tool_call_constraint(choice: ToolChoice, functions: list[dict[str, Any]],
+                         parallel_tool_calls: bool = True) -> StructuredOutputsParams | None:
+    """The grammar that enforces tool_choice (None for none/auto). parallel_tool_calls=False: at
+    most one call under "required"."""
     if choice.mode == "named":
         fn = next(f for f in functions if f["name"] == choice.name)
         return StructuredOutputsParams(json=fn["parameters"])
     if choice.mode == "required":
         calls = [{"type": "object", "properties": {"name": {"const": f["name"]}, "arguments": f["parameters"]},
                   "required": ["name", "arguments"]} for f in functions]
-        return StructuredOutputsParams(json={
-            "type": "array", "minItems": 1, "items": calls[0] if len(calls) == 1 else {"anyOf": calls}})
+        array = {"type": "array", "minItems": 1, "items": calls[0] if len(calls) == 1 else {"anyOf": calls}}
+        if not parallel_tool_calls:
+            array["maxItems"] = 1
+        return StructuredOutputsParams(json=array)
     return None
 
 
@@ -158,12 +162,10 @@ def parse_tool_calls(text: str, choice: ToolChoice) -> tuple[str | None, list[To
     if choice.mode == "named":
         return None, [ToolCall(choice.name or "", text.strip(), new_tool_call_id())]
     if choice.mode == "required":
-        try:
-            items = json.loads(text)
-        except ValueError:
-            return text, []  # cut by max_tokens: no complete call
-        return None, [ToolCall(it["name"], json.dumps(it.get("arguments", {}), ensure_ascii=False), new_tool_call_id())
-                      for it in items if isinstance(it, dict) and "name" in it]
+        items = _complete_array_items(text)
+        calls = [ToolCall(str(it["name"]), json.dumps(it.get("arguments", {}), ensure_ascii=False), new_tool_call_id())
+                 for it in items if isinstance(it, dict) and "name" in it]
+        return (None if calls else text), calls
     if choice.mode == "auto" and TOOL_CALL_START in text:
         calls, rest, pos = [], [], 0
         while True:
@@ -186,6 +188,30 @@ def parse_tool_calls(text: str, choice: ToolChoice) -> tuple[str | None, list[To
         content = "".join(rest).strip()
         return (content or None), calls
     return text, []
+
+
+def _complete_array_items(text: str) -> list[Any]:
+    """The complete elements of a JSON array, also when max_tokens cut it short (the calls the
+    model finished are kept; a partial last one is dropped)."""
+    try:
+        items = json.loads(text)
+        return items if isinstance(items, list) else []
+    except ValueError:
+        pass
+    dec = json.JSONDecoder()
+    i = text.find("[")
+    out: list[Any] = []
+    if i < 0:
+        return out
+    i += 1
+    while True:
+        while i < len(text) and text[i] in " \t\r\n,":
+            i += 1
+        try:
+            item, i = dec.raw_decode(text, i)
+        except ValueError:
+            return out
+        out.append(item)
 
 
 def held_back_prefix(text: str) -> int:

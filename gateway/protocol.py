@@ -128,6 +128,7 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: StrictInt | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: StrictBool | None = None
     # vLLM extras
     add_generation_prompt: StrictBool | None = True
 

@@ -72,7 +72,7 @@ class ChatServing(BaseServing):
         if not req.messages:
             raise bad_request("messages must contain at least one message.", param="messages")
         functions, choice = self._tools(req)
-        constraint = tool_call_constraint(choice, functions) if functions else None
+        constraint = tool_call_constraint(choice, functions, req.parallel_tool_calls is not False) if functions else None
         if constraint is not None and structured_outputs_of(req) is not None:
             raise bad_request("tool_choice required / a named function cannot be combined with another "
                               "structured output constraint", param="tool_choice")

@@ -134,12 +134,12 @@ def make_params(sampling_params: SamplingParams | None, **kw) -> SamplingParams:
     return sampling_params if sampling_params is not None else SamplingParams(**kw)
 
 
-def _with_tools(sp: SamplingParams, tools: list[dict] | None, tool_choice) -> tuple[SamplingParams, ToolChoice,
-                                                                                   list[dict] | None]:
+def _with_tools(sp: SamplingParams, tools: list[dict] | None, tool_choice,
+                parallel_tool_calls: bool = True) -> tuple[SamplingParams, ToolChoice, list[dict] | None]:
     """OpenAI tools + tool_choice -> (params with the enforcing grammar, the choice, tools to render)."""
     functions = validate_tools(tools) if tools else None
     choice = parse_tool_choice(tool_choice, functions)
-    constraint = tool_call_constraint(choice, functions) if functions else None
+    constraint = tool_call_constraint(choice, functions, parallel_tool_calls) if functions else None
     if constraint is not None:
         sp = dataclasses.replace(sp, structured_outputs=constraint)
     return sp, choice, (tools if functions and choice.mode != "none" else None)
@@ -342,11 +342,11 @@ class PagedServeClient:
 
     def generate(self, prompt: Prompt, sampling_params: SamplingParams | None = None, *, chat: bool = False,
                  request_id: str | None = None, tools: list[dict] | None = None, tool_choice=None,
-                 **kw) -> GenerationResult:
+                 parallel_tool_calls: bool = True, **kw) -> GenerationResult:
         """tools / tool_choice as in OpenAI's chat API: the tools are rendered into the chat prompt,
         "required" or a named function is enforced by a grammar, and calls are parsed into
         outputs[i].tool_calls. Structured output in general: SamplingParams.structured_outputs."""
-        sp, choice, render = _with_tools(make_params(sampling_params, **kw), tools, tool_choice)
+        sp, choice, render = _with_tools(make_params(sampling_params, **kw), tools, tool_choice, parallel_tool_calls)
         prompt_ids = self.prompt_token_ids(prompt, chat, render)
         rid = request_id or f"client-{uuid.uuid4().hex}"
         return _attach_tool_calls(
@@ -501,8 +501,8 @@ class AsyncPagedServeClient:
 
     async def generate(self, prompt: Prompt, sampling_params: SamplingParams | None = None, *,
                        chat: bool = False, request_id: str | None = None, tools: list[dict] | None = None,
-                       tool_choice=None, **kw) -> GenerationResult:
-        sp, choice, render = _with_tools(make_params(sampling_params, **kw), tools, tool_choice)
+                       tool_choice=None, parallel_tool_calls: bool = True, **kw) -> GenerationResult:
+        sp, choice, render = _with_tools(make_params(sampling_params, **kw), tools, tool_choice, parallel_tool_calls)
         prompt_ids = await self.prompt_token_ids(prompt, chat, render)
         rid = request_id or f"client-{uuid.uuid4().hex}"
         chunks = [c async for c in self.generate_stream(prompt_ids, sp, request_id=rid)]

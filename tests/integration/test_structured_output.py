@@ -21,7 +21,7 @@ from tests.integration.gateway_stack import Proc, wait_until
 from tests.integration.test_gateway_openai import healthy
 
 pytestmark = [
-    pytest.mark.timeout(600),
+    pytest.mark.timeout(1200),
     pytest.mark.skipif(importlib.util.find_spec("xgrammar") is None, reason="xgrammar is not installed"),
 ]
 
@@ -89,7 +89,7 @@ class Stack:
         return p
 
     def client(self) -> openai.AsyncOpenAI:
-        c = openai.AsyncOpenAI(base_url=self.url + "/v1", api_key="x", max_retries=0, timeout=300)
+        c = openai.AsyncOpenAI(base_url=self.url + "/v1", api_key="x", max_retries=0, timeout=900)
         c.model_name = self.model
         return c
 
@@ -223,19 +223,25 @@ def test_tool_choice_required_and_named(stack):
         for ask in asks:
             for stream in (False, True):
                 jobs.append(chat(client, ask, stream, tools=TOOLS, tool_choice="required"))
+                jobs.append(chat(client, ask, stream, tools=TOOLS, tool_choice="required", parallel_tool_calls=False))
                 jobs.append(chat(client, ask, stream, tools=TOOLS,
                                  tool_choice={"type": "function", "function": {"name": "get_weather"}}))
         return await bounded(jobs)
 
     results = run(main())
     for i, (text, info) in enumerate(results):
-        assert info["finish_reason"] == "tool_calls", (text, info)
-        assert info["tool_calls"], (text, info)
+        kind = ("required", "single", "named")[i % 3]
+        assert info["tool_calls"], (kind, text, info)
         for call in info["tool_calls"]:
             assert call["name"] in schemas
             jsonschema.validate(json.loads(call["arguments"]), schemas[call["name"]])
-        if i % 2 == 1:  # named
-            assert [c["name"] for c in info["tool_calls"]] == ["get_weather"]
+        if kind == "required":  # parallel calls: the model may list calls until max_tokens cuts it
+            assert info["finish_reason"] in ("tool_calls", "length"), (text, info)
+        else:
+            assert info["finish_reason"] == "tool_calls", (kind, text, info)
+            assert len(info["tool_calls"]) == 1
+        if kind == "named":
+            assert info["tool_calls"][0]["name"] == "get_weather"
 
 
 def test_tool_messages_round_trip(stack):
@@ -244,6 +250,7 @@ def test_tool_messages_round_trip(stack):
         client = stack.client()
         first = await client.chat.completions.create(
             model=client.model_name, temperature=0, max_tokens=60, tools=TOOLS, tool_choice="required",
+            parallel_tool_calls=False,
             messages=[{"role": "user", "content": "What is the weather in Paris?"}])
         call = first.choices[0].message.tool_calls[0]
         second = await client.chat.completions.create(
