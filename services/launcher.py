@@ -248,7 +248,11 @@ class Stack:
 
         self.executors: list[Service] = []
         self.schedulers: list[Service] = []
-        for i, place in enumerate(replica_placements(args.replicas, args.device)):
+        try:
+            placements = replica_placements(args.replicas, args.device, cpus_per_replica=args.cpus_per_replica)
+        except ValueError as e:
+            raise SystemExit(f"pagedserve: {e}") from None
+        for i, place in enumerate(placements):
             suffix = f"-{i}" if i else ""
             ex_port = ports["executor"] if i == 0 else pick_port(gh, 0, "executor")
             sc_port = ports["scheduler"] if i == 0 else pick_port(gh, 0, "scheduler")
@@ -268,7 +272,7 @@ class Stack:
                                           restart=True, env=place.env, cpus=place.cpus))
             self.schedulers.append(Service("scheduler" + suffix, scheduler_argv, _address(gh, sc_port),
                                            SCHEDULER_SERVICE))
-            if args.replicas > 1:
+            if args.replicas > 1 or place.cpus is not None:
                 print(f"replica {i}: scheduler {self.schedulers[-1].address}, executor {executor_address} "
                       f"({place.describe()})", flush=True)
         self.executor, self.scheduler = self.executors[0], self.schedulers[0]
@@ -490,6 +494,9 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                         "CPU: the cores split between them")
     g.add_argument("--routing", default="prefix", choices=["prefix", "least-load", "round-robin"],
                    help="the gateway's routing over the replicas (default prefix)")
+    g.add_argument("--cpus-per-replica", type=int, default=None,
+                   help="CPU device: pin each replica's executor to this many cores (default: the cores split "
+                        "evenly between replicas; one replica unpinned)")
     g = p.add_argument_group("supervision")
     g.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for health checks")
     g.add_argument("--shutdown-grace", type=float, default=5.0,

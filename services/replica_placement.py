@@ -45,10 +45,12 @@ def _visible_gpus() -> list[str]:
 
 
 def replica_placements(n: int, device: str, cpus: list[int] | None = None,
-                       gpus: list[str] | None = None) -> list[Placement]:
+                       gpus: list[str] | None = None, cpus_per_replica: int | None = None) -> list[Placement]:
+    """cpus_per_replica: pin each CPU replica to that many cores (also a single one: the baseline
+    of a scaling measurement); default: the CPUs split evenly, a single replica unpinned."""
     if n < 1:
         raise ValueError(f"--replicas must be >= 1, got {n}")
-    if n == 1:
+    if n == 1 and cpus_per_replica is None:
         return [Placement()]
     if device == "auto" or device.startswith("cuda"):
         gpus = _visible_gpus() if gpus is None else gpus
@@ -57,9 +59,12 @@ def replica_placements(n: int, device: str, cpus: list[int] | None = None,
             return [Placement() for _ in range(n)]
         return [Placement(env={"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]}) for i in range(n)]
     cpus = available_cpus() if cpus is None else cpus
-    if len(cpus) < n:
+    per = cpus_per_replica or len(cpus) // n
+    if per < 1 or per * n > len(cpus):
+        if cpus_per_replica:
+            raise ValueError(f"--cpus-per-replica {cpus_per_replica} x {n} replicas needs {per * n} CPUs; "
+                             f"{len(cpus)} are available")
         return [Placement() for _ in range(n)]
-    per = len(cpus) // n
     out = []
     for i in range(n):
         chunk = frozenset(cpus[i * per:(i + 1) * per])

@@ -99,7 +99,8 @@ def test_compose_topology(compose_gpu, compose_cpu):
     for model in (compose_gpu, compose_cpu):
         core = default_services(model)
         assert set(core) == {"executor", "scheduler", "tokenizer", "gateway"}
-        assert set(pagedserve_services(model)) == set(core)
+        replicas_profile = {n for n, s in model["services"].items() if s.get("profiles") == ["replicas"]}
+        assert set(pagedserve_services(model)) == set(core) | replicas_profile  # tests/unit/test_deploy_replicas.py
         # only the gateway publishes a port, on loopback unless asked otherwise
         assert [n for n, s in core.items() if s.get("ports")] == ["gateway"]
         assert core["gateway"]["ports"] == ["127.0.0.1:8000:8000"]

@@ -17,3 +17,13 @@ def test_gpu_replicas_get_one_device_each():
     assert [x.env.get("CUDA_VISIBLE_DEVICES") for x in replica_placements(2, "auto", cpus=[0, 1], gpus=[])] == \
         [None, None]
     assert replica_placements(2, "auto", cpus=[0, 1], gpus=[])[1].cpus == frozenset({1})
+
+
+def test_cpus_per_replica_pins_even_one_replica():
+    import pytest
+
+    (one,) = replica_placements(1, "cpu", cpus=[0, 1, 2, 3], cpus_per_replica=1)
+    assert one.cpus == frozenset({0}) and one.env["OMP_NUM_THREADS"] == "1"
+    assert [sorted(p.cpus) for p in replica_placements(2, "cpu", cpus=[0, 1, 2, 3], cpus_per_replica=1)] == [[0], [1]]
+    with pytest.raises(ValueError, match="needs 6 CPUs"):
+        replica_placements(3, "cpu", cpus=[0, 1, 2, 3], cpus_per_replica=2)
