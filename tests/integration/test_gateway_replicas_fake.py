@@ -147,3 +147,21 @@ def test_replica_dying_after_tokens_ends_the_stream_with_a_clear_error(env):
     err = json.loads(chunks[-2])["error"]
     assert err["code"] == "service_unavailable" and "produced tokens" in err["message"], err
     assert addr in err["message"]
+
+
+def test_dashboard_stream_shows_every_replica(env):
+    a, b = env.start(env.fake()), env.start(env.fake())
+    http = env.gateway([a, b], "least-load")
+    with http.stream("GET", "/dashboard/stream") as r:
+        snap = None
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                snap = json.loads(line[6:])
+                if "replicas" in snap:
+                    break
+    assert snap["replica"] in (a, b)
+    reps = {x["address"]: x for x in snap["replicas"]}
+    assert set(reps) == {a, b}
+    for x in reps.values():
+        assert x["healthy"] is True and x["num_kv_blocks"] == 64 and x["in_flight"] == 0
+        assert "blocks" in x and "requests" in x and "latency" not in x
