@@ -123,7 +123,7 @@ class Service:
         if self.cpus is not None and hasattr(os, "sched_setaffinity"):
             cpus = self.cpus
 
-            def preexec() -> None:  # noqa: F811 - the pinned variant
+            def preexec() -> None:
                 if _PREEXEC is not None:
                     _PREEXEC()
                 os.sched_setaffinity(0, cpus)

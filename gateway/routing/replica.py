@@ -22,7 +22,11 @@ from grpc_health.v1 import health_pb2_grpc
 from gateway.errors import APIError
 from gateway.metrics import GatewayMetrics
 from gateway.step_stream import StepStream
-from services.gen.pagedserve.v1 import scheduler_pb2, scheduler_pb2_grpc, tokenizer_pb2_grpc
+from services.gen.pagedserve.v1 import (
+    scheduler_pb2,
+    scheduler_pb2_grpc,
+    tokenizer_pb2_grpc,
+)
 from services.grpc_server import channel_options
 
 logger = logging.getLogger(__name__)

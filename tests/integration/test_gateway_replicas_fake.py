@@ -16,7 +16,11 @@ from gateway.config import GatewayConfig
 from services.gen.pagedserve.v1 import scheduler_pb2_grpc
 from services.grpc_server import AioGrpcServer
 from tests.integration.fake_scheduler import SCRIPT_TEXT, FakeScheduler
-from tests.integration.gateway_stack import SCHEDULER_SERVICE, InProcessStack, wait_until
+from tests.integration.gateway_stack import (
+    SCHEDULER_SERVICE,
+    InProcessStack,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(120)
 

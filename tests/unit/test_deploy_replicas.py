@@ -21,6 +21,7 @@ from tests.deploy_support import (
     pod_spec,
     render_k8s,
     validate_compose,
+    validate_k8s,
 )
 
 OVERLAYS = {"replicas-cpu": K8S / "overlays" / "replicas-cpu", "replicas-gpu": K8S / "overlays" / "replicas-gpu"}
@@ -42,17 +43,8 @@ def _argv(c: dict, configmaps: dict) -> list[str]:
 
 
 def test_replica_overlays_validate(rendered):
-    import kubernetes_validate
-
     for overlay, resources in rendered.items():
-        for r in resources:
-            for version in K8S_VERSIONS:
-                try:
-                    kubernetes_validate.validate(r, version, strict=True)
-                except Exception as e:  # noqa: BLE001 - report which manifest
-                    raise AssertionError(f"{overlay}: {r['kind']}/{r['metadata']['name']} (k8s {version}): "
-                                         f"{str(e)[:400]}") from None
-            assert r["kind"] == "Namespace" or r["metadata"]["namespace"] == "pagedserve"
+        validate_k8s(overlay, resources, K8S_VERSIONS)
         names = {(r["kind"], r["metadata"]["name"]) for r in resources}
         for kind in ("Deployment", "Service", "NetworkPolicy"):  # the singletons are gone
             assert (kind, "pagedserve-scheduler") not in names and (kind, "pagedserve-executor") not in names
