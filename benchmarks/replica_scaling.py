@@ -39,6 +39,12 @@ KEEP = ("completed", "failed", "duration", "total_input_tokens", "total_output_t
         "median_tpot_ms", "p99_tpot_ms", "median_e2el_ms", "errors")
 
 
+def embedded_model_name() -> str:
+    from engine_core.loader.model_source import embedded_gguf_path
+
+    return os.path.basename(embedded_gguf_path()).removesuffix(".gguf")
+
+
 def replica_metrics(url: str) -> dict[str, dict[str, float]]:
     """{replica: {"hits", "queries", "requests"}} from the gateway's /metrics."""
     import httpx
@@ -112,7 +118,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
         vals = [r[key] or 0.0 for r in rows]
         ax.bar(labels, vals, color=colours)
         for i, v in enumerate(vals):
-            ax.text(i, v, f"{v:.3g}", ha="center", va="bottom", fontsize=9)
+            ax.text(i, v, f"{v:.0f}" if v >= 100 else f"{v:.3g}", ha="center", va="bottom", fontsize=9)
         ax.set_title(name, fontsize=10)
         ax.tick_params(axis="x", labelsize=8)
     fig.suptitle(title, fontsize=10)
@@ -146,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     date = dt.date.today().isoformat()
+    load_at_start = [round(x, 2) for x in os.getloadavg()]  # a shared machine: how busy it was
     device = "cpu" if args.device == "cpu" else args.device
     if args.device == "cpu":
         where = (f"cpu ({platform.machine()}, {os.cpu_count()} cores; each replica's executor pinned to "
@@ -168,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"round-robin / prefix TTFT p50: {ttft_ratio:.2f}x (goal >= 1.3x)")
     meta = {"date": date, "time": dt.datetime.now().isoformat(timespec="seconds"),
             "command": " ".join(["python", "benchmarks/replica_scaling.py", *(argv if argv is not None else sys.argv[1:])]),
-            "device": where, "model": args.model or "embedded SmolLM2-135M-Instruct (Q8_0 GGUF, fp32 compute)",
+            "device": where, "model": args.model or f"embedded {embedded_model_name()} (fp32 compute)",
+            "loadavg_at_start": load_at_start,
             "workload": {k: getattr(args, k) for k in ("num_prompts", "max_concurrency", "shared_prefixes", "prefix_len",
                                                        "input_median", "output_median", "sigma", "max_input",
                                                        "max_output", "seed")},
