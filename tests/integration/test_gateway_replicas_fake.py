@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
 import re
 
 import httpx
@@ -169,3 +170,34 @@ def test_dashboard_stream_shows_every_replica(env):
     for x in reps.values():
         assert x["healthy"] is True and x["num_kv_blocks"] == 64 and x["in_flight"] == 0
         assert "blocks" in x and "requests" in x and "latency" not in x
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is missing (make setup)")
+def test_dashboard_draws_a_block_map_per_replica_in_headless_chromium(env):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (make setup)")
+    a, b = env.start(env.fake()), env.start(env.fake())
+    http = env.gateway([a, b], "least-load")
+    errors: list[str] = []
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                     args=["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(str(http.base_url) + "/dashboard", wait_until="load")
+            page.wait_for_function("() => document.querySelectorAll('#replica-list .replica canvas').length == 2"
+                                   " && !document.getElementById('replicas').hidden", timeout=20_000, polling=100)
+            titles = page.eval_on_selector_all("#replica-list .replica-title", "els => els.map(e => e.textContent)")
+            assert sorted(t.split(" ", 1)[1] for t in titles) == sorted([a, b])
+            drawn = page.evaluate("""() => [...document.querySelectorAll('#replica-list canvas')].map(c => {
+                const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let n = 0;
+                for (let i = 3; i < d.length; i += 4) if (d[i] > 0) n++;
+                return n; })""")
+            assert all(n > 0 for n in drawn), drawn  # each replica's 64 free blocks are drawn
+        finally:
+            browser.close()
+    assert not errors, errors
