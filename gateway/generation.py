@@ -13,8 +13,9 @@ generation's state and queues an event (no await, no per-token round trip).
 
 Replicas (gateway/routing/): start() takes the replica the routing policy picks. A generation that has
 produced no token yet when its replica fails (503: the stream broke, the executor is gone; 429: its
-queue is full) moves to another healthy replica, before or after admission; one that has produced
-tokens ends with a 503 saying so (in-band when streaming): its tokens cannot be resumed elsewhere.
+queue is full) moves to another healthy replica, before or after admission. One that has produced
+tokens is resumed by replay on another replica when that continues it exactly (greedy, no stop
+strings: gateway/routing/resume.py); otherwise it ends with a 503 saying so (in-band when streaming).
 
 A stop string found by the detokenizer finishes that sample at once (text trimmed as OpenAI does,
 tokens after it dropped, finish_reason "stop") and is reported to the scheduler in-band (abort with
@@ -38,6 +39,7 @@ from gateway.errors import APIError
 from gateway.metrics import WINDOW, GatewayMetrics
 from gateway.params import to_proto
 from gateway.routing.replica import Replica
+from gateway.routing.resume import continuation, resumable
 from gateway.telemetry import REQUEST_START
 from services import tracing
 from services.gen.pagedserve.v1 import common_pb2, scheduler_pb2, tokenizer_pb2
@@ -94,6 +96,8 @@ class PromptGeneration:
         self._tried: list[Replica] = []  # replicas that failed it before its first token
         self._request: scheduler_pb2.GenerateRequest | None = None
         self._metadata: list[tuple[str, str]] | None = None
+        # The tokens streamed so far, kept only when a failed replica's generation can be resumed.
+        self._produced: list[int] | None = [] if resumable(params) else None
         self._admitted: asyncio.Future | None = None
         self._events: asyncio.Queue = asyncio.Queue()
         self._closed = False
@@ -157,7 +161,7 @@ class PromptGeneration:
 
     def _submit(self) -> None:
         """Send the request to the replica the routing policy picks (not one that failed it)."""
-        self._replica = self.backend.replicas.acquire(self.prompt_token_ids, exclude=self._tried)
+        self._replica = self.backend.replicas.acquire(self._request.prompt_token_ids, exclude=self._tried)
         self._key = self._replica.step_stream.add(self, self._request, self._metadata)
 
     def _move_off(self, error: APIError) -> bool:
@@ -174,6 +178,36 @@ class PromptGeneration:
         r.step_stream.forget(self._key)
         self.backend.replicas.release(r, moved=True)
         self._replica, self._key = None, None
+        return True
+
+    def _resume(self, error: APIError) -> bool:
+        """Replay a generation that had tokens on a failed replica on another one: prompt + the tokens
+        streamed so far as its prompt, the rest of the budget as its own (gateway/routing/resume.py)."""
+        r, s, produced = self._replica, self.samples[0], self._produced
+        if (produced is None or not produced or r is None or self._closed or error.status != 503 or s.done
+                or s.stopped or not self.backend.replicas.has_alternative([*self._tried, r])):
+            return False
+        rest = continuation(self.params, len(produced))
+        if rest.max_tokens is not None and rest.max_tokens <= 0:
+            return False
+        logger.info("%s: replica %s failed after %d tokens (%s); resuming it on another replica by replay",
+                    self.request_id, r.address, len(produced), error.message)
+        self._tried.append(r)
+        r.step_stream.forget(self._key)
+        if s.detok_open:  # the new stream's detokenizer starts from the tail of prompt + output
+            r.step_stream.detok.close_key(self._key * _MAX_SAMPLES)
+            s.detok_open = False
+        self.backend.replicas.release(r, moved=True)
+        self._replica, self._key = None, None
+        prompt = self.prompt_token_ids + produced
+        del self._detok_options.prompt_token_ids[:]
+        self._detok_options.prompt_token_ids.extend(prompt[-8:])
+        self._request = scheduler_pb2.GenerateRequest(request_id=self.request_id, prompt_token_ids=prompt,
+                                                      sampling_params=to_proto(rest))
+        try:
+            self._submit()
+        except APIError as e:
+            self._events.put_nowait(e)
         return True
 
     def close(self) -> None:
@@ -209,6 +243,8 @@ class PromptGeneration:
                 self._submit()
             except APIError as e:
                 self._events.put_nowait(e)
+            return
+        if self._resume(error):
             return
         if self._first_token_at is not None and error.status == 503 and self._replica is not None:
             error = APIError(503, f"The scheduler replica {self._replica.address} failed after this request had "
@@ -375,6 +411,8 @@ class PromptGeneration:
         s.num_tokens += len(ids)
         if ids:
             self._tokens_arrived(s, len(ids))
+            if self._produced is not None:
+                self._produced.extend(ids)
         if not final:
             return SampleEvent(idx, d.text, ids, lps)
         s.done, s.final = True, msg

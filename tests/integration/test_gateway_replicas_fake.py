@@ -154,6 +154,41 @@ def test_replica_dying_after_tokens_ends_the_stream_with_a_clear_error(env):
     assert addr in err["message"]
 
 
+def test_greedy_stream_resumes_on_another_replica_by_replay(env):
+    dying = env.fake(token_delay_s=0.2)
+    addr = env.start(dying)
+    survivor = env.fake()
+    other = env.start(survivor)
+    http = env.gateway([addr, other], "round-robin")
+    body = {"model": "fake-model", "prompt": "Hi there", "max_tokens": 12, "temperature": 0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    killed = False
+    for _ in range(2):  # round-robin: one of the two requests lands on `addr`
+        texts, usage, errors = [], None, []
+        with http.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    errors.append(chunk["error"])
+                usage = chunk.get("usage") or usage
+                texts += [c["text"] for c in chunk.get("choices", []) if c["text"]]
+                if not killed and dying.running and len(texts) >= 3:
+                    env.kill(addr)
+                    killed = True
+        if killed:
+            break
+    assert killed and not errors, errors
+    assert usage["completion_tokens"] == 12 and usage["prompt_tokens"] == len(dying.requests[-1].prompt_token_ids)
+    (resumed,) = [q for q in survivor.requests if q.request_id == dying.requests[-1].request_id]
+    produced = len(resumed.prompt_token_ids) - usage["prompt_tokens"]
+    assert produced >= 3 and resumed.sampling_params.max_tokens == 12 - produced
+    assert list(resumed.prompt_token_ids[:usage["prompt_tokens"]]) == list(dying.requests[-1].prompt_token_ids)
+    assert "".join(texts).startswith(env.tok.decode(resumed.prompt_token_ids[usage["prompt_tokens"]:]))
+
+
 def test_dashboard_stream_shows_every_replica(env):
     a, b = env.start(env.fake()), env.start(env.fake())
     http = env.gateway([a, b], "least-load")

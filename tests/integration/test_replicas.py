@@ -7,8 +7,9 @@ embedded SmolLM2 behind the gateway, one tokenizer service.
   replicas' own counters) is >= 90 % of one replica's on the same kind of workload; round-robin
   spreads every prompt over both replicas and hits the cache less;
 - one replica's executor and scheduler killed (SIGKILL) mid-load: no request without a token
-  fails (those queued there move to the survivor), requests that had tokens there end with a clear
-  in-band error, new requests succeed; restarted on its ports, the replica rejoins the rotation.
+  fails (those queued there move to the survivor), greedy requests that had tokens there resume on
+  the survivor by replay and complete, sampled ones end with a clear in-band error, new requests
+  succeed; restarted on its ports, the replica rejoins the rotation.
 Requests are short (a few generated tokens) to keep the module around a minute or two.
 """
 from __future__ import annotations
@@ -173,11 +174,13 @@ def test_prefix_routing_keeps_prompts_on_one_replica(env):
           f"two with round-robin {rr_rate:.3f}")
 
 
-def stream_chat(http: httpx.Client, system: str, user: str, max_tokens: int) -> dict:
-    """{"content": [...], "error": dict | None, "finish": str | None} of one streamed chat request."""
-    out: dict = {"content": [], "error": None, "finish": None}
+def stream_chat(http: httpx.Client, system: str, user: str, max_tokens: int, greedy: bool, seed: int) -> dict:
+    """{"content": [...], "error": dict | None, "finish": str | None, "greedy": bool} of one streamed
+    chat request (greedy, or sampled with a seed)."""
+    out: dict = {"content": [], "error": None, "finish": None, "greedy": greedy, "usage": None}
     body = {"messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
-            "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
+            "max_tokens": max_tokens, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
+            **({"temperature": 0} if greedy else {"temperature": 1.0, "seed": seed})}
     with http.stream("POST", "/v1/chat/completions", json=body) as r:
         assert r.status_code == 200, r.read()
         for line in r.iter_lines():
@@ -187,6 +190,7 @@ def stream_chat(http: httpx.Client, system: str, user: str, max_tokens: int) -> 
             if "error" in chunk:
                 out["error"] = chunk["error"]
                 continue
+            out["usage"] = chunk.get("usage") or out["usage"]
             for c in chunk["choices"]:
                 if c["delta"].get("content"):
                     out["content"].append((time.monotonic(), c["delta"]["content"]))
@@ -200,7 +204,8 @@ def test_killed_replica_fails_no_request_without_tokens_and_rejoins(env):
     http = env["gateway"]([a.address, b.address], "round-robin")
     b_before = b.stats()
     with concurrent.futures.ThreadPoolExecutor(12) as pool:
-        futs = [pool.submit(stream_chat, http, system_prompt("kill", i), f"Count from {i} to {i + 30}.", 24)
+        futs = [pool.submit(stream_chat, http, system_prompt("kill", i), f"Count from {i} to {i + 30}.", 24,
+                            i % 4 < 2, i)  # on each replica (round-robin) greedy and sampled requests
                 for i in range(12)]  # 6 per replica: 2 running, 4 queued (--max-num-seqs 2)
         assert wait_until(lambda: (s := b.stats()).generation_tokens_total > b_before.generation_tokens_total
                           and s.num_waiting >= 1, timeout=120, interval=0.05)
@@ -211,12 +216,14 @@ def test_killed_replica_fails_no_request_without_tokens_and_rejoins(env):
     errors = [r for r in results if r["error"] is not None]
     for r in results:
         if r["error"] is None:
-            assert r["finish"] == "length", r
-        else:  # only requests that were already producing tokens on the killed replica
+            assert r["finish"] == "length" and r["usage"]["completion_tokens"] == 24, r
+        else:  # only sampled requests that were already producing tokens on the killed replica
+            assert not r["greedy"], r  # greedy ones resume on the survivor by replay
             assert r["content"] and r["content"][0][0] < killed_at, r
             assert r["error"]["code"] == "service_unavailable" and "produced tokens" in r["error"]["message"]
             assert b.address in r["error"]["message"]
     assert len(errors) <= 2  # at most the killed replica's running requests
+    assert all(r["error"] is None for r in results if r["greedy"])
     moved = http.get("/metrics").text
     assert re.search(rf'pagedserve:replica_retries_total\{{replica="{re.escape(b.address)}"\}} [1-9]', moved), \
         "the requests queued on the killed replica moved"
@@ -234,5 +241,5 @@ def test_killed_replica_fails_no_request_without_tokens_and_rejoins(env):
     for i in range(4):
         assert chat(http, system_prompt("rejoin", i), "Hello").status_code == 200
     assert routed(http).get(b.address, 0) - before == 2  # round-robin: half of them
-    print(f"\nkilled replica: {len(errors)} in-flight request(s) with tokens ended with an in-band error, "
+    print(f"\nkilled replica: {len(errors)} sampled in-flight request(s) with tokens ended with an in-band error, "
           f"{len(results) - len(errors)} of {len(results)} completed")

@@ -145,3 +145,17 @@ def test_dns_discovery_resolves_localhost():
 
     found = asyncio.run(resolve_all("localhost", 50051))
     assert "127.0.0.1:50051" in found or "[::1]:50051" in found
+
+
+def test_resume_only_what_replays_identically():
+    from gateway.routing.resume import continuation, resumable
+
+    greedy = SamplingParams(temperature=0.0, max_tokens=20, min_tokens=5, repetition_penalty=1.2, logprobs=2)
+    assert resumable(greedy)
+    rest = continuation(greedy, 7)
+    assert (rest.max_tokens, rest.min_tokens, rest.temperature, rest.logprobs) == (13, 0, 0.0, 2)
+    assert continuation(SamplingParams(temperature=0.0, max_tokens=None), 3).max_tokens is None
+    for bad in (SamplingParams(temperature=0.7, seed=1), SamplingParams(temperature=0.0, n=2),
+                SamplingParams(temperature=0.0, stop=["\n"]), SamplingParams(temperature=0.0, presence_penalty=0.5),
+                SamplingParams(temperature=0.0, frequency_penalty=0.5)):
+        assert not resumable(bad), bad
