@@ -6,8 +6,10 @@
                  health from its WatchStats stream;
     policies     which replica a prompt goes to: prefix (cache-aware, bounded load), least-load,
                  round-robin;
-    replica_set  the replicas the gateway routes over (what `Backend` holds).
+    replica_set  the replicas the gateway routes over (what `Backend` holds);
+    resume       which generations can continue on another replica by replay, and with what budget.
 
 Kubernetes is the cluster manager (Deployments, headless Service DNS, HPA); this package only picks
-a replica per request and moves a request that has not produced a token off a replica that failed.
+a replica per request, moves a request that has not produced a token off a replica that failed, and
+resumes a greedy one that had (resume.py).
 """
