@@ -17,6 +17,7 @@ import sys
 import tempfile
 
 from gateway.config import DEFAULT_MAX_BODY_BYTES, GatewayConfig
+from gateway.routing.policies import POLICIES
 from services.grpc_server import SCHEDULER_PORT, TOKENIZER_PORT, configure_logging
 
 logger = logging.getLogger("gateway")
@@ -34,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="discover the scheduler replicas by resolving NAME (e.g. a headless Service), "
                         "re-resolved every --scheduler-dns-interval seconds; overrides --scheduler-address")
     p.add_argument("--scheduler-dns-interval", type=float, default=5.0, help="seconds between DNS lookups (default 5)")
-    p.add_argument("--routing", default="prefix", choices=["prefix", "least-load", "round-robin"],
+    p.add_argument("--routing", default="prefix", choices=POLICIES,
                    help="how requests are spread over the replicas (default prefix: cache-aware with bounded load)")
     p.add_argument("--routing-prefix-blocks", type=int, default=32,
                    help="leading KV blocks of a prompt the prefix policy hashes (default 32)")
