@@ -17,6 +17,7 @@ import sys
 import tempfile
 
 from gateway.config import DEFAULT_MAX_BODY_BYTES, GatewayConfig
+from gateway.routing.policies import POLICIES
 from services.grpc_server import SCHEDULER_PORT, TOKENIZER_PORT, configure_logging
 
 logger = logging.getLogger("gateway")
@@ -28,7 +29,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m gateway", description=__doc__)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: loopback only)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0: any free port)")
-    p.add_argument("--scheduler-address", default=f"127.0.0.1:{SCHEDULER_PORT}")
+    p.add_argument("--scheduler-address", default=f"127.0.0.1:{SCHEDULER_PORT}",
+                   help="scheduler replica(s): HOST:PORT or a comma list a:1,b:2 (requests are routed over them)")
+    p.add_argument("--scheduler-dns", default=None, metavar="NAME:PORT",
+                   help="discover the scheduler replicas by resolving NAME (e.g. a headless Service), "
+                        "re-resolved every --scheduler-dns-interval seconds; overrides --scheduler-address")
+    p.add_argument("--scheduler-dns-interval", type=float, default=5.0, help="seconds between DNS lookups (default 5)")
+    p.add_argument("--routing", default="prefix", choices=POLICIES,
+                   help="how requests are spread over the replicas (default prefix: cache-aware with bounded load)")
+    p.add_argument("--routing-prefix-blocks", type=int, default=32,
+                   help="leading KV blocks of a prompt the prefix policy hashes (default 32)")
+    p.add_argument("--routing-load-factor", type=float, default=1.5,
+                   help="prefix policy: a replica above this x the mean load loses its prefixes to least-load "
+                        "(default 1.5)")
+    p.add_argument("--routing-cache-threshold", type=float, default=0.5,
+                   help="prefix policy: share of a prompt's hashed blocks a replica must hold to get it (default 0.5)")
     p.add_argument("--tokenizer-address", default=f"127.0.0.1:{TOKENIZER_PORT}")
     p.add_argument("--model-name", "--served-model-name", dest="model_name", default=None,
                    help="model name clients use (default: the scheduler's GetModelInfo model_name)")
@@ -51,7 +66,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
+    from gateway.routing.discovery import parse_addresses, split_dns_target
+
+    try:
+        if args.scheduler_dns:
+            split_dns_target(args.scheduler_dns)
+        else:
+            parse_addresses(args.scheduler_address)
+    except ValueError as e:
+        raise SystemExit(f"gateway: {e}") from None
     return GatewayConfig(scheduler_address=args.scheduler_address, tokenizer_address=args.tokenizer_address,
+                         scheduler_dns=args.scheduler_dns, scheduler_dns_interval_s=args.scheduler_dns_interval,
+                         routing=args.routing, routing_prefix_blocks=args.routing_prefix_blocks,
+                         routing_load_factor=args.routing_load_factor,
+                         routing_cache_threshold=args.routing_cache_threshold,
                          model_name=args.model_name, model_aliases=tuple(args.model_alias), api_key=args.api_key,
                          max_body_bytes=args.max_body_bytes, max_n=args.max_n, root_path=args.root_path,
                          dashboard_interval_s=args.dashboard_interval)

@@ -5,8 +5,9 @@ One `grpc.aio` channel per service, opened at startup and shared by every reques
 service restart). Model facts that never change while the services run (served name,
 max_model_len, vocabulary size, chat template presence, max logprobs) are fetched once and cached;
 per-token strings for logprobs are cached by id (bounded by the vocabulary). Generation goes through
-one multiplexed GenerateStream + DetokenizeBatch pair per worker (`step_stream`,
-gateway/step_stream.py): one message per engine step, not per token.
+one multiplexed GenerateStream + DetokenizeBatch pair per worker and scheduler replica (`step_stream`,
+gateway/step_stream.py): one message per engine step, not per token. The replicas (one or many) are
+`replicas` (gateway/routing/): each generation picks one by the routing policy.
 
 Status mapping (`rpc_error_to_api`):
     INVALID_ARGUMENT, OUT_OF_RANGE          -> 400 (the service's message names the problem)
@@ -28,7 +29,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.config import GatewayConfig
 from gateway.errors import APIError
-from gateway.step_stream import StepStream
+from gateway.routing.replica import Replica
+from gateway.routing.replica_set import ReplicaSet
 from services import tracing
 from services.gen.pagedserve.v1 import (
     scheduler_pb2,
@@ -104,34 +106,32 @@ class Backend:
 
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
-        self._sched_channel: grpc.aio.Channel | None = None
         self._tok_channel: grpc.aio.Channel | None = None
-        self.scheduler: scheduler_pb2_grpc.SchedulerStub | None = None
         self.tokenizer: tokenizer_pb2_grpc.TokenizerStub | None = None
-        self._sched_health: health_pb2_grpc.HealthStub | None = None
         self._tok_health: health_pb2_grpc.HealthStub | None = None
         self._facts: ModelFacts | None = None
-        self.step_stream: StepStream | None = None  # the worker's multiplexed Generate + detokenize streams
+        self.replicas: ReplicaSet | None = None  # the scheduler replicas and the routing policy
         self._facts_lock: asyncio.Lock | None = None
         self._token_cache: dict[int, tuple[str, bytes]] = {}
 
     async def start(self) -> None:
-        opts = channel_options()
-        self._sched_channel = grpc.aio.insecure_channel(self.config.scheduler_address, options=opts)
-        self._tok_channel = grpc.aio.insecure_channel(self.config.tokenizer_address, options=opts)
-        self.scheduler = scheduler_pb2_grpc.SchedulerStub(self._sched_channel)
+        self._tok_channel = grpc.aio.insecure_channel(self.config.tokenizer_address, options=channel_options())
         self.tokenizer = tokenizer_pb2_grpc.TokenizerStub(self._tok_channel)
-        self._sched_health = health_pb2_grpc.HealthStub(self._sched_channel)
         self._tok_health = health_pb2_grpc.HealthStub(self._tok_channel)
         self._facts_lock = asyncio.Lock()
-        self.step_stream = StepStream(self.scheduler, self.tokenizer, self.config.retry_after_s)
+        self.replicas = ReplicaSet(self.config, self.tokenizer)
+        await self.replicas.start()
 
     async def close(self) -> None:
-        if self.step_stream is not None:
-            await self.step_stream.close()
-        for ch in (self._sched_channel, self._tok_channel):
-            if ch is not None:
-                await ch.close(grace=None)
+        if self.replicas is not None:
+            await self.replicas.close()
+        if self._tok_channel is not None:
+            await self._tok_channel.close(grace=None)
+
+    @property
+    def scheduler(self) -> scheduler_pb2_grpc.SchedulerStub:
+        """A scheduler replica for model facts and stats (a healthy one when there is one)."""
+        return self.replicas.any().scheduler
 
     def _error(self, e: grpc.RpcError, backend: str) -> APIError:
         return rpc_error_to_api(e, backend, self.config.retry_after_s)
@@ -162,6 +162,7 @@ class Backend:
         ex = info.executor
         max_len = ex.max_model_len or (tinfo.max_model_len if tinfo.HasField("max_model_len") else 0)
         name = self.config.model_name or ex.model_name or tinfo.model_name or "default"
+        self.replicas.block_size = int(ex.block_size)
         facts = ModelFacts(name=name, max_model_len=int(max_len), vocab_size=int(ex.vocab_size or tinfo.vocab_size),
                            max_logprobs=int(info.max_logprobs or DEFAULT_MAX_LOGPROBS),
                            has_chat_template=bool(tinfo.has_chat_template), created=int(time.time()))
@@ -231,16 +232,19 @@ class Backend:
         return self._facts.name if self._facts is not None else ""
 
     # ------------------------------------------------------------------ scheduler
-    async def stats(self, include_requests: bool = False, timeout: float | None = None) -> scheduler_pb2.SchedulerStats:
+    async def stats(self, include_requests: bool = False, timeout: float | None = None,
+                    replica: Replica | None = None) -> scheduler_pb2.SchedulerStats:
+        stub = (replica or self.replicas.any()).scheduler
         try:
-            return await self.scheduler.GetStats(scheduler_pb2.GetStatsRequest(include_requests=include_requests),
-                                                 timeout=timeout or self.config.rpc_timeout_s)
+            return await stub.GetStats(scheduler_pb2.GetStatsRequest(include_requests=include_requests),
+                                       timeout=timeout or self.config.rpc_timeout_s)
         except grpc.RpcError as e:
             raise self._error(e, "scheduler") from None
 
     # ------------------------------------------------------------------ health
     async def health(self) -> tuple[bool, dict]:
-        """(healthy, details): both services SERVING and the scheduler's executor answering."""
+        """(healthy, details): the tokenizer SERVING and a scheduler replica SERVING whose executor
+        answers. With several replicas `replicas` has each one's check (one healthy is enough)."""
         timeout = self.config.health_timeout_s
 
         async def grpc_health(stub: health_pb2_grpc.HealthStub) -> str:
@@ -251,15 +255,20 @@ class Backend:
             return "ok" if r.status == health_pb2.HealthCheckResponse.SERVING else \
                 health_pb2.HealthCheckResponse.ServingStatus.Name(r.status).lower()
 
-        async def scheduler_check() -> str:
-            status = await grpc_health(self._sched_health)
+        async def scheduler_check(replica: Replica) -> str:
+            status = await grpc_health(replica.health)
             if status != "ok":
                 return status
             try:
-                st = await self.stats(timeout=timeout)
+                st = await self.stats(timeout=timeout, replica=replica)
             except APIError as e:
                 return e.message
             return "ok" if st.executor_healthy else "executor not healthy"
 
-        sched, tok = await asyncio.gather(scheduler_check(), grpc_health(self._tok_health))
-        return sched == "ok" and tok == "ok", {"scheduler": sched, "tokenizer": tok}
+        replicas = list(self.replicas.replicas.values())
+        *per, tok = await asyncio.gather(*(scheduler_check(r) for r in replicas), grpc_health(self._tok_health))
+        sched = "ok" if "ok" in per else (per[0] if per else "no scheduler replica found")
+        checks: dict = {"scheduler": sched, "tokenizer": tok}
+        if len(replicas) > 1 or self.config.scheduler_dns:
+            checks["replicas"] = {r.address: c for r, c in zip(replicas, per)}
+        return sched == "ok" and tok == "ok", checks

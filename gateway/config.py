@@ -10,7 +10,20 @@ DEFAULT_MAX_BODY_BYTES = 10 * 2**20
 
 @dataclass
 class GatewayConfig:
+    # The scheduler replicas (gateway/routing/): a comma list of HOST:PORT, or, when scheduler_dns
+    # is set (NAME:PORT, e.g. a headless Service), every address that name resolves to, re-resolved
+    # every scheduler_dns_interval_s.
     scheduler_address: str = f"127.0.0.1:{SCHEDULER_PORT}"
+    scheduler_dns: str | None = None
+    scheduler_dns_interval_s: float = 5.0
+    # Routing over the replicas (gateway/routing/policies.py): prefix | least-load | round-robin;
+    # the prefix policy hashes at most routing_prefix_blocks leading KV blocks of a prompt.
+    routing: str = "prefix"
+    routing_prefix_blocks: int = 32
+    routing_load_factor: float = 1.5
+    routing_cache_threshold: float = 0.5
+    # Seconds between the replicas' WatchStats snapshots (health and load).
+    replica_stats_interval_s: float = 0.5
     tokenizer_address: str = f"127.0.0.1:{TOKENIZER_PORT}"
     # Served model name (what /v1/models lists and requests must name); None: the scheduler's
     # GetModelInfo model_name. Extra names the gateway also answers to (aliases).

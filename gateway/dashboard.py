@@ -7,6 +7,11 @@ what the page draws (`snapshot_payload`): queue and KV numbers, throughputs, the
 lists of the KV block map with the internal waste computed here, and this process's TTFT /
 inter-token latency percentiles over a sliding window (gateway/metrics.py: WINDOW).
 
+With several scheduler replicas (gateway/routing/) the stream follows one healthy replica (the
+page's main numbers and block map, `replica` names it) and adds `replicas`: every replica's own
+snapshot (GetStats with the block map, each snapshot) plus its health and this gateway's in-flight
+count, which the page draws as one KV block map per replica.
+
 The page and its stream are not behind `--api-key` (like /metrics): they show request ids and
 token counts, never prompt or output text.
 """
@@ -23,6 +28,7 @@ from pathlib import Path
 import grpc
 from fastapi import Request
 
+from gateway.errors import APIError
 from gateway.metrics import WINDOW
 from services.gen.pagedserve.v1 import scheduler_pb2
 
@@ -166,18 +172,41 @@ class DashboardHub:
                     pass
             q.put_nowait(data)
 
+    async def _replicas(self, primary, st: scheduler_pb2.SchedulerStats, block_size: int, model: str,
+                        rates: dict[str, _Rates]) -> list[dict]:
+        """Every replica's snapshot (the primary's is `st`); a replica that does not answer in time
+        is listed with why."""
+        async def one(r) -> dict:
+            head = {"address": r.address, "healthy": r.healthy, "reason": r.reason, "in_flight": r.in_flight}
+            try:
+                rs = st if r is primary else await r.scheduler.GetStats(
+                    scheduler_pb2.GetStatsRequest(include_requests=True), timeout=max(1.0, self.interval_s))
+            except grpc.RpcError as e:
+                return {**head, "error": f"unavailable: {e.code().name}"}
+            snap = snapshot_payload(rs, block_size, model, rates.setdefault(r.address, _Rates()))
+            snap.pop("latency")
+            return {**head, **snap}
+
+        return list(await asyncio.gather(*(one(r) for r in self.backend.replicas.replicas.values())))
+
     async def _run(self) -> None:
         rates = _Rates()
+        replica_rates: dict[str, _Rates] = {}
         while self._subscribers:
             try:
-                info = await self.backend.scheduler.GetModelInfo(scheduler_pb2.GetModelInfoRequest(), timeout=5)
+                primary = self.backend.replicas.any()
+                info = await primary.scheduler.GetModelInfo(scheduler_pb2.GetModelInfoRequest(), timeout=5)
                 block_size = info.executor.block_size
                 model = self.backend.model_label or info.executor.model_name
-                call = self.backend.scheduler.WatchStats(
+                call = primary.scheduler.WatchStats(
                     scheduler_pb2.WatchStatsRequest(interval_s=self.interval_s, include_requests=True))
                 try:
                     async for st in call:
                         payload = snapshot_payload(st, block_size, model, rates)
+                        if len(self.backend.replicas.replicas) > 1:
+                            payload["replica"] = primary.address
+                            payload["replicas"] = await self._replicas(primary, st, block_size, model,
+                                                                       replica_rates)
                         self._publish(json.dumps(payload, separators=(",", ":")).encode())
                 finally:
                     call.cancel()
@@ -186,6 +215,8 @@ class DashboardHub:
                 raise
             except grpc.RpcError as e:
                 error = f"scheduler unavailable: {e.code().name}"
+            except APIError as e:  # no replica known (DNS discovery found none)
+                error = e.message
             except Exception as e:
                 logger.exception("dashboard stream failed")
                 error = f"{type(e).__name__}: {e}"

@@ -11,6 +11,12 @@ DetokenizeBatch turns into text deltas, watching for stop strings.
 The stream's reader calls `on_output` once per sample per engine step; it only updates this
 generation's state and queues an event (no await, no per-token round trip).
 
+Replicas (gateway/routing/): start() takes the replica the routing policy picks. A generation that has
+produced no token yet when its replica fails (503: the stream broke, the executor is gone; 429: its
+queue is full) moves to another healthy replica, before or after admission. One that has produced
+tokens is resumed by replay on another replica when that continues it exactly (greedy, no stop
+strings: gateway/routing/resume.py); otherwise it ends with a 503 saying so (in-band when streaming).
+
 A stop string found by the detokenizer finishes that sample at once (text trimmed as OpenAI does,
 tokens after it dropped, finish_reason "stop") and is reported to the scheduler in-band (abort with
 stop_str and the sample's index), which frees the sample's blocks and sends its final message
@@ -32,6 +38,8 @@ from gateway.backend import Backend
 from gateway.errors import APIError
 from gateway.metrics import WINDOW, GatewayMetrics
 from gateway.params import to_proto
+from gateway.routing.replica import Replica
+from gateway.routing.resume import continuation, resumable
 from gateway.telemetry import REQUEST_START
 from services import tracing
 from services.gen.pagedserve.v1 import common_pb2, scheduler_pb2, tokenizer_pb2
@@ -46,6 +54,7 @@ _FINISH = {
     scheduler_pb2.FINISH_REASON_LENGTH: "length",
 }
 _CHANGED = object()  # queued when a sample's state changed without an event (events() re-checks)
+_MOVABLE = (503, 429)  # failures a generation without tokens escapes by moving to another replica
 
 
 @dataclass
@@ -83,6 +92,12 @@ class PromptGeneration:
         self.want_logprobs = want_logprobs
         self.samples = [_Sample() for _ in range(params.n)]
         self._key: int | None = None
+        self._replica: Replica | None = None  # where it runs (gateway/routing/)
+        self._tried: list[Replica] = []  # replicas that failed it before its first token
+        self._request: scheduler_pb2.GenerateRequest | None = None
+        self._metadata: list[tuple[str, str]] | None = None
+        # The tokens streamed so far, kept only when a failed replica's generation can be resumed.
+        self._produced: list[int] | None = [] if resumable(params) else None
         self._admitted: asyncio.Future | None = None
         self._events: asyncio.Queue = asyncio.Queue()
         self._closed = False
@@ -130,26 +145,84 @@ class PromptGeneration:
             metadata = tracing.grpc_metadata(trace.set_span_in_context(self._gen_span))
         else:
             metadata = tracing.grpc_metadata()
-        self._admitted = asyncio.get_running_loop().create_future()
-        request = scheduler_pb2.GenerateRequest(request_id=self.request_id, prompt_token_ids=self.prompt_token_ids,
-                                                sampling_params=to_proto(self.params))
-        self._key = self.backend.step_stream.add(self, request, metadata)
-        error = await self._admitted
-        if error is not None:
-            raise error
+        self._request = scheduler_pb2.GenerateRequest(request_id=self.request_id,
+                                                      prompt_token_ids=self.prompt_token_ids,
+                                                      sampling_params=to_proto(self.params))
+        self._metadata = metadata
+        while True:
+            self._admitted = asyncio.get_running_loop().create_future()
+            self._submit()
+            error = await self._admitted
+            if error is None:
+                break
+            if not self._move_off(error):
+                raise error
         self._started = True
+
+    def _submit(self) -> None:
+        """Send the request to the replica the routing policy picks (not one that failed it)."""
+        self._replica = self.backend.replicas.acquire(self._request.prompt_token_ids, exclude=self._tried)
+        self._key = self._replica.step_stream.add(self, self._request, self._metadata)
+
+    def _move_off(self, error: APIError) -> bool:
+        """Leave the current replica after `error` if another healthy one can take the request
+        (it has no token yet). The failed call is already off the replica's stream."""
+        r = self._replica
+        if r is None or self._closed or error.status not in _MOVABLE or self._first_token_at is not None:
+            return False
+        if not self.backend.replicas.has_alternative([*self._tried, r]):
+            return False
+        logger.info("%s: replica %s failed it before its first token (%s); moving it to another replica",
+                    self.request_id, r.address, error.message)
+        self._tried.append(r)
+        r.step_stream.forget(self._key)
+        self.backend.replicas.release(r, moved=True)
+        self._replica, self._key = None, None
+        return True
+
+    def _resume(self, error: APIError) -> bool:
+        """Replay a generation that had tokens on a failed replica on another one: prompt + the tokens
+        streamed so far as its prompt, the rest of the budget as its own (gateway/routing/resume.py)."""
+        r, s, produced = self._replica, self.samples[0], self._produced
+        if (produced is None or not produced or r is None or self._closed or error.status != 503 or s.done
+                or s.stopped or not self.backend.replicas.has_alternative([*self._tried, r])):
+            return False
+        rest = continuation(self.params, len(produced))
+        if rest.max_tokens is not None and rest.max_tokens <= 0:
+            return False
+        logger.info("%s: replica %s failed after %d tokens (%s); resuming it on another replica by replay",
+                    self.request_id, r.address, len(produced), error.message)
+        self._tried.append(r)
+        r.step_stream.forget(self._key)
+        if s.detok_open:  # the new stream's detokenizer starts from the tail of prompt + output
+            r.step_stream.detok.close_key(self._key * _MAX_SAMPLES)
+            s.detok_open = False
+        self.backend.replicas.release(r, moved=True)
+        self._replica, self._key = None, None
+        prompt = self.prompt_token_ids + produced
+        del self._detok_options.prompt_token_ids[:]
+        self._detok_options.prompt_token_ids.extend(prompt[-8:])
+        self._request = scheduler_pb2.GenerateRequest(request_id=self.request_id, prompt_token_ids=prompt,
+                                                      sampling_params=to_proto(rest))
+        try:
+            self._submit()
+        except APIError as e:
+            self._events.put_nowait(e)
+        return True
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            if self._key is not None:
-                stream = self.backend.step_stream
+            if self._key is not None and self._replica is not None:
+                stream = self._replica.step_stream
                 if not all(s.done for s in self.samples):
                     stream.abort(self._key)  # frees the blocks now (idempotent in the scheduler)
                 stream.forget(self._key)
                 for i, s in enumerate(self.samples):
                     if s.detok_open:
                         stream.detok.close_key(self._key * _MAX_SAMPLES + i)
+            if self._replica is not None:
+                self.backend.replicas.release(self._replica)
         if self._admitted is not None and not self._admitted.done():
             self._admitted.cancel()
         if not self._recorded:
@@ -164,8 +237,20 @@ class PromptGeneration:
     def on_failed(self, error: APIError) -> None:
         if self._admitted is not None and not self._admitted.done():
             self._admitted.set_result(error)
-        else:
-            self._events.put_nowait(error)
+            return
+        if self._move_off(error):
+            try:
+                self._submit()
+            except APIError as e:
+                self._events.put_nowait(e)
+            return
+        if self._resume(error):
+            return
+        if self._first_token_at is not None and error.status == 503 and self._replica is not None:
+            error = APIError(503, f"The scheduler replica {self._replica.address} failed after this request had "
+                                  f"produced tokens ({error.message}); they cannot be resumed elsewhere: retry the "
+                                  f"request.", code="service_unavailable")
+        self._events.put_nowait(error)
 
     def detok_entry(self, entries, index: int, token_ids: list[int],
                     final: scheduler_pb2.GenerateResponse | None) -> bool:
@@ -321,11 +406,13 @@ class PromptGeneration:
             if final:
                 s.done, s.final = True, msg
             else:
-                self.backend.step_stream.abort(self._key, stop_str=d.stop_str, indices=(idx,))
+                self._replica.step_stream.abort(self._key, stop_str=d.stop_str, indices=(idx,))
             return SampleEvent(idx, d.text, ids, lps, "stop", d.stop_str)
         s.num_tokens += len(ids)
         if ids:
             self._tokens_arrived(s, len(ids))
+            if self._produced is not None:
+                self._produced.extend(ids)
         if not final:
             return SampleEvent(idx, d.text, ids, lps)
         s.done, s.final = True, msg

@@ -114,6 +114,29 @@ class GatewayMetrics:
         # messages sent.
         self.stream_messages = Counter(PREFIX + "gateway_stream_messages",
                                        "Messages on the gateway's per-step backend streams.", ["stream"], registry=r)
+        # Scheduler replicas (gateway/routing/, issue 18), labelled by the replica's address: where
+        # generations went, which ones moved before their first token, and each replica's state as
+        # its WatchStats stream last reported it (the scheduler's own totals, hence gauges).
+        rep = ["replica"]
+        self.replica_requests = Counter(PREFIX + "replica_requests", "Generations routed to each scheduler replica.",
+                                        [*rep, "policy"], registry=r)
+        self.replica_retries = Counter(PREFIX + "replica_retries",
+                                       "Generations moved off a failed replica before their first token.", rep,
+                                       registry=r)
+        self.replica_healthy = Gauge(PREFIX + "replica_healthy", "1 while the replica is in the rotation.", rep,
+                                     registry=r, multiprocess_mode="max")
+        self.replica_running = Gauge(PREFIX + "replica_num_requests_running", "Requests running on the replica.",
+                                     rep, registry=r, multiprocess_mode="max")
+        self.replica_waiting = Gauge(PREFIX + "replica_num_requests_waiting", "Requests waiting on the replica.",
+                                     rep, registry=r, multiprocess_mode="max")
+        self.replica_kv_usage = Gauge(PREFIX + "replica_kv_cache_usage_perc", "The replica's KV-cache usage (0-1).",
+                                      rep, registry=r, multiprocess_mode="max")
+        self.replica_prefix_hits = Gauge(PREFIX + "replica_prefix_cache_hits",
+                                         "The replica's prefix-cache hits (tokens, its running total).", rep,
+                                         registry=r, multiprocess_mode="max")
+        self.replica_prefix_queries = Gauge(PREFIX + "replica_prefix_cache_queries",
+                                            "The replica's prefix-cache queries (tokens, its running total).", rep,
+                                            registry=r, multiprocess_mode="max")
 
     @classmethod
     def get(cls) -> GatewayMetrics:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections.abc import Callable
 from typing import Protocol
 
 import grpc
@@ -52,8 +53,9 @@ class StreamClient(Protocol):
 
 class StepStream:
     def __init__(self, scheduler: scheduler_pb2_grpc.SchedulerStub, tokenizer: tokenizer_pb2_grpc.TokenizerStub,
-                 retry_after_s: int = 1) -> None:
+                 retry_after_s: int = 1, on_broken: Callable[[APIError], None] | None = None) -> None:
         self._stub = scheduler
+        self._on_broken = on_broken  # told before the clients, so that they can fail over elsewhere
         self.detok = DetokenizeBatchClient(tokenizer)
         self._retry_after_s = retry_after_s
         self._keys = itertools.count(1)
@@ -139,6 +141,8 @@ class StepStream:
         logger.warning("scheduler stream failed (%d requests on it): %s", len(self._clients), error.message)
         self._call = None
         call.cancel()
+        if self._on_broken is not None:
+            self._on_broken(error)
         clients, self._clients = self._clients, {}
         self._out = scheduler_pb2.GenerateStreamRequest()
         self._wake.set()  # the old writer returns

@@ -19,6 +19,11 @@ running after the grace. Children also get SIGTERM if the launcher itself dies (
 so no orphan keeps a port or GPU memory.
 
 Internal gRPC services bind loopback (--grpc-host); only the gateway's --host faces clients.
+
+`--replicas N` runs N executor + scheduler pairs (replica i: `executor-i`, `scheduler-i`; the first
+keeps the plain names and the given ports, the others take free ports) behind the one tokenizer and
+gateway, which routes over them (`--routing`, gateway/routing/). Each pair is supervised as above;
+services/replica_placement.py gives each executor its GPU, or its share of the CPUs.
 """
 from __future__ import annotations
 
@@ -102,20 +107,30 @@ class Service:
     reader: threading.Thread | None = None
     ready: bool = False
     restarts: int = 0
+    env: dict[str, str] = field(default_factory=dict)  # added to the launcher's environment
+    cpus: frozenset[int] | None = None  # CPU affinity (replica placement)
 
     @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
     def start(self, echo: bool) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
         self.tail.clear()
         self.ready = False
+        preexec = _PREEXEC
+        if self.cpus is not None and hasattr(os, "sched_setaffinity"):
+            cpus = self.cpus
+
+            def preexec() -> None:
+                if _PREEXEC is not None:
+                    _PREEXEC()
+                os.sched_setaffinity(0, cpus)
         self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, bufsize=1, env=env,
                                      start_new_session=True,  # Ctrl-C reaches the launcher only
-                                     preexec_fn=_PREEXEC)  # noqa: PLW1509 - one prctl() call, no locks
+                                     preexec_fn=preexec)  # noqa: PLW1509 - prctl() and sched_setaffinity(), no locks
         self.reader = threading.Thread(target=self._read, args=(self.proc, echo), name=f"log-{self.name}",
                                        daemon=True)
         self.reader.start()
@@ -220,12 +235,6 @@ class Stack:
         from services.scheduler.server import SERVICE_NAME as SCHEDULER_SERVICE
         from services.tokenizer.server import SERVICE_NAME as TOKENIZER_SERVICE
 
-        executor_argv = [*py, "services.executor", *model, "--port", str(ports["executor"]), *common, *eflags]
-        # Metrics endpoints face Prometheus like the gateway does: they bind the gateway's --host.
-        if args.executor_metrics_port is not None:
-            executor_argv += ["--metrics-port", str(args.executor_metrics_port), "--metrics-host", args.host]
-        if args.executor_factory:
-            executor_argv += ["--executor", args.executor_factory]
         tokenizer_argv = [*py, "services.tokenizer", *model, "--port", str(ports["tokenizer"]), *common]
         if args.tokenizer:
             tokenizer_argv += ["--tokenizer", args.tokenizer]
@@ -233,23 +242,49 @@ class Stack:
             tokenizer_argv += ["--served-model-name", args.served_model_name]
         if args.max_model_len:
             tokenizer_argv += ["--max-model-len", str(args.max_model_len)]
-        executor_address = _address(gh, ports["executor"])
-        scheduler_argv = [*py, "services.scheduler", "--executor-address", executor_address,
-                          "--port", str(ports["scheduler"]), "--max-queue-len", str(args.max_queue_len),
-                          "--executor-timeout", str(args.executor_timeout), *common, *eflags]
-        if not args.tokenizer and not str(args.model or "").startswith("dummy:"):
-            # Structured output compiles grammars against the vocabulary in the scheduler.
-            scheduler_argv += ["--tokenizer", args.model or "default"]
-        if args.scheduler_metrics_port is not None:
-            scheduler_argv += ["--metrics-port", str(args.scheduler_metrics_port), "--metrics-host", args.host]
-        self.executor = Service("executor", executor_argv, executor_address, EXECUTOR_SERVICE, restart=True)
         self.tokenizer = Service("tokenizer", tokenizer_argv, _address(gh, ports["tokenizer"]), TOKENIZER_SERVICE)
-        self.scheduler = Service("scheduler", scheduler_argv, _address(gh, ports["scheduler"]), SCHEDULER_SERVICE)
-        self.services = [self.executor, self.tokenizer, self.scheduler]
+
+        from services.replica_placement import replica_placements
+
+        self.executors: list[Service] = []
+        self.schedulers: list[Service] = []
+        try:
+            placements = replica_placements(args.replicas, args.device, cpus_per_replica=args.cpus_per_replica)
+        except ValueError as e:
+            raise SystemExit(f"pagedserve: {e}") from None
+        for i, place in enumerate(placements):
+            suffix = f"-{i}" if i else ""
+            ex_port = ports["executor"] if i == 0 else pick_port(gh, 0, "executor")
+            sc_port = ports["scheduler"] if i == 0 else pick_port(gh, 0, "scheduler")
+            executor_argv = [*py, "services.executor", *model, "--port", str(ex_port), *common, *eflags]
+            # Metrics endpoints face Prometheus like the gateway does: they bind the gateway's --host.
+            if args.executor_metrics_port is not None:
+                executor_argv += ["--metrics-port", str(args.executor_metrics_port + i), "--metrics-host", args.host]
+            if args.executor_factory:
+                executor_argv += ["--executor", args.executor_factory]
+            executor_address = _address(gh, ex_port)
+            scheduler_argv = [*py, "services.scheduler", "--executor-address", executor_address,
+                              "--port", str(sc_port), "--max-queue-len", str(args.max_queue_len),
+                              "--executor-timeout", str(args.executor_timeout), *common, *eflags]
+            if not args.tokenizer and not str(args.model or "").startswith("dummy:"):
+                # Structured output compiles grammars against the vocabulary in the scheduler.
+                scheduler_argv += ["--tokenizer", args.model or "default"]
+            if args.scheduler_metrics_port is not None:
+                scheduler_argv += ["--metrics-port", str(args.scheduler_metrics_port + i), "--metrics-host", args.host]
+            self.executors.append(Service("executor" + suffix, executor_argv, executor_address, EXECUTOR_SERVICE,
+                                          restart=True, env=place.env, cpus=place.cpus))
+            self.schedulers.append(Service("scheduler" + suffix, scheduler_argv, _address(gh, sc_port),
+                                           SCHEDULER_SERVICE))
+            if args.replicas > 1 or place.cpus is not None:
+                print(f"replica {i}: scheduler {self.schedulers[-1].address}, executor {executor_address} "
+                      f"({place.describe()})", flush=True)
+        self.executor, self.scheduler = self.executors[0], self.schedulers[0]
+        self.services = [*self.executors, self.tokenizer, *self.schedulers]
         self.gateway: Service | None = None
         if self.with_gateway:
             self.gateway = Service("gateway", [*py, "gateway", "--host", args.host, "--port", str(ports["gateway"]),
-                                               "--scheduler-address", self.scheduler.address,
+                                               "--scheduler-address", ",".join(s.address for s in self.schedulers),
+                                               "--routing", args.routing,
                                                "--tokenizer-address", self.tokenizer.address,
                                                "--workers", str(args.gateway_workers)],
                                    f"http://{_address(args.host, ports['gateway'])}", "http")
@@ -289,7 +324,8 @@ class Stack:
 
     def start(self) -> bool:
         args = self.args
-        _say(f"starting executor, tokenizer and scheduler (model: {args.model or 'embedded SmolLM2'}, "
+        what = f"{args.replicas} executor + scheduler replicas" if args.replicas > 1 else "executor"
+        _say(f"starting {what}, tokenizer and scheduler (model: {args.model or 'embedded SmolLM2'}, "
              f"device: {args.device})")
         for s in self.services:
             s.start(echo=not args.quiet)
@@ -320,8 +356,9 @@ class Stack:
         _say(f"ready: model {model_name}")
         if self.gateway is not None:
             print(f"  OpenAI API: {self.gateway.address}/v1", flush=True)
-        print(f"  scheduler:  {self.scheduler.address}   tokenizer: {self.tokenizer.address}   "
-              f"executor: {self.executor.address}", flush=True)
+        for ex, sc in zip(self.executors, self.schedulers):
+            print(f"  scheduler:  {sc.address}   tokenizer: {self.tokenizer.address}   "
+                  f"executor: {ex.address}", flush=True)
         print(f"  try: pagedserve client --scheduler-address {self.scheduler.address} "
               f"--tokenizer-address {self.tokenizer.address} --stream \"Hello\"", flush=True)
         return True
@@ -377,7 +414,7 @@ class Stack:
     # ------------------------------------------------------------------ shutdown
     def shutdown(self) -> None:
         grace = self.args.shutdown_grace
-        order = [[self.gateway], [self.scheduler], [self.tokenizer, self.executor]]
+        order = [[self.gateway], self.schedulers, [self.tokenizer, *self.executors]]
         for group in order:
             procs = [s for s in group if s is not None and s.proc is not None and s.proc.poll() is None]
             for s in procs:
@@ -455,6 +492,14 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                    help="gateway worker processes sharing the port (each has its own scheduler stream; "
                         "default 1)")
     g.add_argument("--no-gateway", action="store_true", help="only the gRPC services")
+    g.add_argument("--replicas", type=int, default=1,
+                   help="executor + scheduler pairs behind the gateway (default 1); CUDA: one GPU each, "
+                        "CPU: the cores split between them")
+    g.add_argument("--routing", default="prefix", choices=["prefix", "least-load", "round-robin"],
+                   help="the gateway's routing over the replicas (default prefix)")
+    g.add_argument("--cpus-per-replica", type=int, default=None,
+                   help="CPU device: pin each replica's executor to this many cores (default: the cores split "
+                        "evenly between replicas; one replica unpinned)")
     g = p.add_argument_group("supervision")
     g.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for health checks")
     g.add_argument("--shutdown-grace", type=float, default=5.0,

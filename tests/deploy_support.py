@@ -321,6 +321,21 @@ def render_k8s(path: Path) -> list[dict]:
     return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
 
 
+def validate_k8s(overlay: str, resources: list[dict], versions: list[str]) -> None:
+    """Every rendered resource validates strictly (unknown fields fail) for each Kubernetes version,
+    and lives in the pagedserve namespace."""
+    import kubernetes_validate
+
+    for r in resources:
+        for version in versions:
+            try:
+                kubernetes_validate.validate(r, version, strict=True)
+            except Exception as e:  # noqa: BLE001 - report which manifest
+                raise AssertionError(f"{overlay}: {r['kind']}/{r['metadata']['name']} (k8s {version}): "
+                                     f"{str(e)[:400]}") from None
+        assert r["kind"] == "Namespace" or r["metadata"]["namespace"] == "pagedserve"
+
+
 def pod_spec(res: dict) -> dict | None:
     if res["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"):
         return res["spec"]["template"]["spec"]

@@ -24,7 +24,9 @@ Datasets (generated locally, no downloads, reproducible with --seed):
   ids of --tokenizer decoded to text, or random common English words (about one token each) when
   no tokenizer is given;
 - conversation: a ShareGPT-like mix: lognormal input and output lengths (medians and sigma
-  configurable), a few prior turns per conversation (chat: messages; completions: a transcript).
+  configurable), a few prior turns per conversation (chat: messages; completions: a transcript);
+  `--conversation-shared-prefixes K` starts each one with one of K shared system prompts of
+  `--conversation-prefix-len` tokens (the workload of prefix-aware routing over replicas).
 Prompt lengths in the results are the server's usage.prompt_tokens when it reports them.
 
 Output: a summary table on stdout; with --result-file (or --save-result) a JSON file holding the
@@ -64,6 +66,10 @@ def add_serve_bench_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--conversation-sigma", type=float, default=1.0, help="lognormal sigma (default 1.0)")
     g.add_argument("--conversation-max-input", type=int, default=1024)
     g.add_argument("--conversation-max-output", type=int, default=1024)
+    g.add_argument("--conversation-shared-prefixes", type=int, default=0, metavar="K",
+                   help="start every conversation with one of K shared system prompts (default 0: none)")
+    g.add_argument("--conversation-prefix-len", type=int, default=256,
+                   help="tokens of each shared system prompt (default 256)")
     g.add_argument("--max-model-len", type=int, default=None,
                    help="cap conversation lengths (default: max_model_len from GET /v1/models)")
     g.add_argument("--seed", type=int, default=0)

@@ -104,14 +104,19 @@ def conversation_lengths(n: int, seed: int, input_median: float = 100.0, output_
 def sample_conversation(n: int, seed: int, chat: bool, tokenizer: Any | None = None, *,
                         input_median: float = 100.0, output_median: float = 200.0, sigma: float = 1.0,
                         max_input: int = 1024, max_output: int = 1024, max_model_len: int | None = None,
-                        template_margin: int = 64) -> list[BenchRequest]:
+                        template_margin: int = 64, shared_prefixes: int = 0,
+                        prefix_len: int = 256) -> list[BenchRequest]:
     """Conversation-like requests: the input is split over 1-4 prior turns (user/assistant) plus the
     new user message; lengths from `conversation_lengths` (template_margin tokens are kept free for
-    the chat template)."""
-    cap = None if max_model_len is None else max(16, max_model_len - template_margin)
+    the chat template). With shared_prefixes K > 0 every conversation starts with one of K system
+    prompts of about prefix_len tokens (picked at random): the shared-prefix workload that
+    prefix-aware routing and the prefix cache are for (issue 18)."""
+    margin = template_margin + (prefix_len if shared_prefixes else 0)
+    cap = None if max_model_len is None else max(16, max_model_len - margin)
     lengths = conversation_lengths(n, seed, input_median, output_median, sigma, max_input, max_output, cap)
     rng = random.Random(seed + 1)
     src = TextSource(rng, tokenizer)
+    systems = [(f"You are assistant {k}. " + src.text(prefix_len)[0], prefix_len) for k in range(shared_prefixes)]
     reqs = []
     for in_len, out_len in lengths:
         turns = min(1 + 2 * rng.choice((0, 0, 1, 1, 2, 3)), max(1, in_len // 8) | 1)  # odd: ends with user
@@ -124,10 +129,15 @@ def sample_conversation(n: int, seed: int, chat: bool, tokenizer: Any | None = N
             messages.append({"role": "user" if k % 2 == 0 else "assistant", "content": text})
         if messages[-1]["role"] != "user":
             messages.append({"role": "user", "content": src.text(1)[0]})
+        if systems:
+            system, system_len = rng.choice(systems)
+            messages.insert(0, {"role": "system", "content": system})
+            total += system_len
         if chat:
             prompt: str | list[dict] = messages
         else:
-            prompt = "".join(f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}\n" for m in messages)
+            names = {"user": "User", "assistant": "Assistant", "system": "System"}
+            prompt = "".join(f"{names[m['role']]}: {m['content']}\n" for m in messages)
             prompt += "Assistant:"
         reqs.append(BenchRequest(prompt, total, out_len))
     return reqs
@@ -152,4 +162,5 @@ def make_requests(args: argparse.Namespace, chat: bool, max_model_len: int | Non
     return sample_conversation(args.num_prompts, args.seed, chat, tok, input_median=args.conversation_input_median,
                                output_median=args.conversation_output_median, sigma=args.conversation_sigma,
                                max_input=args.conversation_max_input, max_output=args.conversation_max_output,
-                               max_model_len=max_model_len)
+                               max_model_len=max_model_len, shared_prefixes=args.conversation_shared_prefixes,
+                               prefix_len=args.conversation_prefix_len)

@@ -99,6 +99,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "input_len": args.input_len if args.dataset_name == "random" else None,
         "output_len": args.output_len if args.dataset_name == "random" else None,
         "range_ratio": args.range_ratio if args.dataset_name == "random" else None,
+        "shared_prefixes": args.conversation_shared_prefixes if args.dataset_name == "conversation" else None,
+        "prefix_len": args.conversation_prefix_len if args.dataset_name == "conversation" else None,
         "tokenizer": args.tokenizer, "num_warmups": args.num_warmups, "ignore_eos": args.ignore_eos,
         "temperature": args.temperature, "percentiles": args.percentiles, "goodput_slos_ms": slos,
         "max_concurrency": concurrencies, "request_rate": ["inf" if r == float("inf") else r for r in rates],

@@ -94,12 +94,11 @@
     return 10 * p;
   }
 
-  function drawBlockMap(snap) {
-    const canvas = $("block-map");
+  function drawBlockMap(snap, canvas = $("block-map"), area = 280) {
     const total = snap.num_kv_blocks || 0;
     // Cells sized so every usable block (ids 1..total) fits the canvas width at a readable height.
     const width = canvas.clientWidth || canvas.width;
-    let cell = Math.floor(Math.sqrt((width * 280) / Math.max(1, total)));
+    let cell = Math.floor(Math.sqrt((width * area) / Math.max(1, total)));
     cell = Math.max(2, Math.min(34, cell));
     const cols = Math.max(1, Math.floor(width / cell));
     const rows = Math.ceil(total / cols);
@@ -150,6 +149,43 @@
     body.replaceChildren(...rows);
   }
 
+  // Several scheduler replicas: one card with its numbers and its own KV block map each.
+  function renderReplicas(snap) {
+    const section = $("replicas");
+    const reps = snap.replicas || [];
+    section.hidden = reps.length < 2;
+    if (section.hidden) return;
+    setText("replica-count", reps.length + " replicas; main view: " + (snap.replica || "—"));
+    const list = $("replica-list");
+    while (list.children.length > reps.length) list.lastChild.remove();
+    reps.forEach((r, i) => {
+      let card = list.children[i];
+      if (!card) {
+        card = document.createElement("div");
+        card.className = "replica";
+        const title = document.createElement("div"); title.className = "replica-title";
+        const hint = document.createElement("div"); hint.className = "hint";
+        const canvas = document.createElement("canvas"); canvas.width = 420; canvas.height = 120;
+        card.append(title, hint, canvas);
+        list.append(card);
+      }
+      const [title, hint, canvas] = card.children;
+      const up = r.healthy && !r.error;
+      title.textContent = (up ? "● " : "○ ") + r.address;
+      title.className = "replica-title " + (up ? "on" : "off");
+      if (r.error || r.num_kv_blocks === undefined) {
+        hint.textContent = (r.error || r.reason || "no snapshot") + " · " + r.in_flight + " in flight here";
+        canvas.hidden = true;
+        return;
+      }
+      canvas.hidden = false;
+      hint.textContent = r.running + " running, " + r.waiting + " waiting · KV " + fmtPct(r.kv_usage, 1) +
+        " · prefix hits " + fmtPct(r.prefix_hit_rate, 1) + " · " + r.in_flight + " in flight here" +
+        (r.healthy ? "" : " · out of rotation: " + r.reason);
+      drawBlockMap(r, canvas, 110);
+    });
+  }
+
   function render(snap, fromStream) {
     setText("model", snap.model || "—");
     setText("blocks-meta", (snap.num_kv_blocks || 0).toLocaleString("en-US") + " KV blocks × " + snap.block_size + " tokens");
@@ -194,6 +230,7 @@
       [{ colour: "#4cc38a", values: hist.map((p) => p.running) }, { colour: "#f0715f", values: hist.map((p) => p.waiting) }]);
     drawBlockMap(snap);
     renderTable(snap);
+    renderReplicas(snap);
   }
 
   function connect() {

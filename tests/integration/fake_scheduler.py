@@ -205,6 +205,12 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
         return scheduler_pb2.SchedulerStats(num_running=sum(self.running.values()), executor_healthy=True,
                                             num_kv_blocks=64, num_free_blocks=64)
 
+    async def WatchStats(self, request, context):
+        interval = max(0.05, request.interval_s or 1.0)
+        while True:
+            yield await self.GetStats(request, context)
+            await asyncio.sleep(interval)
+
     async def GetModelInfo(self, request, context):
         return scheduler_pb2.ModelInfo(
             executor=executor_pb2.ExecutorInfo(model_name=self.model_name, vocab_size=self.vocab_size,

@@ -49,6 +49,7 @@ from tests.deploy_support import (
     source_reads_env,
     strip_tags,
     validate_compose,
+    validate_k8s,
 )
 
 # Environment variables the containers get that are not pagedserve's own: what reads each one.
@@ -99,7 +100,8 @@ def test_compose_topology(compose_gpu, compose_cpu):
     for model in (compose_gpu, compose_cpu):
         core = default_services(model)
         assert set(core) == {"executor", "scheduler", "tokenizer", "gateway"}
-        assert set(pagedserve_services(model)) == set(core)
+        replicas_profile = {n for n, s in model["services"].items() if s.get("profiles") == ["replicas"]}
+        assert set(pagedserve_services(model)) == set(core) | replicas_profile  # tests/unit/test_deploy_replicas.py
         # only the gateway publishes a port, on loopback unless asked otherwise
         assert [n for n, s in core.items() if s.get("ports")] == ["gateway"]
         assert core["gateway"]["ports"] == ["127.0.0.1:8000:8000"]
@@ -260,20 +262,11 @@ def _by(res: list[dict], kind: str) -> dict[str, dict]:
 
 
 def test_k8s_manifests_validate(rendered):
-    import kubernetes_validate
-
     for overlay, resources in rendered.items():
         kinds = {r["kind"] for r in resources}
         assert kinds >= {"Namespace", "ConfigMap", "Deployment", "Service", "PodDisruptionBudget",
                          "NetworkPolicy", "HorizontalPodAutoscaler"}, overlay
-        for r in resources:
-            for version in K8S_VERSIONS:
-                try:
-                    kubernetes_validate.validate(r, version, strict=True)
-                except Exception as e:  # noqa: BLE001 - report which manifest
-                    raise AssertionError(f"{overlay}: {r['kind']}/{r['metadata']['name']} (k8s {version}): "
-                                         f"{str(e)[:400]}") from None
-            assert r["kind"] == "Namespace" or r["metadata"]["namespace"] == "pagedserve"
+        validate_k8s(overlay, resources, K8S_VERSIONS)
 
 
 def test_k8s_every_base_manifest_reaches_every_overlay(rendered):

@@ -171,6 +171,20 @@ def test_conversation_dataset():
     assert all(r.prompt.startswith("User: ") and r.prompt.endswith("Assistant:") for r in text)
 
 
+def test_conversation_dataset_with_shared_prefixes():
+    chat = sb.sample_conversation(40, seed=2, chat=True, max_model_len=512, input_median=40, output_median=20,
+                                  shared_prefixes=4, prefix_len=64)
+    systems = [r.prompt[0]["content"] for r in chat]
+    assert all(r.prompt[0]["role"] == "system" and r.prompt[-1]["role"] == "user" for r in chat)
+    assert len(set(systems)) == 4 and all(len(s.split()) >= 64 for s in systems)
+    assert all(r.prompt_len >= 64 + 4 and r.prompt_len + r.output_len <= 512 for r in chat)
+    text = sb.sample_conversation(8, seed=2, chat=False, input_median=40, output_median=20, shared_prefixes=2,
+                                  prefix_len=32)
+    assert all(r.prompt.startswith("System: You are assistant ") for r in text)
+    assert len({r.prompt.split("\n")[0] for r in text}) == 2
+    assert sb.bench_args(conversation_shared_prefixes=4).conversation_prefix_len == 256
+
+
 def test_request_body():
     args = sb.bench_args()
     req = sb.BenchRequest("hi", 1, 9)
