@@ -111,7 +111,10 @@ class EngineConfig:
             if not self.enable_chunked_prefill:
                 self.max_num_batched_tokens = self.max_model_len
             elif str(device).startswith("cpu"):
-                from engine_core.cpu_resources import available_cpus, cpu_step_token_budget
+                from engine_core.cpu_resources import (
+                    available_cpus,
+                    cpu_step_token_budget,
+                )
                 self.max_num_batched_tokens = cpu_step_token_budget(self.cpu_threads or available_cpus())
             else:
                 self.max_num_batched_tokens = 2048

@@ -10,8 +10,8 @@ from engine_core.config import EngineConfig
 from engine_core.cpu_resources import (
     available_cpus,
     cgroup_cpu_limit,
-    cpu_step_token_budget,
     configure_cpu_threads,
+    cpu_step_token_budget,
 )
 
 
