@@ -39,6 +39,7 @@ VARIANTS = {  # name -> LLM kwargs
     "bf16": {"dtype": "bfloat16"},
     "int8": {"dtype": "float32", "quantization": "int8"},
     "int4": {"dtype": "float32", "quantization": "int4"},
+    "int4-bf16": {"dtype": "bfloat16", "quantization": "int4"},  # no fp32<->bf16 casts around the GEMMs
 }
 
 
@@ -50,7 +51,7 @@ def make_prompt(n: int, vocab: int, seed: int) -> list[int]:
 class PagedServe:
     def __init__(self, name: str, threads: int, max_model_len: int, max_num_seqs: int) -> None:
         self.name = f"pagedserve {name}"
-        self.llm = LLM(max_model_len=max_model_len, max_num_seqs=max_num_seqs, kv_cache_memory_gb=1.0,
+        self.llm = LLM(max_model_len=max_model_len, max_num_seqs=max_num_seqs, kv_cache_memory_gb=0.5,
                        cpu_threads=threads, **VARIANTS[name])
         self.budget = self.llm.config.max_num_batched_tokens
         self.llm.generate([[100] * 16], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)  # warm-up
@@ -176,7 +177,8 @@ def main() -> None:
     source = resolve_model(None)
     vocab = source.config.vocab_size
     prefill_lens = [int(x) for x in args.prefill_lens.split(",") if x]
-    max_len = max(prefill_lens + [args.ttft_long_len + 64, args.input_len + args.output_len + 8]) + 16
+    max_len = min(source.config.max_position_embeddings,
+                  max(prefill_lens + [args.ttft_long_len + 64, args.input_len + args.output_len + 8]) + 16)
     concurrency = [int(c) for c in args.concurrency.split(",") if c]
     ps = [PagedServe(v, args.threads, max_len, max(concurrency)) for v in args.variants.split(",")]
     engines: list = list(ps)

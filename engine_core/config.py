@@ -45,10 +45,10 @@ class EngineConfig:
     max_admission_delay_steps: int | None = None
     tensor_parallel_size: int = 1
     quantization: str | None = field(default=None, metadata={"help": (
-        "weight-only quantization of the linear layers: int8 (per-channel scales) or int4 (groups of "
-        "32, min/scale: a GGUF Q4_1 tensor round-trips exactly) on CPU; fp8 (e4m3 per-channel weight "
-        "scales, dynamic per-token activation scales, torch._scaled_mm) on CUDA with compute "
-        "capability >= 8.9. Default: none (the dtype's weights)")})
+        "quantized linear layers. CPU, weight-only: int8 (per-channel scales) or int4 (groups of 32 "
+        "with scale and min: a GGUF Q4_1 tensor keeps its exact codes). CUDA with compute capability "
+        ">= 8.9: fp8 (e4m3 weights with per-channel scales, activations quantized per token, "
+        "torch._scaled_mm). The embedding is kept as int8 rows. Default: none (the dtype's weights)")})
     cpu_threads: int | None = field(default=None, metadata={"help": (
         "intra-op threads on CPU. Default: the cores this process may use (its affinity mask, capped "
         "by the cgroup cpu.max quota), not the host's core count")})

@@ -4,12 +4,15 @@ Weights: one scale per output channel (amax / 448), stored e4m3 and transposed o
 column-major layout `torch._scaled_mm` wants for its second operand. Activations: one scale per
 token, computed on the fly (dynamic), so no calibration data is needed. The GEMM accumulates in
 fp32 and applies both scale vectors in its epilogue (rowwise scaling), output in the model dtype.
-Every op is a plain tensor op: decode steps stay CUDA-graph capturable.
+The activation quantization is one Triton kernel on CUDA (engine_core/kernels/fp8_quant.py; this
+file's quantize_fp8_per_token is its twin). Decode steps stay CUDA-graph capturable.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from engine_core.kernels import triton_available
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -52,7 +55,12 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        xq, xs = quantize_fp8_per_token(x.reshape(-1, shape[-1]))
+        x2 = x.reshape(-1, shape[-1])
+        if x2.is_cuda and triton_available():
+            from engine_core.kernels.fp8_quant import per_token_quant_fp8
+            xq, xs = per_token_quant_fp8(x2, FP8_MAX)
+        else:
+            xq, xs = quantize_fp8_per_token(x2)
         y = torch._scaled_mm(xq, self.qweight_t, scale_a=xs, scale_b=self.scales, bias=self.bias,
                              out_dtype=self.out_dtype)
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
