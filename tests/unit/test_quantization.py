@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 
+from engine_core.cpu_resources import cpu_capabilities
 from engine_core.layers.linear import Linear
 from engine_core.layers.quantization import (
     Int4Linear,
@@ -37,6 +38,15 @@ def fp32_model_and_ids(gguf_path):
 def fp32_ppl(fp32_model_and_ids):
     model, ids = fp32_model_and_ids
     return perplexity(model, ids)
+
+
+def test_bf16_perplexity_within_1_percent_where_native(fp32_model_and_ids, fp32_ppl):
+    """bf16 is the faster CPU dtype where AMX / AVX512-BF16 run it in hardware; its cost in quality."""
+    if not cpu_capabilities().native_bf16:
+        pytest.skip("this CPU emulates bf16 (no AMX / AVX512-BF16): not a configuration we recommend")
+    model, ids = fp32_model_and_ids
+    ppl = perplexity(copy.deepcopy(model).to(torch.bfloat16), ids)
+    assert ppl / fp32_ppl - 1 <= 0.01, f"bf16: perplexity {ppl:.3f} vs fp32 {fp32_ppl:.3f}"
 
 
 @pytest.mark.parametrize("method,bound", [("int8", 0.01), ("int4", 0.05)])
