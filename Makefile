@@ -17,9 +17,10 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -x -m "not slow" tests/unit $(ARGS)
 
-# llama.cpp is the peer: llama-cpp-python builds from source once (minutes). AMX kernels off: they
-# segfault where the kernel does not grant AMX tile state to the process (seen in sandboxes).
-LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+# llama.cpp is the peer: llama-cpp-python builds from source once (minutes), for the ISA this CPU
+# has (scripts/llama_cpp_cmake_args.py reads /proc/cpuinfo; AMX kernels stay off: they segfault
+# where the kernel does not grant AMX tile state to the process, as in sandboxes).
+LLAMA_CMAKE_ARGS = $(shell $(PY) scripts/llama_cpp_cmake_args.py)
 bench: setup
 	@$(PY) -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q --find-links .whl llama-cpp-python
 	$(PY) benchmarks/offline_cpu.py $(ARGS)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _DEVICES = ("auto", "cpu", "cuda")
+_QUANTIZATIONS = (None, "int8", "int4", "fp8")
 
 
 @dataclass
@@ -21,7 +22,13 @@ class EngineConfig:
     block_size: int = 16
     max_model_len: int | None = None  # None: min(model's context, 8192)
     max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None  # None: 2048 with chunked prefill, else max_model_len
+    max_num_batched_tokens: int | None = field(default=None, metadata={"help": (
+        "token budget of one step. Default with chunked prefill: 2048 on GPU; on CPU 32 per available "
+        "core (a power of two, 64 on 2 cores) so a step stays near 250 ms and a long prompt cannot "
+        "stall the other streams. Without chunked prefill: max_model_len")})
+    long_prefill_token_threshold: int | None = field(default=None, metadata={"help": (
+        "largest prefill chunk one request gets while other requests wait, so a short request "
+        "behind a long prompt is admitted in the next step. Default: 3/4 of the step budget; 0: no cap")})
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
     # KV cache sizing: on GPU a fraction of device memory (profiled); on CPU an explicit budget.
@@ -37,6 +44,14 @@ class EngineConfig:
     # (graphs), 0 on CPU or with --enforce-eager (every step is eager anyway).
     max_admission_delay_steps: int | None = None
     tensor_parallel_size: int = 1
+    quantization: str | None = field(default=None, metadata={"help": (
+        "quantized linear layers. CPU, weight-only: int8 (per-channel scales) or int4 (groups of 32 "
+        "with scale and min: a GGUF Q4_1 tensor keeps its exact codes). CUDA with compute capability "
+        ">= 8.9: fp8 (e4m3 weights with per-channel scales, activations quantized per token, "
+        "torch._scaled_mm). The embedding is kept as int8 rows. Default: none (the dtype's weights)")})
+    cpu_threads: int | None = field(default=None, metadata={"help": (
+        "intra-op threads on CPU. Default: the cores this process may use (its affinity mask, capped "
+        "by the cgroup cpu.max quota), not the host's core count")})
     max_logprobs: int = 20
     extra: dict = field(default_factory=dict)
 
@@ -71,21 +86,40 @@ class EngineConfig:
             bad("max_admission_delay_steps", "must be >= 0")
         if self.tensor_parallel_size < 1:
             bad("tensor_parallel_size", "must be >= 1")
+        if self.quantization in ("", "none"):
+            self.quantization = None
+        if self.quantization not in _QUANTIZATIONS:
+            bad("quantization", "must be one of int8, int4, fp8 (or none)")
+        if self.long_prefill_token_threshold is not None and self.long_prefill_token_threshold < 0:
+            bad("long_prefill_token_threshold", "must be >= 0")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            bad("cpu_threads", "must be >= 1")
 
     def resolve_admission_delay(self, executor_device: str) -> int:
         if self.max_admission_delay_steps is not None:
             return self.max_admission_delay_steps
         return 4 if executor_device.startswith("cuda") and not self.enforce_eager else 0
 
-    def resolve_limits(self, model_context_len: int) -> None:
-        """Fill defaults that depend on the model; reject limits the model cannot honour."""
+    def resolve_limits(self, model_context_len: int, device: str = "cuda") -> None:
+        """Fill defaults that depend on the model and the device; reject limits the model cannot honour."""
         if self.max_model_len is None:
             self.max_model_len = min(model_context_len, 8192)
         elif self.max_model_len > model_context_len:
             raise ValueError(
                 f"max_model_len {self.max_model_len} exceeds the model's context length {model_context_len}")
         if self.max_num_batched_tokens is None:
-            self.max_num_batched_tokens = 2048 if self.enable_chunked_prefill else self.max_model_len
+            if not self.enable_chunked_prefill:
+                self.max_num_batched_tokens = self.max_model_len
+            elif str(device).startswith("cpu"):
+                from engine_core.cpu_resources import (
+                    available_cpus,
+                    cpu_step_token_budget,
+                )
+                self.max_num_batched_tokens = cpu_step_token_budget(self.cpu_threads or available_cpus())
+            else:
+                self.max_num_batched_tokens = 2048
+        if self.long_prefill_token_threshold is None:
+            self.long_prefill_token_threshold = max(1, self.max_num_batched_tokens * 3 // 4)
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
             raise ValueError(
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_model_len "
@@ -100,11 +134,12 @@ class EngineConfig:
                 continue
             flag = "--" + f.name.replace("_", "-")
             if f.name in bool_flags:
-                parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default)
+                parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
+                                    help=f.metadata.get("help"))
             else:
                 kind = {"int": int, "float": float}.get(
                     str(f.type).replace(" | None", ""), str)
-                parser.add_argument(flag, dest=f.name, type=kind, default=f.default)
+                parser.add_argument(flag, dest=f.name, type=kind, default=f.default, help=f.metadata.get("help"))
         return parser
 
     @classmethod

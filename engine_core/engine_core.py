@@ -49,7 +49,7 @@ class EngineCore:
         # The executor's geometry is authoritative (a remote executor may have resolved it).
         config.max_model_len = self.info.max_model_len
         config.block_size = self.info.block_size
-        config.resolve_limits(self.info.max_model_len)
+        config.resolve_limits(self.info.max_model_len, self.info.device)
         self.scheduler = Scheduler(
             num_blocks=self.info.num_kv_blocks,
             block_size=self.info.block_size,
@@ -59,6 +59,7 @@ class EngineCore:
             enable_chunked_prefill=config.enable_chunked_prefill,
             enable_prefix_caching=config.enable_prefix_caching,
             max_admission_delay_steps=config.resolve_admission_delay(self.info.device),
+            long_prefill_token_threshold=config.long_prefill_token_threshold or 0,
         )
         self.counters = EngineCounters()
         self._pending: list[RequestOutputDelta] = []  # produced outside step() (aborts)

@@ -79,6 +79,7 @@ class Scheduler:
         enable_chunked_prefill: bool = True,
         enable_prefix_caching: bool = True,
         max_admission_delay_steps: int = 0,
+        long_prefill_token_threshold: int = 0,
     ) -> None:
         self.block_size = block_size
         self.max_model_len = max_model_len
@@ -103,6 +104,9 @@ class Scheduler:
         # Unfinished requests under a grammar: each step's bitmask needs their previous token.
         self._grammar_req_ids: set[str] = set()
         self._bitmask_filler: BitmaskFiller | None = None
+        # Largest prefill chunk while other requests share the engine (0: no cap): a long prompt
+        # then leaves room in every step for the others' decodes and for a newcomer's prefill.
+        self.long_prefill_token_threshold = long_prefill_token_threshold
 
     # ------------------------------------------------------------------ requests in / out
     def add_request(self, request: Request) -> None:
@@ -202,6 +206,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             num_new = min(req.num_tokens + req.num_output_placeholders - req.num_computed_tokens, budget)
+            num_new = self._cap_prefill_chunk(num_new, len(self.running) > 1 or bool(self.waiting))
             if num_new <= 0 or self._done_when_in_flight_returns(req):
                 i += 1
                 continue
@@ -230,6 +235,8 @@ class Scheduler:
             # Stats are recorded on admission only: a request that does not fit is looked up again.
             computed_ids, num_computed = self.block_manager.get_computed_blocks(req, record_stats=False)
             num_new = req.num_tokens - num_computed
+            if self.enable_chunked_prefill:
+                num_new = self._cap_prefill_chunk(num_new, bool(self.running) or len(self.waiting) > 1)
             if num_new > budget:
                 if not self.enable_chunked_prefill:
                     break
@@ -275,6 +282,10 @@ class Scheduler:
         self._last_step_tokens = out.total_num_scheduled_tokens
         self._last_step_seqs = len(scheduled)
         return out
+
+    def _cap_prefill_chunk(self, num_new: int, shared: bool) -> int:
+        t = self.long_prefill_token_threshold
+        return min(num_new, t) if shared and t > 0 else num_new
 
     def _admit_now(self) -> bool:
         """Admission batching. A step that prefills anything cannot replay a decode CUDA graph, so

@@ -10,9 +10,11 @@ import logging
 import torch
 
 from engine_core.config import EngineConfig
+from engine_core.cpu_resources import configure_cpu_threads, cpu_capabilities
 from engine_core.distributed import TPGroup, attention_shard, check_tensor_parallel
 from engine_core.executor.base import Executor, ExecutorInfo
 from engine_core.executor.model_runner import ModelRunner
+from engine_core.layers.quantization import model_resident_bytes
 from engine_core.loader import load_model
 from engine_core.loader.load import resolve_device, resolve_dtype
 from engine_core.loader.model_source import resolve_model
@@ -45,11 +47,18 @@ class LocalExecutor(Executor):
         check_tensor_parallel(mc, self.tp.world_size)
         self.num_kv_heads = attention_shard(mc.num_attention_heads, mc.num_key_value_heads,
                                             self.tp.world_size, self.tp.rank).num_kv_heads
-        config.resolve_limits(mc.max_model_len_limit)  # sliding-window models: capped (not implemented)
+        config.resolve_limits(mc.max_model_len_limit, self.device.type)  # sliding windows: capped (not implemented)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        elif self.tp.world_size == 1:  # a tensor-parallel worker's threads are set by its parent
+            threads = configure_cpu_threads(config.cpu_threads)
+            caps = cpu_capabilities()
+            logger.info("CPU: %d threads (%d cores available), ISA %s, native bf16: %s", threads,
+                        caps.num_cpus, caps.isa, caps.native_bf16)
         torch.manual_seed(config.seed)
-        self.model = load_model(self.source, dtype=self.dtype, device=self.device, tp=self.tp)
+        self.model = load_model(self.source, dtype=self.dtype, device=self.device, tp=self.tp,
+                                quantization=config.quantization)
+        self.weight_bytes = model_resident_bytes(self.model)
         self.model.eval()
         self.num_blocks = self.tp.min_int(self._num_kv_blocks())  # every rank: the same block count
         capacity = (self.num_blocks - 1) * config.block_size
@@ -67,6 +76,10 @@ class LocalExecutor(Executor):
                         self.num_blocks * self._block_bytes() / 2**30,
                         f" per rank, {self.tp.world_size} ranks" if self.tp.world_size > 1 else "",
                         config.max_model_len, capacity / config.max_model_len)
+            logger.info("resident memory: weights %.1f MiB (%s%s) + KV cache %.1f MiB; step budget %d tokens",
+                        self.weight_bytes / 2**20, str(self.dtype).removeprefix("torch."),
+                        f", {config.quantization}" if config.quantization else "",
+                        self.num_blocks * self._block_bytes() / 2**20, config.max_num_batched_tokens)
 
     def _block_bytes(self) -> int:
         return ModelRunner.kv_bytes_per_block(self.source.config, self.config.block_size, self.dtype,

@@ -178,8 +178,9 @@ class MultiprocExecutor(Executor):
         self.source = resolve_model(model_spec(config))
         mc = self.source.config
         check_tensor_parallel(mc, self.world_size)  # a clear ValueError before any process starts
-        config.resolve_limits(mc.max_model_len_limit)  # the scheduler reads the resolved limits
         self.backend, self.devices = _placement(config, self.world_size)
+        # the scheduler reads the resolved limits
+        config.resolve_limits(mc.max_model_len_limit, "cuda" if self.backend == "nccl" else "cpu")
         self._procs: list = []
         self._conns: list = []
         self._broken: str | None = None

@@ -27,17 +27,18 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def write_kv_cache_ref(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-                       slot_mapping: torch.Tensor) -> None:
+                       slot_mapping: torch.Tensor, padded: bool = True) -> None:
     """key/value: [T, Hkv, D]; kv_cache: [2, num_blocks, block_size, Hkv, D]; slot_mapping: [T].
 
     A negative slot marks a padding token (CUDA-graph padding): it is written to slot 0, which
     belongs to the reserved null block 0 that no request owns (block_manager.py), instead of
-    being filtered out, which would need a device->host sync."""
+    being filtered out, which would need a device->host sync. padded=False: the caller knows every
+    slot is >= 0 (CPU steps are never padded), so the per-layer clamp is skipped."""
     if kv_cache.numel() == 0:
         return
     _, num_blocks, block_size, hkv, d = kv_cache.shape
     flat = kv_cache.view(2, num_blocks * block_size, hkv, d)
-    slots = slot_mapping.to(torch.long).clamp_min(0)
+    slots = slot_mapping.to(torch.long).clamp_min(0) if slot_mapping.dtype != torch.long or padded else slot_mapping
     flat[0].index_copy_(0, slots, key.to(kv_cache.dtype))
     flat[1].index_copy_(0, slots, value.to(kv_cache.dtype))
 
@@ -88,20 +89,21 @@ def paged_attention_ref(query: torch.Tensor, kv_cache: torch.Tensor, md: Attenti
     key_cache, value_cache = kv_cache[0], kv_cache[1]
     hkv = key_cache.shape[2]
     bs = md.block_size
-    out = torch.empty_like(query)
     nd = md.num_decodes
+    out = torch.empty_like(query) if nd < T else None
 
     if nd > 0:  # decodes: one query row each, rows 0..nd-1
         idx, bias = _decode_gather(md, query.device)
         S = idx.shape[1]
-        flat_k = key_cache.reshape(-1, hkv, d)
-        flat_v = value_cache.reshape(-1, hkv, d)
-        k = flat_k.index_select(0, idx.view(-1)).view(nd, S, hkv, d).transpose(1, 2).to(query.dtype)
-        v = flat_v.index_select(0, idx.view(-1)).view(nd, S, hkv, d).transpose(1, 2).to(query.dtype)
+        flat_kv = kv_cache.view(2, -1, hkv, d)
+        # K and V of every decode in one gather: [2, nd*S, Hkv, D]
+        kv = flat_kv.index_select(1, idx.view(-1)).view(2, nd, S, hkv, d).transpose(2, 3).to(query.dtype)
         q = query[:nd].unsqueeze(2)  # [nd, Hq, 1, D]
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(query.dtype), scale=scale,
-                                           enable_gqa=hq != hkv)
-        out[:nd] = o.squeeze(2)
+        o = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=bias.to(query.dtype), scale=scale,
+                                           enable_gqa=hq != hkv).squeeze(2)
+        if nd == T:  # a pure-decode step: nothing else to fill
+            return o
+        out[:nd] = o
 
     start = nd
     for i in range(nd, md.num_reqs):  # prefills / chunked prefills (a 1-token chunk works too)
@@ -161,7 +163,7 @@ class Attention(nn.Module):
         elif kv_cache is None or kv_cache.numel() == 0:
             o = causal_attention_ref(q, k, v, md, self.scale)
         else:
-            write_kv_cache_ref(k, v, kv_cache, md.slot_mapping)
+            write_kv_cache_ref(k, v, kv_cache, md.slot_mapping, padded=kv_cache.is_cuda)  # only graphs pad
             o = paged_attention_ref(q, kv_cache, md, self.scale)
         return o.reshape(-1, self.num_heads * self.head_dim)
 

@@ -49,17 +49,19 @@ def compute_cos_sin_cache(rotary_dim: int, max_position: int, base: float,
 
 
 def apply_rotary_ref(positions: torch.Tensor, x: torch.Tensor, cos_sin_cache: torch.Tensor,
-                     head_dim: int) -> torch.Tensor:
+                     head_dim: int, cos_sin: torch.Tensor | None = None) -> torch.Tensor:
     """Rotate x [T, H*head_dim] (or [T, H, head_dim]) by the angles at `positions` [T].
 
     Only the first rotary_dim = cos_sin_cache.shape[-1] channels of each head rotate.
+    cos_sin: the cache rows at `positions`, if the caller already gathered them.
     """
     shape = x.shape
     t = positions.shape[0]
     x = x.reshape(t, -1, head_dim)
     rotary_dim = cos_sin_cache.shape[-1]
     half = rotary_dim // 2
-    cos_sin = cos_sin_cache.index_select(0, positions.reshape(-1).long())
+    if cos_sin is None:
+        cos_sin = cos_sin_cache.index_select(0, positions.reshape(-1).long())
     cos = cos_sin[:, None, :half]
     sin = cos_sin[:, None, half:]
     xr = x[..., :rotary_dim].float()
@@ -80,6 +82,8 @@ class RotaryEmbedding(nn.Module):
         # Non-persistent: never in a state_dict. Built on CPU, moved to the ambient default device
         # (the loader constructs models under `with torch.device(target)`).
         self.register_buffer("cos_sin_cache", cache.to(torch.empty(0).device), persistent=False)
+        self._rows_for: torch.Tensor | None = None  # positions of the last step (torch path)
+        self._rows: torch.Tensor | None = None  # cos_sin_cache rows at those positions
 
     def _apply(self, fn, recurse=True):
         # follow device moves, but keep the cache float32 when the model is cast (model.half())
@@ -95,8 +99,15 @@ class RotaryEmbedding(nn.Module):
         if q.is_cuda and triton_available():  # Triton: rotates q and k in place (views into qkv)
             from engine_core.kernels.rotary import rotary_embedding
             return rotary_embedding(positions, q, k, self.cos_sin_cache, self.head_dim)
-        return (apply_rotary_ref(positions, q, self.cos_sin_cache, self.head_dim),
-                apply_rotary_ref(positions, k, self.cos_sin_cache, self.head_dim))
+        if positions.is_cuda:  # (a CUDA graph's static positions buffer changes in place: no reuse)
+            return (apply_rotary_ref(positions, q, self.cos_sin_cache, self.head_dim),
+                    apply_rotary_ref(positions, k, self.cos_sin_cache, self.head_dim))
+        # Every layer rotates by the same positions tensor within a step: gather its rows once.
+        if self._rows_for is not positions:
+            self._rows_for = positions
+            self._rows = self.cos_sin_cache.index_select(0, positions.reshape(-1).long())
+        return (apply_rotary_ref(positions, q, self.cos_sin_cache, self.head_dim, self._rows),
+                apply_rotary_ref(positions, k, self.cos_sin_cache, self.head_dim, self._rows))
 
 
 def get_rope(head_dim: int, max_position: int, base: float, rope_scaling: dict | None = None) -> RotaryEmbedding:

@@ -64,10 +64,12 @@ def _default_dtype(dtype: torch.dtype):
 
 
 def load_model(source: ModelSource | str | os.PathLike | None, dtype: torch.dtype | str | None = None,
-               device: torch.device | str | None = None, seed: int = 0, tp: TPGroup | None = None) -> nn.Module:
+               device: torch.device | str | None = None, seed: int = 0, tp: TPGroup | None = None,
+               quantization: str | None = None) -> nn.Module:
     """Instantiate and fill the model for `source` (a ModelSource or anything resolve_model takes).
     Returns it in eval mode on `device` in `dtype`. With `tp` (world_size > 1) this rank's shard:
-    every weight_loader keeps its slice; safetensors are read lazily, slice by slice."""
+    every weight_loader keeps its slice; safetensors are read lazily, slice by slice.
+    `quantization` (int8 | int4 | fp8): linear layers swapped for quantized ones after loading."""
     if not isinstance(source, ModelSource):
         source = resolve_model(source)
     device = resolve_device(device)
@@ -94,8 +96,11 @@ def load_model(source: ModelSource | str | os.PathLike | None, dtype: torch.dtyp
         missing = sorted(set(dict(model.named_parameters())) - loaded)
         if missing:
             raise ValueError(f"{source.path}: checkpoint lacks {len(missing)} parameter(s), e.g. {missing[:5]}")
+    if quantization:
+        from engine_core.layers.quantization import quantize_model
+        quantize_model(model, quantization, device, dtype)
     model.eval()
-    logger.info("loaded %s (%s, %s) on %s as %s in %.2fs%s", source.name, source.kind, config.architecture,
-                device, dtype, time.perf_counter() - t0,
+    logger.info("loaded %s (%s, %s) on %s as %s%s in %.2fs%s", source.name, source.kind, config.architecture,
+                device, dtype, f", {quantization} weights" if quantization else "", time.perf_counter() - t0,
                 f" (tensor-parallel rank {tp.rank} of {tp.world_size})" if sharded else "")
     return model

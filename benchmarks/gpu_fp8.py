@@ -1,0 +1,101 @@
+"""FP8 weights + activations (`--quantization fp8`) vs bf16 on a Hopper GPU, same dummy-weight
+config, same run: bs=1 decode tok/s (CUDA graphs) and how far fp8's logits move from bf16's.
+
+    python benchmarks/gpu_fp8.py --config benchmarks/configs/llama-3.1-8b-instruct.json
+
+bs1 decode is bound by the bytes of weights read per token, so fp8 (1 byte per weight) should
+approach 2x bf16. Random ("dummy") weights: quality is reported as the relative error of fp8's
+logits against bf16's on the same prompt and the share of positions with the same argmax (on
+real weights the CPU perplexity tests bound int8/int4; the device has no GGUF reader).
+Writes benchmarks/results/gpu_fp8_<name>_<date>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from engine_core.layers.attention_metadata import AttentionMetadata
+from engine_core.llm import LLM
+from engine_core.sampling_params import SamplingParams
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+@torch.inference_mode()
+def prompt_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
+    """All-position logits of one prompt, no KV cache (the model's causal path)."""
+    runner = llm.engine.core.executor.runner
+    dev, n = runner.device, len(ids)
+    md = AttentionMetadata(
+        slot_mapping=torch.zeros(n, dtype=torch.int64, device=dev),
+        query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=dev),
+        seq_lens=torch.tensor([n], dtype=torch.int32, device=dev),
+        block_tables=torch.zeros(1, 1, dtype=torch.int32, device=dev), block_size=16,
+        max_query_len=n, max_seq_len=n, query_lens_cpu=[n], seq_lens_cpu=[n], num_decodes=0)
+    hidden = runner.model(torch.tensor(ids, device=dev), torch.arange(n, device=dev), None, md)
+    return runner.model.compute_logits(hidden).float()
+
+
+def run(cfg: str, quantization: str | None, prompt: list[int], output_len: int) -> tuple[dict, torch.Tensor]:
+    llm = LLM(model=f"dummy:{cfg}", dtype="bfloat16", max_model_len=2048, max_num_seqs=8,
+              quantization=quantization, gpu_memory_utilization=0.4)
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)  # warm-up
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = llm.generate([prompt], params, use_tqdm=False)
+    torch.cuda.synchronize()
+    el = time.perf_counter() - t0
+    n = len(out[0].outputs[0].token_ids)
+    ex = llm.engine.core.executor
+    res = {"quantization": quantization or "none (bf16)", "output_tokens": n, "elapsed_s": el,
+           "decode_tok_s": n / el, "weight_bytes": ex.weight_bytes}
+    logits = prompt_logits(llm, prompt).cpu()
+    print(res, flush=True)
+    del llm, ex
+    gc.collect()
+    torch.cuda.empty_cache()
+    return res, logits
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--config", default="benchmarks/configs/llama-3.1-8b-instruct.json")
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=256)
+    args = ap.parse_args()
+    vocab = json.loads(Path(args.config).read_text())["vocab_size"]
+    prompt = torch.randint(100, vocab, (args.input_len,), generator=torch.Generator().manual_seed(0)).tolist()
+    bf16, ref = run(args.config, None, prompt, args.output_len)
+    fp8, got = run(args.config, "fp8", prompt, args.output_len)
+    rel = ((got - ref).norm() / ref.norm()).item()
+    agree = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    ratio = fp8["decode_tok_s"] / bf16["decode_tok_s"]
+    name = os.path.splitext(os.path.basename(args.config))[0]
+    print(f"\n{name} bs1 {args.input_len} in / {args.output_len} out on {torch.cuda.get_device_name()}: "
+          f"bf16 {bf16['decode_tok_s']:.1f} tok/s, fp8 {fp8['decode_tok_s']:.1f} tok/s = {ratio:.2f}x; "
+          f"weights {bf16['weight_bytes'] / 2**30:.2f} -> {fp8['weight_bytes'] / 2**30:.2f} GiB; "
+          f"logits rel. error {rel:.4f}, argmax agreement {agree:.3f}")
+    date = dt.date.today().isoformat()
+    meta = {"date": date, "device": torch.cuda.get_device_name(), "command": " ".join(["python"] + sys.argv),
+            "torch": torch.__version__, "config": args.config, "args": vars(args)}
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(os.environ.get("OUT", RESULTS), f"gpu_fp8_{name}_{date}.json")
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "results": [bf16, fp8], "fp8_over_bf16": ratio,
+                   "logits_rel_error": rel, "argmax_agreement": agree}, f, indent=2)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

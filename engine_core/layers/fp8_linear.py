@@ -1,0 +1,69 @@
+"""FP8 (e4m3) weight + activation linear layer for Hopper/Ada (`--quantization fp8`).
+
+Weights: one scale per output channel (amax / 448), stored e4m3 and transposed once to the
+column-major layout `torch._scaled_mm` wants for its second operand. Activations: one scale per
+token, computed on the fly (dynamic), so no calibration data is needed. The GEMM accumulates in
+fp32 and applies both scale vectors in its epilogue (rowwise scaling), output in the model dtype.
+The activation quantization is one Triton kernel on CUDA (engine_core/kernels/fp8_quant.py; this
+file's quantize_fp8_per_token is its twin). Decode steps stay CUDA-graph capturable.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine_core.kernels import triton_available
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+
+
+def check_fp8_supported(device: torch.device) -> None:
+    if device.type != "cuda":
+        raise ValueError("--quantization fp8 needs a CUDA GPU with compute capability >= 8.9 (Ada/Hopper); "
+                         "on CPU use --quantization int8 or int4")
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        raise ValueError(f"--quantization fp8 needs compute capability >= 8.9, this GPU has {major}.{minor}")
+
+
+def quantize_fp8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (e4m3 [N, K], fp32 scales [N]) with w ~= q * scale[:, None]."""
+    wf = w.float()
+    scale = (wf.abs().amax(dim=1) / FP8_MAX).clamp_min(1e-12)
+    return (wf / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (e4m3 [M, K], fp32 scales [M, 1])."""
+    scale = (x.abs().amax(dim=-1, keepdim=True).float() / FP8_MAX).clamp_min(1e-12)
+    return (x.float() / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+class Fp8Linear(nn.Module):
+    def __init__(self, linear: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        if self.in_features % 16 or self.out_features % 16:
+            raise ValueError(f"fp8 GEMMs need dims that are multiples of 16, got "
+                             f"{self.out_features}x{self.in_features}")
+        q, scale = quantize_fp8_per_channel(linear.weight.data)
+        self.register_buffer("qweight_t", q.t())  # [K, N] column-major: _scaled_mm's mat2 layout
+        self.register_buffer("scales", scale[None, :].contiguous())  # [1, N]
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.data.to(dtype))
+        self.out_dtype = dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if x2.is_cuda and triton_available():
+            from engine_core.kernels.fp8_quant import per_token_quant_fp8
+            xq, xs = per_token_quant_fp8(x2, FP8_MAX)
+        else:
+            xq, xs = quantize_fp8_per_token(x2)
+        y = torch._scaled_mm(xq, self.qweight_t, scale_a=xs, scale_b=self.scales, bias=self.bias,
+                             out_dtype=self.out_dtype)
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3 per-channel"

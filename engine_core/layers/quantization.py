@@ -1,0 +1,207 @@
+"""Weight-only quantization of a loaded model (`--quantization int8|int4|fp8`).
+
+After the checkpoint is loaded, every linear layer is swapped for one holding packed low-bit
+weights, so a decode step (bound by the bytes of weights it reads) reads 4x (int8) or ~7x (int4)
+fewer bytes than fp32:
+
+- int8 (CPU): symmetric per-output-channel scales, `aten._weight_int8pack_mm` (activations stay
+  fp32/bf16; the int8 weights are widened in registers).
+- int4 (CPU): asymmetric groups of 32 along the input dim (value = q * scale + min, q in 0..15),
+  `aten._weight_int4pack_mm_for_cpu`. This is GGUF Q4_1's format, so a Q4_1 checkpoint tensor
+  (dequantized by the loader) re-quantizes to the same codes: the llama.cpp weights, kept at 4 bit.
+  The LM head stays int8, as llama.cpp keeps it at Q8_0 in Q4 files: at int4 SmolLM2's perplexity on
+  tests/data/perplexity_text.txt rose 5.2 % (int8 head: within the test's bound), although the int4
+  kernel reads the 49152x576 head ~3x faster (1.3 ms vs 3.8 ms per decode step on one core).
+- fp8 (CUDA, compute capability >= 8.9): e4m3 weights with per-output-channel scales, activations
+  quantized per token on the fly, `torch._scaled_mm` (rowwise scales) -- engine_core/layers/fp8_linear.py.
+
+The token embedding is kept as int8 rows with one scale per row for all three (a lookup reads one
+row per token; the table is the biggest tensor of small models). Tensor parallelism is not combined
+with quantization here.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine_core.layers.linear import Linear, VocabEmbedding
+
+QUANTIZATIONS = ("int8", "int4", "fp8")
+INT4_GROUP_SIZE = 32
+INT4_PACK_BLOCK_N = 64  # the CPU int4 pack stores rows in blocks of 64: [N/64, K, 32] bytes
+# The packed-weight CPU kernels are GEMV loops: their time grows linearly with the rows (measured
+# ~25 us per row for a 1536x576 weight on 2 AVX-512 cores), so at some row count dequantizing the
+# weight to bf16 once per call and running a dense bf16 GEMM (oneDNN, AMX where present) wins:
+# ~16 rows for int8 (a cast and a multiply), ~64 for int4 (unpacking nibbles costs more).
+# The CPU kernels have vectorized paths for bf16 activations only (fp32 ones are scalar loops,
+# ~10x slower): the quantized layers compute in bf16 and return the caller's dtype.
+CPU_COMPUTE_DTYPE = torch.bfloat16
+
+
+def quantize_int8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (int8 [N, K], fp32 scales [N]) with w ~= q * scale[:, None]."""
+    wf = w.float()
+    scale = (wf.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
+    q = torch.round(wf / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def quantize_int4_groups(w: torch.Tensor, group_size: int = INT4_GROUP_SIZE
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (codes int32 [N, K] in 0..15, scale [N, K/G], min [N, K/G]) with
+    w ~= q * scale + min per group of `group_size` along K."""
+    n, k = w.shape
+    g = w.float().reshape(n, k // group_size, group_size)
+    lo = g.amin(dim=-1)
+    scale = ((g.amax(dim=-1) - lo) / 15.0).clamp_min(1e-12)
+    q = torch.round((g - lo[..., None]) / scale[..., None]).clamp_(0, 15).to(torch.int32)
+    return q.reshape(n, k), scale, lo
+
+
+class _CpuQuantLinear(nn.Module):
+    """Shared forward: packed kernel for few rows, dequantized dense GEMM for many, in bf16."""
+
+    dense_min_rows: int = 16
+
+    def __init__(self, linear: Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.data.clone())
+
+    def packed_mm(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dequantized(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(CPU_COMPUTE_DTYPE)
+        y = self.packed_mm(x2) if x2.shape[0] < self.dense_min_rows else F.linear(x2, self.dequantized())
+        y = y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+
+class Int8Linear(_CpuQuantLinear):
+    def __init__(self, linear: Linear) -> None:
+        super().__init__(linear)
+        q, scale = quantize_int8_per_channel(linear.weight.data)
+        self.register_buffer("qweight", q)
+        self.register_buffer("scales", scale.to(CPU_COMPUTE_DTYPE))
+
+    def packed_mm(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales)
+
+    def dequantized(self) -> torch.Tensor:
+        return self.qweight.to(CPU_COMPUTE_DTYPE) * self.scales[:, None]
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+
+
+class Int4Linear(_CpuQuantLinear):
+    dense_min_rows = 64
+
+    def __init__(self, linear: Linear, group_size: int = INT4_GROUP_SIZE) -> None:
+        super().__init__(linear)
+        self.group_size = group_size
+        q, scale, lo = quantize_int4_groups(linear.weight.data, group_size)
+        self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+        # The kernel computes (q - 8) * scale + zero, so zero = min + 8 * scale. Layout [K/G, N, 2].
+        zero = lo + 8 * scale
+        self.register_buffer("scales_and_zeros",
+                             torch.stack([scale.t(), zero.t()], dim=-1).contiguous().to(CPU_COMPUTE_DTYPE))
+
+    @staticmethod
+    def supports(linear: Linear, group_size: int = INT4_GROUP_SIZE) -> bool:
+        return linear.in_features % group_size == 0 and linear.out_features % INT4_PACK_BLOCK_N == 0
+
+    def packed_mm(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.qweight, self.group_size, self.scales_and_zeros)
+
+    def dequantized(self) -> torch.Tensor:
+        n, k, b = self.out_features, self.in_features, INT4_PACK_BLOCK_N
+        packed = self.qweight.view(n // b, k, b // 2)
+        # low nibble: row j of the block, high nibble: row j + 32 (the kernel's layout)
+        codes = torch.cat([packed & 0xF, packed >> 4], dim=-1).transpose(1, 2).reshape(n, k // self.group_size,
+                                                                                       self.group_size)
+        scale, zero = self.scales_and_zeros.unbind(-1)  # [K/G, N] each
+        w = (codes.to(CPU_COMPUTE_DTYPE) - 8) * scale.t()[..., None] + zero.t()[..., None]
+        return w.reshape(n, k)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of {self.group_size}"
+
+
+class Int8Embedding(nn.Module):
+    """Embedding rows stored int8 with one scale per row; a lookup dequantizes only its rows."""
+
+    def __init__(self, emb: VocabEmbedding, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = emb.num_embeddings, emb.embedding_dim
+        q, scale = quantize_int8_per_channel(emb.weight.data)
+        self.register_buffer("qweight", q)
+        self.register_buffer("scales", scale.to(dtype))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        ids = input_ids.reshape(-1)
+        rows = self.qweight.index_select(0, ids).to(self.scales.dtype) * self.scales.index_select(0, ids)[:, None]
+        return rows.reshape(*input_ids.shape, self.embedding_dim)
+
+
+def _check_supported(model: nn.Module, method: str, device: torch.device) -> None:
+    if method not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {method!r}; supported: {', '.join(QUANTIZATIONS)}")
+    if method in ("int8", "int4") and device.type != "cpu":
+        raise ValueError(f"--quantization {method} is the CPU weight-only path; on CUDA use --quantization fp8")
+    if method == "fp8":
+        from engine_core.layers.fp8_linear import check_fp8_supported
+        check_fp8_supported(device)
+    for m in model.modules():
+        tp = getattr(m, "tp", None)
+        if tp is not None and tp.world_size > 1:
+            raise ValueError("--quantization is not supported together with tensor parallelism")
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, method: str, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """Swap the linear layers (and the embedding) of a loaded model for quantized ones, in place.
+    The full-precision tensors are dropped as each layer is replaced (tied LM head/embedding: once
+    both are replaced)."""
+    _check_supported(model, method, device)
+    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, (Linear, VocabEmbedding))]
+    for name, m in targets:
+        if isinstance(m, VocabEmbedding):
+            new = Int8Embedding(m, dtype)
+        elif method == "fp8":
+            from engine_core.layers.fp8_linear import Fp8Linear
+            new = Fp8Linear(m, dtype)
+        elif method == "int4" and not name.endswith("lm_head") and Int4Linear.supports(m):
+            new = Int4Linear(m)
+        else:
+            new = Int8Linear(m)
+        _replace(model, name, new)
+    return model
+
+
+def model_resident_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers, each storage counted once (tied weights)."""
+    seen: set[int] = set()
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t is None:
+            continue
+        key = t.untyped_storage().data_ptr()
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.untyped_storage().nbytes()
+    return total

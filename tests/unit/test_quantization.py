@@ -1,0 +1,105 @@
+"""Weight-only int8/int4 on CPU: perplexity on a committed text within 1 % / 5 % of the fp32 model,
+smaller resident weights, packed and dequantized paths agreeing, clear errors."""
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+from engine_core.cpu_resources import cpu_capabilities
+from engine_core.layers.linear import Linear
+from engine_core.layers.quantization import (
+    Int4Linear,
+    Int8Linear,
+    model_resident_bytes,
+    quantize_int4_groups,
+    quantize_model,
+)
+from engine_core.loader import load_model
+from engine_core.loader.model_source import resolve_model
+from engine_core.perplexity import perplexity
+from engine_core.tokenizer import load_tokenizer
+
+TEXT = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "perplexity_text.txt")
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def fp32_model_and_ids(gguf_path):
+    source = resolve_model(gguf_path)
+    with open(TEXT) as f:
+        ids = load_tokenizer(source.path).encode(f.read())
+    return load_model(source, "float32", "cpu"), ids
+
+
+@pytest.fixture(scope="module")
+def fp32_ppl(fp32_model_and_ids):
+    model, ids = fp32_model_and_ids
+    return perplexity(model, ids)
+
+
+def test_bf16_perplexity_within_1_percent_where_native(fp32_model_and_ids, fp32_ppl):
+    """bf16 is the faster CPU dtype where AMX / AVX512-BF16 run it in hardware; its cost in quality."""
+    if not cpu_capabilities().native_bf16:
+        pytest.skip("this CPU emulates bf16 (no AMX / AVX512-BF16): not a configuration we recommend")
+    model, ids = fp32_model_and_ids
+    ppl = perplexity(copy.deepcopy(model).to(torch.bfloat16), ids)
+    assert ppl / fp32_ppl - 1 <= 0.01, f"bf16: perplexity {ppl:.3f} vs fp32 {fp32_ppl:.3f}"
+
+
+@pytest.mark.parametrize("method,bound", [("int8", 0.01), ("int4", 0.05)])
+def test_perplexity_within_bound_of_fp32(fp32_model_and_ids, fp32_ppl, method, bound):
+    model, ids = fp32_model_and_ids
+    assert len(ids) > 500  # a few KB of text, not a toy sequence
+    quant = quantize_model(copy.deepcopy(model), method, CPU, torch.float32)
+    ppl = perplexity(quant, ids)
+    assert 1.0 < fp32_ppl < 100.0  # the model reads English: a sane baseline
+    assert ppl / fp32_ppl - 1 <= bound, f"{method}: perplexity {ppl:.3f} vs fp32 {fp32_ppl:.3f}"
+    # Resident weights shrink: int8 to about 1/4 of fp32, int4 below that.
+    ratio = model_resident_bytes(quant) / model_resident_bytes(model)
+    assert ratio < (0.35 if method == "int8" else 0.25), ratio
+    assert not any(isinstance(m, Linear) for m in quant.modules())
+
+
+def test_int4_keeps_q4_1_codes_exactly():
+    """A weight on a Q4_1 grid (q * scale + min per 32 values) re-quantizes to the same codes."""
+    g = torch.Generator().manual_seed(0)
+    n, k = 64, 128
+    codes = torch.randint(0, 16, (n, k), generator=g)
+    codes[:, ::32], codes[:, 1::32] = 0, 15  # llama.cpp's min/max: both ends of the range in use
+    scale = torch.rand(n, k // 32, generator=g) * 0.1 + 0.01
+    lo = -torch.rand(n, k // 32, generator=g)
+    w = (codes.view(n, k // 32, 32) * scale[..., None] + lo[..., None]).view(n, k)
+    q, s, m = quantize_int4_groups(w)
+    assert torch.equal(q, codes.to(torch.int32))
+    torch.testing.assert_close(s, scale, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(m, lo, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
+def test_packed_kernel_and_dense_path_agree(cls):
+    """Few rows go through the packed kernel, many through the dequantized GEMM: same numbers."""
+    torch.manual_seed(0)
+    lin = Linear(256, 128, bias=True)
+    lin.weight.data.normal_()
+    lin.bias.data.normal_()
+    layer = cls(lin)
+    x = torch.randn(80, 256)
+    many = layer(x)  # >= dense_min_rows: dense path
+    few = torch.cat([layer(x[i:i + 4]) for i in range(0, 80, 4)])  # packed kernel
+    torch.testing.assert_close(few, many, rtol=0.02, atol=0.25)
+    ref = torch.nn.functional.linear(x, lin.weight, lin.bias)
+    rel = (many - ref).norm() / ref.norm()
+    assert rel < (0.02 if cls is Int8Linear else 0.12), rel
+
+
+def test_unsupported_combinations_are_clear_errors():
+    lin = torch.nn.Sequential(Linear(32, 64))
+    with pytest.raises(ValueError, match="fp8 needs a CUDA GPU"):
+        quantize_model(lin, "fp8", CPU, torch.float32)
+    with pytest.raises(ValueError, match="unknown quantization"):
+        quantize_model(lin, "int2", CPU, torch.float32)
+    with pytest.raises(ValueError, match="CPU weight-only path"):
+        quantize_model(lin, "int8", torch.device("cuda"), torch.float32)
