@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="worker processes sharing the port (default 1; >1: multiprocess Prometheus metrics)")
     p.add_argument("--dashboard-interval", type=float, default=0.5,
                    help="seconds between the live dashboard's snapshots (default 0.5)")
+    g = p.add_argument_group("admission (one request may not starve the others: gateway/admission.py)")
+    g.add_argument("--max-prompts", type=int, default=256, help="prompts per completions request (default 256)")
+    g.add_argument("--max-request-prompt-tokens", type=int, default=1 << 20,
+                   help="prompt tokens of one request in all (default 1048576)")
+    g.add_argument("--tokenize-concurrency", type=int, default=4,
+                   help="tokenizer calls one request may have in flight (default 4)")
     return p
 
 
@@ -54,7 +60,9 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     return GatewayConfig(scheduler_address=args.scheduler_address, tokenizer_address=args.tokenizer_address,
                          model_name=args.model_name, model_aliases=tuple(args.model_alias), api_key=args.api_key,
                          max_body_bytes=args.max_body_bytes, max_n=args.max_n, root_path=args.root_path,
-                         dashboard_interval_s=args.dashboard_interval)
+                         dashboard_interval_s=args.dashboard_interval, max_prompts=args.max_prompts,
+                         max_request_prompt_tokens=args.max_request_prompt_tokens,
+                         tokenize_concurrency=args.tokenize_concurrency)
 
 
 CONFIG_ENV = "PAGEDSERVE_GATEWAY_CONFIG"

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gateway.admission import Admission, AdmissionLimits
 from gateway.config import GatewayConfig
 from gateway.errors import APIError
 from gateway.step_stream import StepStream
@@ -76,7 +77,8 @@ def _to_api(code: grpc.StatusCode, details: str, backend: str, retry_after_s: in
                     retry = max(1, int(float(value)))
                 except (TypeError, ValueError):
                     pass
-        return APIError(429, f"The server is busy ({details or 'request queue full'}); retry later.",
+        reason = (details or "request queue full").removesuffix("; retry later")  # said once, below
+        return APIError(429, f"The server is busy ({reason}); retry later.",
                         code="rate_limit_exceeded", headers={"Retry-After": str(retry)})
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
         return APIError(503, f"The {backend} service is unavailable: {details or code.name}.",
@@ -97,6 +99,8 @@ class ModelFacts:
     max_logprobs: int
     has_chat_template: bool
     created: int
+    # Samples the scheduler can ever hold at once (waiting-queue limit + running slots; 0: no limit).
+    capacity: int = 0
 
 
 class Backend:
@@ -114,6 +118,10 @@ class Backend:
         self.step_stream: StepStream | None = None  # the worker's multiplexed Generate + detokenize streams
         self._facts_lock: asyncio.Lock | None = None
         self._token_cache: dict[int, tuple[str, bytes]] = {}
+        # Per-request caps and the worker's shared tokenizer slots (gateway/admission.py).
+        self.admission = Admission(AdmissionLimits(max_prompts=config.max_prompts,
+                                                   max_request_prompt_tokens=config.max_request_prompt_tokens,
+                                                   tokenize_concurrency=config.tokenize_concurrency))
 
     async def start(self) -> None:
         opts = channel_options()
@@ -159,12 +167,18 @@ class Backend:
             tinfo = await self.tokenizer.GetInfo(tokenizer_pb2.GetInfoRequest(), timeout=timeout)
         except grpc.RpcError as e:
             raise self._error(e, "tokenizer") from None
+        try:
+            stats = await self.scheduler.GetStats(scheduler_pb2.GetStatsRequest(), timeout=timeout)
+        except grpc.RpcError as e:
+            raise self._error(e, "scheduler") from None
+        capacity = stats.max_queue_len + info.max_num_seqs if stats.max_queue_len else 0
         ex = info.executor
         max_len = ex.max_model_len or (tinfo.max_model_len if tinfo.HasField("max_model_len") else 0)
         name = self.config.model_name or ex.model_name or tinfo.model_name or "default"
         facts = ModelFacts(name=name, max_model_len=int(max_len), vocab_size=int(ex.vocab_size or tinfo.vocab_size),
                            max_logprobs=int(info.max_logprobs or DEFAULT_MAX_LOGPROBS),
-                           has_chat_template=bool(tinfo.has_chat_template), created=int(time.time()))
+                           has_chat_template=bool(tinfo.has_chat_template), created=int(time.time()),
+                           capacity=int(capacity))
         logger.info("serving model %r (max_model_len %d, vocab %d, chat template: %s)", facts.name,
                     facts.max_model_len, facts.vocab_size, facts.has_chat_template)
         return facts

@@ -27,3 +27,7 @@ class GatewayConfig:
     retry_after_s: int = 1
     # Seconds between the live dashboard's snapshots (Scheduler.WatchStats interval).
     dashboard_interval_s: float = 0.5
+    # Admission caps of one request (gateway/admission.py).
+    max_prompts: int = 256
+    max_request_prompt_tokens: int = 1 << 20
+    tokenize_concurrency: int = 4

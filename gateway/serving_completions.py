@@ -2,7 +2,6 @@
 per prompt (choice index = prompt index * n + sample index); echo; logprobs=k; streaming."""
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import time
 
@@ -66,6 +65,12 @@ class CompletionsServing(BaseServing):
         else:
             items = list(p)
         many = len(items) > 1
+        admission = self.backend.admission
+        admission.check_prompt_count(len(items))
+        admission.check_capacity(len(items) * req.n, facts.capacity, req.n)
+        for i, item in enumerate(items):
+            if isinstance(item, str):
+                admission.check_text_size(len(item), facts.max_model_len, f"prompt.{i}" if many else "prompt")
 
         async def tokenize(i: int, item: str | list[int]) -> tuple[list[int], str]:
             param = f"prompt.{i}" if many else "prompt"
@@ -76,7 +81,7 @@ class CompletionsServing(BaseServing):
             text = await self.backend.decode(item, sp.skip_special_tokens) if req.echo else ""
             return list(item), text
 
-        tokenized = await asyncio.gather(*(tokenize(i, x) for i, x in enumerate(items)))
+        tokenized = await admission.tokenize_all(items, tokenize)
         gens = []
         for i, (ids, _) in enumerate(tokenized):
             psp = dataclasses.replace(sp)

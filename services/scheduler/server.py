@@ -102,6 +102,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             return CallFailed(grpc.StatusCode.UNAVAILABLE,
                               f"executor {engine.executor_name} unavailable for {down:.0f}s ({engine.down_reason})")
         limit = engine.max_queue_len
+        if limit and params.n > limit + engine.config.max_num_seqs:  # no retry could ever admit it
+            return CallFailed(bad, f"n={params.n} is more samples than the scheduler can ever hold "
+                                   f"(--max-queue-len {limit} + --max-num-seqs {engine.config.max_num_seqs})")
         if limit and self._queue_full(params.n):
             engine.num_rejected += 1
             return CallFailed(grpc.StatusCode.RESOURCE_EXHAUSTED,

@@ -40,6 +40,7 @@ SERVICE_NAME = tokenizer_pb2.DESCRIPTOR.services_by_name["Tokenizer"].full_name
 # Inputs above this size are handled in a worker thread (small ones inline: a thread hop costs more).
 _INLINE_MAX_CHARS = 2048
 _INLINE_MAX_TOKENS = 512
+DEFAULT_MAX_IN_FLIGHT = 256
 
 
 @functools.cache
@@ -79,8 +80,14 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
     """Pass the tokenizer now, or later with `set_tokenizer` (RPCs answer UNAVAILABLE until then:
     the servicer must be registered before the server starts)."""
 
-    def __init__(self, tokenizer=None, *, model_name: str | None = None, max_model_len: int | None = None) -> None:
+    def __init__(self, tokenizer=None, *, model_name: str | None = None, max_model_len: int | None = None,
+                 max_in_flight: int = DEFAULT_MAX_IN_FLIGHT) -> None:
         from engine_core.detokenizer import IncrementalDetokenizer
+
+        # Calls beyond this many in flight are shed with RESOURCE_EXHAUSTED at once (the caller that
+        # floods gets the error, and the queue behind the worker threads stays short for everyone else).
+        self.max_in_flight = max_in_flight
+        self._in_flight = 0
 
         self._detok_cls = IncrementalDetokenizer
         self.tokenizer = None
@@ -111,6 +118,18 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
 
     async def _call(self, context, what: str, fn, *args, inline: bool = False, **kw):
         """Run fn (inline or in a thread); map client errors to INVALID_ARGUMENT, others to INTERNAL."""
+        if inline:
+            return await self._run_mapped(context, what, fn, *args, inline=True, **kw)
+        if self.max_in_flight and self._in_flight >= self.max_in_flight:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"{what}: the tokenizer is busy ({self._in_flight} calls in flight); retry later")
+        self._in_flight += 1
+        try:
+            return await self._run_mapped(context, what, fn, *args, **kw)
+        finally:
+            self._in_flight -= 1
+
+    async def _run_mapped(self, context, what: str, fn, *args, inline: bool = False, **kw):
         try:
             if inline:
                 return fn(*args, **kw)
@@ -345,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--max-model-len", type=int, default=None, help="reported by GetInfo (the launcher passes "
                                                                      "the executor's value)")
+    p.add_argument("--max-in-flight", type=int, default=DEFAULT_MAX_IN_FLIGHT,
+                   help="tokenize/decode calls in flight beyond which new ones get RESOURCE_EXHAUSTED "
+                        f"(0: unlimited; default {DEFAULT_MAX_IN_FLIGHT})")
     add_common_args(p, TOKENIZER_PORT)
     return p
 
@@ -352,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
 async def serve(args: argparse.Namespace) -> int:
     tracing.setup_tracing("tokenizer")
     srv = AioGrpcServer("tokenizer", [SERVICE_NAME], args.host, args.port, grace_s=args.shutdown_grace)
-    servicer = TokenizerServicer(max_model_len=args.max_model_len)
+    servicer = TokenizerServicer(max_model_len=args.max_model_len, max_in_flight=args.max_in_flight)
     tokenizer_pb2_grpc.add_TokenizerServicer_to_server(servicer, srv.server)
     srv.install_signal_handlers()
     await srv.start()  # NOT_SERVING while the tokenizer loads

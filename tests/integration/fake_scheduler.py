@@ -36,8 +36,9 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
     def __init__(self, script: list[int], *, vocab_size: int, eos_token_id: int, max_model_len: int = 256,
                  model_name: str = "fake-model", token_delay_s: float = 0.002, max_in_flight: int = 0,
                  first_token_delay_s: float = 0.0, accepted_metadata: bool = False,
-                 ignore_abort: bool = False) -> None:
+                 ignore_abort: bool = False, max_queue_len: int = 0) -> None:
         self.script = script
+        self.max_queue_len = max_queue_len  # reported by GetStats (the gateway's capacity check)
         self.vocab_size = vocab_size
         self.eos = eos_token_id
         self.max_model_len = max_model_len
@@ -203,7 +204,7 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
 
     async def GetStats(self, request, context):
         return scheduler_pb2.SchedulerStats(num_running=sum(self.running.values()), executor_healthy=True,
-                                            num_kv_blocks=64, num_free_blocks=64)
+                                            num_kv_blocks=64, num_free_blocks=64, max_queue_len=self.max_queue_len)
 
     async def GetModelInfo(self, request, context):
         return scheduler_pb2.ModelInfo(
