@@ -38,6 +38,7 @@ from services.gen.pagedserve.v1 import (
     tokenizer_pb2_grpc,
 )
 from services.grpc_server import channel_options
+from services.internal_auth import InternalSecurity
 
 logger = logging.getLogger(__name__)
 
@@ -125,8 +126,11 @@ class Backend:
 
     async def start(self) -> None:
         opts = channel_options()
-        self._sched_channel = grpc.aio.insecure_channel(self.config.scheduler_address, options=opts)
-        self._tok_channel = grpc.aio.insecure_channel(self.config.tokenizer_address, options=opts)
+        c = self.config
+        security = InternalSecurity.from_env(token_file=c.service_token_file, tls_cert=c.tls_cert, tls_key=c.tls_key,
+                                             tls_ca=c.tls_ca)
+        self._sched_channel = security.aio_channel(c.scheduler_address, opts)
+        self._tok_channel = security.aio_channel(c.tokenizer_address, opts)
         self.scheduler = scheduler_pb2_grpc.SchedulerStub(self._sched_channel)
         self.tokenizer = tokenizer_pb2_grpc.TokenizerStub(self._tok_channel)
         self._sched_health = health_pb2_grpc.HealthStub(self._sched_channel)

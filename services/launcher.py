@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
@@ -63,6 +64,10 @@ def pick_port(host: str, port: int, what: str) -> int:
     """`port` if it can be bound (0: any free port); SystemExit naming the flag otherwise."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
+        # As the servers themselves bind (gRPC and uvicorn set SO_REUSEADDR): a port whose last
+        # connections sit in TIME-WAIT after a stop is free to them, so it must be free here too
+        # (a restart right after a stop used to fail for up to 60 s). A listener still fails.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as e:
@@ -102,13 +107,16 @@ class Service:
     reader: threading.Thread | None = None
     ready: bool = False
     restarts: int = 0
+    # Secrets and TLS paths for the child (the service token, the API key): the environment, never argv.
+    env: dict[str, str] = field(default_factory=dict)
+    up_since: float = 0.0  # when the current process became healthy (restart budget reset)
 
     @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
     def start(self, echo: bool) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
         self.tail.clear()
         self.ready = False
@@ -144,11 +152,13 @@ class Service:
         return f"{self.name} (pid {self.pid}) {how}; its last log lines:\n{lines}"
 
 
-def _check_grpc(address: str, service: str, timeout: float = 1.0) -> bool:
+def _check_grpc(address: str, service: str, timeout: float = 1.0, env: dict[str, str] | None = None) -> bool:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(address) as ch:
+    from services.internal_auth import InternalSecurity
+
+    with InternalSecurity.from_env({**os.environ, **(env or {})}).channel(address) as ch:
         try:
             resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service),
                                                         timeout=timeout)
@@ -167,7 +177,7 @@ def _check_http(url: str, timeout: float = 1.0) -> bool:
 
 
 def _is_healthy(svc: Service) -> bool:
-    return _check_http(svc.address) if svc.health == "http" else _check_grpc(svc.address, svc.health)
+    return _check_http(svc.address) if svc.health == "http" else _check_grpc(svc.address, svc.health, env=svc.env)
 
 
 def gateway_available() -> bool:
@@ -195,6 +205,36 @@ def engine_flags(args: argparse.Namespace) -> list[str]:
         elif value is not None:
             out += [flag, str(value)]
     return out
+
+
+def internal_security_env(args: argparse.Namespace) -> dict[str, str]:
+    """What every child needs to call the others (services/internal_auth.py): the stack's service
+    token (the one in the environment, or a fresh one per stack) and the mTLS files if given."""
+    from services.internal_auth import (
+        TLS_CA_ENV,
+        TLS_CERT_ENV,
+        TLS_KEY_ENV,
+        TOKEN_ENV,
+        TOKEN_FILE_ENV,
+        generate_token,
+    )
+
+    env: dict[str, str] = {}
+    if not os.environ.get(TOKEN_ENV) and not os.environ.get(TOKEN_FILE_ENV):
+        # A file only this user can read, so `pagedserve client` can be pointed at it; removed at exit.
+        import tempfile
+
+        fd, path = tempfile.mkstemp(prefix="pagedserve-token-")
+        with os.fdopen(fd, "w") as f:
+            f.write(generate_token())
+        env[TOKEN_FILE_ENV] = path
+    tls = (args.tls_cert, args.tls_key, args.tls_ca)
+    if any(tls) and not all(tls):
+        raise SystemExit("pagedserve: mTLS needs all three of --tls-cert, --tls-key and --tls-ca")
+    if all(tls):
+        for name, path in zip((TLS_CERT_ENV, TLS_KEY_ENV, TLS_CA_ENV), tls):
+            env[name] = os.path.abspath(os.path.expanduser(path))
+    return env
 
 
 # ---------------------------------------------------------------------------- the stack
@@ -250,6 +290,23 @@ class Stack:
                                                "--tokenizer-address", self.tokenizer.address,
                                                "--workers", str(args.gateway_workers)],
                                    f"http://{_address(args.host, ports['gateway'])}", "http")
+            # Grace for in-flight streams; the uvicorn timeout behind it is the gateway's business.
+            self.gateway.argv += ["--shutdown-grace", str(args.shutdown_grace)]
+            if args.metrics_auth:
+                self.gateway.argv.append("--metrics-auth")
+        from services.internal_auth import resolve_api_key
+
+        try:
+            self.api_key = resolve_api_key(args.api_key, args.api_key_file, warn=_say)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"pagedserve: --api-key-file: {e}") from None
+        child_env = internal_security_env(args)
+        from services.internal_auth import TOKEN_FILE_ENV
+
+        self.token_file = child_env.get(TOKEN_FILE_ENV)  # ours to remove
+        for s in [*self.services, self.gateway]:
+            if s is not None:
+                s.env.update(child_env)
 
     # ------------------------------------------------------------------ signals
     def install_signal_handlers(self) -> None:
@@ -299,8 +356,10 @@ class Stack:
         model_name = args.served_model_name or self._model_name()
         if self.gateway is not None:
             self.gateway.argv += ["--model-name", model_name]
-            if args.api_key:
-                self.gateway.argv += ["--api-key", args.api_key]
+            if self.api_key:  # in the environment: argv shows in `ps`
+                from services.internal_auth import API_KEY_ENV
+
+                self.gateway.env[API_KEY_ENV] = self.api_key
             self.gateway.start(echo=not args.quiet)
             self.services.append(self.gateway)
             dead = self._wait_ready([self.gateway], args.startup_timeout)
@@ -319,6 +378,9 @@ class Stack:
             print(f"  OpenAI API: {self.gateway.address}/v1", flush=True)
         print(f"  scheduler:  {self.scheduler.address}   tokenizer: {self.tokenizer.address}   "
               f"executor: {self.executor.address}", flush=True)
+        if self.token_file:
+            print(f"  service token: {self.token_file} (export PAGEDSERVE_SERVICE_TOKEN_FILE={self.token_file} "
+                  "for pagedserve client and other internal callers)", flush=True)
         print(f"  try: pagedserve client --scheduler-address {self.scheduler.address} "
               f"--tokenizer-address {self.tokenizer.address} --stream \"Hello\"", flush=True)
         return True
@@ -327,9 +389,10 @@ class Stack:
         import grpc
 
         from services.gen.pagedserve.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+        from services.internal_auth import InternalSecurity
 
         try:
-            with grpc.insecure_channel(self.tokenizer.address) as ch:
+            with InternalSecurity.from_env({**os.environ, **self.tokenizer.env}).channel(self.tokenizer.address) as ch:
                 info = tokenizer_pb2_grpc.TokenizerStub(ch).GetInfo(tokenizer_pb2.GetInfoRequest(), timeout=5)
             return info.model_name or "default"
         except grpc.RpcError:
@@ -393,6 +456,9 @@ class Stack:
         for s in self.services:
             if s.reader is not None:
                 s.reader.join(1.0)
+        if self.token_file:
+            with contextlib.suppress(OSError):
+                os.unlink(self.token_file)
         _say("stopped")
 
 
@@ -443,7 +509,15 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                    help="serve the executor's Prometheus metrics on --host:PORT/metrics (e.g. 9053; default off)")
     g = p.add_argument_group("serving")
     g.add_argument("--served-model-name", default=None, help="model name in the API (default: from the model)")
-    g.add_argument("--api-key", default=None, help="require this bearer token at the gateway")
+    g.add_argument("--api-key", default=None,
+                   help="require this bearer token at the gateway (shows in `ps`: prefer $PAGEDSERVE_API_KEY "
+                        "or --api-key-file)")
+    g.add_argument("--api-key-file", default=None, help="file holding the gateway's API key")
+    g.add_argument("--metrics-auth", action="store_true",
+                   help="the gateway's /metrics needs the API key too (the dashboard always does when one is set)")
+    g.add_argument("--tls-cert", default=None, help="PEM certificate for mTLS between the internal services")
+    g.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    g.add_argument("--tls-ca", default=None, help="PEM CA that signs --tls-cert (clients and servers)")
     g.add_argument("--max-queue-len", type=int, default=1024,
                    help="waiting requests beyond which new ones get HTTP 429 / RESOURCE_EXHAUSTED (0: unlimited)")
     g.add_argument("--executor-timeout", type=float, default=30.0,

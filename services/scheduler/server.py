@@ -32,6 +32,7 @@ from services.grpc_server import (
     add_common_args,
     configure_logging,
 )
+from services.internal_auth import InternalSecurity
 from services.scheduler.engine_loop import EngineLoop, GenerateCall
 from services.scheduler.sinks import CallFailed, CallSink, StreamSink
 
@@ -371,7 +372,8 @@ def _load_factory(spec: str) -> Callable[..., Executor]:
     return getattr(importlib.import_module(mod), attr)
 
 
-def executor_factory(args: argparse.Namespace) -> tuple[Callable[[EngineConfig], Executor], str]:
+def executor_factory(args: argparse.Namespace, security: InternalSecurity | None = None
+                     ) -> tuple[Callable[[EngineConfig], Executor], str]:
     """(config -> Executor, a name for logs) from --executor-address / --executor."""
     address = args.executor_address
     if address == "local":
@@ -380,7 +382,8 @@ def executor_factory(args: argparse.Namespace) -> tuple[Callable[[EngineConfig],
     from services.executor_client import GrpcExecutor
 
     step_timeout = args.step_timeout if args.step_timeout > 0 else None
-    return (lambda _config: GrpcExecutor(address, wait_ready_s=None, step_timeout_s=step_timeout)), address
+    return (lambda _config: GrpcExecutor(address, wait_ready_s=None, step_timeout_s=step_timeout,
+                                         security=security)), address
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -422,10 +425,11 @@ class SchedulerService:
     def __init__(self, config: EngineConfig, make_executor: Callable[[EngineConfig], Executor], *,
                  executor_name: str = "executor", host: str = "127.0.0.1", port: int = 0,
                  executor_timeout_s: float = 30.0, max_queue_len: int = DEFAULT_MAX_QUEUE_LEN,
-                 grace_s: float = 5.0) -> None:
+                 grace_s: float = 5.0, security: InternalSecurity | None = None, reflection: bool = False) -> None:
         self.engine = EngineLoop(config, make_executor, executor_name=executor_name,
                                  executor_timeout_s=executor_timeout_s, max_queue_len=max_queue_len)
-        self.server = AioGrpcServer("scheduler", [SERVICE_NAME], host, port, grace_s=grace_s)
+        self.server = AioGrpcServer("scheduler", [SERVICE_NAME], host, port, grace_s=grace_s, security=security,
+                                    reflection=reflection)
         self.servicer = SchedulerServicer(self.engine)
         scheduler_pb2_grpc.add_SchedulerServicer_to_server(self.servicer, self.server.server)
         self.server.on_shutdown(self.servicer.close)
@@ -463,8 +467,13 @@ class SchedulerService:
 
 async def serve(args: argparse.Namespace) -> int:
     try:
+        security = InternalSecurity.from_args(args)
+    except (OSError, ValueError) as e:
+        logger.error("bad security settings: %s", e)
+        return 2
+    try:
         config = EngineConfig.from_cli_args(args, model=args.model or args.model_pos)
-        factory, executor_name = executor_factory(args)
+        factory, executor_name = executor_factory(args, security)
     except (ValueError, ImportError, AttributeError) as e:
         logger.error("bad arguments: %s", e)
         return 2
@@ -473,7 +482,7 @@ async def serve(args: argparse.Namespace) -> int:
         return 2
     svc = SchedulerService(config, factory, executor_name=executor_name, host=args.host, port=args.port,
                            executor_timeout_s=args.executor_timeout, max_queue_len=args.max_queue_len,
-                           grace_s=args.shutdown_grace)
+                           grace_s=args.shutdown_grace, security=security, reflection=args.grpc_reflection)
     tracing.setup_tracing("scheduler")
     if args.metrics_port is not None:
         from services.metrics import SchedulerMetrics, maybe_start_metrics_server

@@ -33,6 +33,7 @@ from services.grpc_server import (
     add_common_args,
     configure_logging,
 )
+from services.internal_auth import InternalSecurity
 
 logger = logging.getLogger(__name__)
 
@@ -373,7 +374,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 async def serve(args: argparse.Namespace) -> int:
     tracing.setup_tracing("tokenizer")
-    srv = AioGrpcServer("tokenizer", [SERVICE_NAME], args.host, args.port, grace_s=args.shutdown_grace)
+    try:
+        security = InternalSecurity.from_args(args)
+    except (OSError, ValueError) as e:
+        logger.error("bad security settings: %s", e)
+        return 2
+    srv = AioGrpcServer("tokenizer", [SERVICE_NAME], args.host, args.port, grace_s=args.shutdown_grace,
+                        security=security, reflection=args.grpc_reflection)
     servicer = TokenizerServicer(max_model_len=args.max_model_len, max_in_flight=args.max_in_flight)
     tokenizer_pb2_grpc.add_TokenizerServicer_to_server(servicer, srv.server)
     srv.install_signal_handlers()

@@ -14,11 +14,11 @@ import threading
 import time
 from pathlib import Path
 
-import grpc
 import pytest
 
 from services.gen.pagedserve.v1 import common_pb2, scheduler_pb2_grpc
 from services.gen.pagedserve.v1 import scheduler_pb2 as pb
+from services.internal_auth import TOKEN_ENV, InternalSecurity
 from tests.integration.fake_executor import FakeExecutor
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,11 +27,13 @@ FREE_PORTS = ["--port", "0", "--executor-port", "0", "--scheduler-port", "0", "-
 _BIN = Path(sys.executable).parent / "pagedserve"
 PAGEDSERVE = [str(_BIN)] if _BIN.exists() else [sys.executable, "-m", "services.cli"]
 READY = re.compile(r"^(\w+)\s+ready on (\S+) \(pid (\d+)")
+TOKEN = "launcher-test-service-token"  # the stack's internal services want it (services/internal_auth.py)
+SECURITY = InternalSecurity(token=TOKEN)
 
 
 class Launcher:
     def __init__(self, log: Path, *args: str, env_extra: dict | None = None) -> None:
-        env = dict(os.environ, PYTHONPATH=str(ROOT), **(env_extra or {}))
+        env = dict(os.environ, PYTHONPATH=str(ROOT), **{TOKEN_ENV: TOKEN, **(env_extra or {})})
         self.log = log
         self.proc = subprocess.Popen([*PAGEDSERVE, "serve", *FREE_PORTS, *args], cwd=ROOT, env=env, text=True,
                                      stdout=subprocess.PIPE, stderr=open(log, "w"))  # noqa: SIM115
@@ -112,7 +114,8 @@ def test_serve_client_and_sigterm(tmp_path):
         launcher.wait_for(rf"try: pagedserve client --scheduler-address {sched} --tokenizer-address {tok}", 5)
         r = subprocess.run([*PAGEDSERVE, "client", "Hello", "--stream", "--max-tokens", "8",
                             "--scheduler-address", sched, "--tokenizer-address", tok],
-                           cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+                           cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+                           env={**os.environ, TOKEN_ENV: TOKEN})
         assert r.returncode == 0, r.stderr
         assert r.stdout.strip(), r
         assert "completion tokens" in r.stderr
@@ -136,7 +139,7 @@ def test_executor_restart_and_dead_child_shutdown(tmp_path):
     try:
         services = launcher.wait_ready()
         assert "gateway    skipped (--no-gateway)" in launcher.out
-        with grpc.insecure_channel(services["scheduler"][0]) as ch:
+        with SECURITY.channel(services["scheduler"][0]) as ch:
             stub = scheduler_pb2_grpc.SchedulerStub(ch)
             call = stub.Generate(pb.GenerateRequest(request_id="r", prompt_token_ids=[4, 5, 6],
                                                     sampling_params=common_pb2.SamplingParams(max_tokens=80)),
