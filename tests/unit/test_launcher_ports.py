@@ -28,9 +28,8 @@ def _time_wait_port() -> int:
 
 def test_port_in_time_wait_is_reusable():
     port = _time_wait_port()
-    with socket.socket() as plain:  # what the old probe did: fails while TIME-WAIT lasts
-        with pytest.raises(OSError):
-            plain.bind(("127.0.0.1", port))
+    with socket.socket() as plain, pytest.raises(OSError):  # the old probe: fails while TIME-WAIT lasts
+        plain.bind(("127.0.0.1", port))
     assert pick_port("127.0.0.1", port, "scheduler") == port
 
 
