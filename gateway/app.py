@@ -28,6 +28,7 @@ from gateway.config import GatewayConfig
 from gateway.drain import Drain, DrainMiddleware
 from gateway.errors import install_exception_handlers, model_not_found
 from gateway.middleware import GatewayMiddleware
+from gateway.openapi import install_openapi
 from gateway.protocol import ModelCard, ModelList
 from gateway.serving_chat import ChatServing
 from gateway.serving_completions import CompletionsServing
@@ -88,6 +89,7 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
 
     app.state.begin_drain = begin_drain
     install_exception_handlers(app)
+    install_openapi(app)
     app.add_middleware(DrainMiddleware, drain=drain)  # inside the auth check: a 401 stays a 401
     app.add_middleware(GatewayMiddleware, api_key=config.api_key, max_body_bytes=config.max_body_bytes,
                        metrics_auth=config.metrics_auth)

@@ -23,7 +23,9 @@ from pydantic import (
     model_serializer,
 )
 
-Float = Annotated[float, Field(strict=True)]  # JSON numbers only (ints accepted), never strings
+# JSON numbers only (ints accepted), never strings; never NaN / Infinity (NaN temperature sampled token 0
+# forever), nor beyond float32 (the sampler's dtype: 1e308 would become inf there).
+Float = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-3.4e38, le=3.4e38)]
 
 PROMPT_SHAPE_MSG = ("must be a string, an array of strings, an array of token ids (integers) "
                     "or an array of arrays of token ids")
