@@ -120,6 +120,7 @@ class Service:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
         self.tail.clear()
         self.ready = False
+        self.up_since = 0.0  # a process that dies before it is healthy does not renew the budget
         self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, bufsize=1, env=env,
                                      start_new_session=True,  # Ctrl-C reaches the launcher only
@@ -332,6 +333,7 @@ class Stack:
                     return s
                 if _is_healthy(s):
                     s.ready = True
+                    s.up_since = time.monotonic()
                     where = s.address
                     print(f"{s.name:<10} ready on {where} (pid {s.pid}, {time.monotonic() - t0:.1f}s)", flush=True)
             if time.monotonic() > deadline:
@@ -410,6 +412,8 @@ class Stack:
                 if s.proc.poll() is None:
                     continue
                 self._report_death(s)
+                if s.restart and s.up_since and time.monotonic() - s.up_since >= self.args.restart_window:
+                    s.restarts = 0  # a crash after a long healthy run starts a fresh budget
                 if s.restart and s.restarts < self.args.max_executor_restarts:
                     s.restarts += 1
                     _say(f"restarting the {s.name} ({s.restarts} of at most {self.args.max_executor_restarts}); "
@@ -429,6 +433,7 @@ class Stack:
         while svc.proc is proc and proc.poll() is None and not self.stop_requested.is_set():
             if _is_healthy(svc):
                 svc.ready = True
+                svc.up_since = time.monotonic()
                 print(f"{svc.name:<10} ready on {svc.address} (pid {svc.pid}, restarted in "
                       f"{time.monotonic() - t0:.1f}s)", flush=True)
                 return
@@ -530,7 +535,10 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for health checks")
     g.add_argument("--shutdown-grace", type=float, default=5.0,
                    help="seconds in-flight requests get on shutdown before children are killed")
-    g.add_argument("--max-executor-restarts", type=int, default=5)
+    g.add_argument("--max-executor-restarts", type=int, default=5,
+                   help="executor restarts allowed within --restart-window (default 5)")
+    g.add_argument("--restart-window", type=float, default=600.0,
+                   help="seconds an executor must stay healthy for its restart budget to start over (default 600)")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="log level of the services")
     g.add_argument("--quiet", action="store_true", help="do not echo the services' logs (stderr)")
