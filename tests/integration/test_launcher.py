@@ -215,9 +215,9 @@ def test_secrets_restart_budget_and_grace(tmp_path):
         assert httpx.post(f"{gw_url}/v1/completions", json=body, headers=auth, timeout=30).status_code == 200
         assert httpx.get(f"{gw_url}/dashboard", timeout=10).status_code == 401
         assert httpx.get(f"{gw_url}/dashboard", auth=("", "sk-launcher-test"), timeout=10).status_code == 200
-        with InternalSecurity().channel(services["scheduler"][0]) as ch:
-            with pytest.raises(Exception, match="UNAUTHENTICATED"):
-                scheduler_pb2_grpc.SchedulerStub(ch).GetStats(pb.GetStatsRequest(), timeout=5)
+        with InternalSecurity().channel(services["scheduler"][0]) as ch, \
+                pytest.raises(Exception, match="UNAUTHENTICATED"):
+            scheduler_pb2_grpc.SchedulerStub(ch).GetStats(pb.GetStatsRequest(), timeout=5)
         token = Path(token_file).read_text().strip()
         with InternalSecurity(token=token).channel(services["scheduler"][0]) as ch:
             assert scheduler_pb2_grpc.SchedulerStub(ch).GetStats(pb.GetStatsRequest(), timeout=5).executor_healthy
