@@ -14,7 +14,13 @@ import pytest
 
 from services.gen.pagedserve.v1 import admin_pb2, admin_pb2_grpc, scheduler_pb2_grpc
 from services.gen.pagedserve.v1 import scheduler_pb2 as pb
-from tests.integration.test_scheduler_service import FAKE_EXECUTOR, collect, expected_tokens, gen_req, spawn
+from tests.integration.test_scheduler_service import (
+    FAKE_EXECUTOR,
+    collect,
+    expected_tokens,
+    gen_req,
+    spawn,
+)
 
 pytestmark = pytest.mark.timeout(120)
 STREAMS = 16
