@@ -243,6 +243,7 @@ class Stack:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.stop_requested = threading.Event()
+        self.swap_requested = threading.Event()
         self.stop_signal: str | None = None
         py = [sys.executable, "-m"]
         gh = args.grpc_host
@@ -311,12 +312,16 @@ class Stack:
 
     # ------------------------------------------------------------------ signals
     def install_signal_handlers(self) -> None:
+        from services.admin_cli import SWAP_SIGNAL
+
         def handler(signum, _frame) -> None:
             self.stop_signal = signal.Signals(signum).name
             self.stop_requested.set()
 
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
+        # `pagedserve admin swap-executor --pid`: handled by the supervision loop.
+        signal.signal(SWAP_SIGNAL, lambda _signum, _frame: self.swap_requested.set())
 
     # ------------------------------------------------------------------ start
     def _wait_ready(self, services: list[Service], timeout: float) -> Service | None:
@@ -383,6 +388,8 @@ class Stack:
         if self.token_file:
             print(f"  service token: {self.token_file} (export PAGEDSERVE_SERVICE_TOKEN_FILE={self.token_file} "
                   "for pagedserve client and other internal callers)", flush=True)
+        print(f"  swap the executor with no downtime: pagedserve admin swap-executor --pid {os.getpid()}",
+              flush=True)
         print(f"  try: pagedserve client --scheduler-address {self.scheduler.address} "
               f"--tokenizer-address {self.tokenizer.address} --stream \"Hello\"", flush=True)
         return True
@@ -408,6 +415,9 @@ class Stack:
     def supervise(self) -> int:
         """Until a stop is requested (0) or a child that is not restarted dies (1)."""
         while not self.stop_requested.wait(0.25):
+            if self.swap_requested.is_set():
+                self.swap_requested.clear()
+                self.swap_executor()
             for s in self.services:
                 if s.proc.poll() is None:
                     continue
@@ -438,6 +448,57 @@ class Stack:
                       f"{time.monotonic() - t0:.1f}s)", flush=True)
                 return
             time.sleep(0.25)
+
+    # ------------------------------------------------------------------ executor swap
+    def swap_executor(self) -> bool:
+        """Zero-downtime swap: a new executor process on a free port, SERVING, then the scheduler
+        moves its requests onto it (SchedulerAdmin.SwapExecutor), then the old one is stopped."""
+        import grpc
+
+        from services.admin_cli import swap_executor
+        from services.internal_auth import InternalSecurity
+
+        old = self.executor
+        gh = self.args.grpc_host
+        port = pick_port(gh, 0, "executor")
+        argv = list(old.argv)
+        argv[argv.index("--port") + 1] = str(port)
+        new = Service("executor", argv, _address(gh, port), old.health, restart=True, env=dict(old.env))
+        _say(f"swapping the executor: starting a new one on {new.address}")
+        new.start(echo=not self.args.quiet)
+        t0 = time.monotonic()
+        while not _is_healthy(new):
+            if new.proc.poll() is not None or self.stop_requested.is_set() or \
+                    time.monotonic() - t0 > self.args.startup_timeout:
+                _say(f"executor swap abandoned: the new executor did not become ready ({new.describe_exit()})"
+                     if new.proc.poll() is not None else "executor swap abandoned")
+                self._stop_service(new)
+                return False
+            time.sleep(0.25)
+        new.ready, new.up_since = True, time.monotonic()
+        try:
+            r = swap_executor(self.scheduler.address, new.address,
+                              InternalSecurity.from_env({**os.environ, **self.scheduler.env}))
+        except grpc.RpcError as e:
+            _say(f"executor swap refused by the scheduler: {e.code().name}: {e.details()}; keeping {old.address}")
+            self._stop_service(new)
+            return False
+        self.services[self.services.index(old)] = new
+        self.executor = new
+        _say(f"executor swapped: {old.address} (pid {old.pid}) -> {new.address} (pid {new.pid}); "
+             f"{r.replayed_requests} requests replayed, engine paused {r.switch_s * 1000:.0f} ms")
+        self._stop_service(old)
+        return True
+
+    def _stop_service(self, svc: Service) -> None:
+        if svc.proc is None or svc.proc.poll() is not None:
+            return
+        svc.proc.send_signal(signal.SIGTERM)
+        try:
+            svc.proc.wait(self.args.shutdown_grace + 3.0)
+        except subprocess.TimeoutExpired:
+            svc.proc.kill()
+            svc.proc.wait(5)
 
     # ------------------------------------------------------------------ shutdown
     def shutdown(self) -> None:

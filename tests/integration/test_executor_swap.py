@@ -6,6 +6,7 @@ to one that is not up is refused without touching the running requests."""
 from __future__ import annotations
 
 import signal
+import subprocess
 import threading
 import time
 
@@ -102,3 +103,68 @@ def test_swap_executor_during_16_streams():
             if p.poll() is None:
                 p.kill()
                 p.wait(5)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_pagedserve_admin_swap_executor_real_model(tmp_path):
+    """The whole stack on the embedded SmolLM2 (CPU): `pagedserve admin swap-executor --pid` during 16
+    greedy streams through the gateway; all 16 complete and their text equals the same requests'
+    text after the swap (undisturbed), the old executor process is gone, a new one serves."""
+    import asyncio
+    import json
+    import os
+
+    import httpx
+
+    from services.internal_auth import TOKEN_ENV
+    from tests.integration.test_launcher import PAGEDSERVE, ROOT, TOKEN, Launcher, alive
+
+    launcher = Launcher(tmp_path / "serve.log", "--device", "cpu", "--max-model-len", "256",
+                        "--num-gpu-blocks-override", "128", "--max-num-seqs", "16", "--shutdown-grace", "2")
+    try:
+        services = launcher.wait_ready()
+        url, old_pid = services["gateway"][0], services["executor"][1]
+        prompts = [f"Number {i}:" for i in range(STREAMS)]
+
+        async def run_all(on_first=None) -> list[str]:
+            firsts = 0
+
+            async def one(c: httpx.AsyncClient, prompt: str) -> str:
+                nonlocal firsts
+                text, seen = [], False
+                async with c.stream("POST", "/v1/completions", json={
+                        "prompt": prompt, "max_tokens": 10, "temperature": 0, "stream": True,
+                        "ignore_eos": True}) as r:
+                    assert r.status_code == 200
+                    async for line in r.aiter_lines():
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            continue
+                        chunk = json.loads(line[6:])
+                        assert "error" not in chunk, chunk
+                        text.append(chunk["choices"][0]["text"])
+                        if not seen and "".join(text):
+                            seen = True
+                            firsts += 1
+                            if firsts == STREAMS and on_first is not None:
+                                on_first()
+                return "".join(text)
+
+            async with httpx.AsyncClient(base_url=url, timeout=120) as c:
+                return await asyncio.gather(*(one(c, p) for p in prompts))
+
+        def swap() -> None:
+            r = subprocess.run([*PAGEDSERVE, "admin", "swap-executor", "--pid", str(launcher.proc.pid)],
+                                             cwd=ROOT, capture_output=True, text=True, timeout=30, check=False,
+                                             env={**os.environ, TOKEN_ENV: TOKEN})
+            assert r.returncode == 0, r.stderr
+
+        during = asyncio.run(run_all(on_first=swap))
+        m = launcher.wait_for(r"executor swapped: .* (\d+) requests replayed", 60)
+        after = asyncio.run(run_all())
+        assert during == after
+        assert all(len(t) > 3 for t in during)
+        assert not alive(old_pid)
+        print(f"swap during {STREAMS} streams: {m.group(0)}")
+    finally:
+        launcher.kill()
