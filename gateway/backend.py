@@ -102,6 +102,10 @@ class ModelFacts:
     created: int
     # Samples the scheduler can ever hold at once (waiting-queue limit + running slots; 0: no limit).
     capacity: int = 0
+    # End-of-generation tokens the tokenizer knows (e.g. SmolLM2's <|endoftext|> next to <|im_end|>)
+    # but the model's config does not: the gateway stops on them too (as stop token ids), so one
+    # set of EOS tokens holds across the stack.
+    extra_eos_token_ids: tuple[int, ...] = ()
 
 
 class Backend:
@@ -182,10 +186,16 @@ class Backend:
         facts = ModelFacts(name=name, max_model_len=int(max_len), vocab_size=int(ex.vocab_size or tinfo.vocab_size),
                            max_logprobs=int(info.max_logprobs or DEFAULT_MAX_LOGPROBS),
                            has_chat_template=bool(tinfo.has_chat_template), created=int(time.time()),
-                           capacity=int(capacity))
+                           capacity=int(capacity),
+                           extra_eos_token_ids=tuple(t for t in tinfo.eos_token_ids if t not in ex.eos_token_ids))
         logger.info("serving model %r (max_model_len %d, vocab %d, chat template: %s)", facts.name,
                     facts.max_model_len, facts.vocab_size, facts.has_chat_template)
         return facts
+
+    @property
+    def cached_facts(self) -> ModelFacts | None:
+        """The model facts if fetched already (no RPC)."""
+        return self._facts
 
     def served_names(self, facts: ModelFacts) -> set[str]:
         return {facts.name, *self.config.model_aliases}

@@ -145,3 +145,14 @@ def test_scheduler_rejects_never_admissible_n(tmp_path):
         lt.close()
     assert codes[0][0] == "INVALID_ARGUMENT" and "can ever hold" in codes[0][1], codes
     assert codes[1] == "OK", codes
+
+
+def test_one_eos_set_across_the_stack(stack):
+    """The tokenizer's end-of-generation tokens (SmolLM2: <|im_end|> 2 and <|endoftext|> 0) and the
+    model's (2 only) differed; the gateway now stops on the tokenizer's extra ones too."""
+    url, _, fake = stack
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 2, "stop_token_ids": [5]}, timeout=10)
+    assert r.status_code == 200
+    assert list(fake.requests[-1].sampling_params.stop_token_ids) == [5, 0]
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 2, "ignore_eos": True}, timeout=10)
+    assert r.status_code == 200 and list(fake.requests[-1].sampling_params.stop_token_ids) == []
