@@ -114,6 +114,16 @@ class InternalSecurity:
         return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
 
 
+def security_from_args_or_log(args: argparse.Namespace, log) -> InternalSecurity | None:
+    """A service's settings from its flags and environment; None (after logging why) when they are
+    unusable (a missing file, an incomplete TLS triple): the service then exits with code 2."""
+    try:
+        return InternalSecurity.from_args(args)
+    except (OSError, ValueError) as e:
+        log.error("bad security settings: %s", e)
+        return None
+
+
 API_KEY_ENV = "PAGEDSERVE_API_KEY"
 
 

@@ -33,7 +33,7 @@ from services.grpc_server import (
     add_common_args,
     configure_logging,
 )
-from services.internal_auth import InternalSecurity
+from services.internal_auth import security_from_args_or_log
 
 logger = logging.getLogger(__name__)
 
@@ -349,10 +349,8 @@ def main(argv: list[str] | None = None) -> int:
 
     tracing.setup_tracing("executor")
     servicer = ExecutorServicer()
-    try:
-        security = InternalSecurity.from_args(args)
-    except (OSError, ValueError) as e:
-        logger.error("bad security settings: %s", e)
+    security = security_from_args_or_log(args, logger)
+    if security is None:
         return 2
     srv = GrpcServer("executor", [SERVICE_NAME], args.host, args.port, max_workers=args.max_workers,
                      grace_s=args.shutdown_grace, security=security, reflection=args.grpc_reflection)

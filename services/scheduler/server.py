@@ -32,7 +32,7 @@ from services.grpc_server import (
     add_common_args,
     configure_logging,
 )
-from services.internal_auth import InternalSecurity
+from services.internal_auth import InternalSecurity, security_from_args_or_log
 from services.scheduler.engine_loop import EngineLoop, GenerateCall
 from services.scheduler.sinks import CallFailed, CallSink, StreamSink
 
@@ -480,10 +480,8 @@ class SchedulerService:
 
 
 async def serve(args: argparse.Namespace) -> int:
-    try:
-        security = InternalSecurity.from_args(args)
-    except (OSError, ValueError) as e:
-        logger.error("bad security settings: %s", e)
+    security = security_from_args_or_log(args, logger)
+    if security is None:
         return 2
     try:
         config = EngineConfig.from_cli_args(args, model=args.model or args.model_pos)

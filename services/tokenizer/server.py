@@ -33,7 +33,7 @@ from services.grpc_server import (
     add_common_args,
     configure_logging,
 )
-from services.internal_auth import InternalSecurity
+from services.internal_auth import security_from_args_or_log
 
 logger = logging.getLogger(__name__)
 
@@ -374,10 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 async def serve(args: argparse.Namespace) -> int:
     tracing.setup_tracing("tokenizer")
-    try:
-        security = InternalSecurity.from_args(args)
-    except (OSError, ValueError) as e:
-        logger.error("bad security settings: %s", e)
+    security = security_from_args_or_log(args, logger)
+    if security is None:
         return 2
     srv = AioGrpcServer("tokenizer", [SERVICE_NAME], args.host, args.port, grace_s=args.shutdown_grace,
                         security=security, reflection=args.grpc_reflection)

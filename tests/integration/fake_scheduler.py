@@ -56,6 +56,12 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
         self.abort_calls: list[scheduler_pb2.AbortRequest] = []
         self._counter = itertools.count(1)
 
+    @classmethod
+    def for_tokenizer(cls, tok, **kw) -> FakeScheduler:
+        """A fake whose script is SCRIPT_TEXT in `tok`'s tokens, with its vocabulary and EOS."""
+        return cls(tok.encode(SCRIPT_TEXT, add_special_tokens=False), vocab_size=tok.vocab_size,
+                   eos_token_id=tok.eos_token_ids[0], **kw)
+
     def tokens_for(self, sp: common_pb2.SamplingParams, index: int) -> itertools.cycle:
         temp = sp.temperature if sp.HasField("temperature") else 1.0
         if temp < 1e-5:

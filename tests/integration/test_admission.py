@@ -10,7 +10,7 @@ import pytest
 
 from gateway.config import GatewayConfig
 from services.gen.pagedserve.v1 import tokenizer_pb2, tokenizer_pb2_grpc
-from tests.integration.fake_scheduler import SCRIPT_TEXT, FakeScheduler
+from tests.integration.fake_scheduler import FakeScheduler
 from tests.integration.gateway_stack import InProcessStack
 
 pytestmark = pytest.mark.timeout(120)
@@ -20,19 +20,15 @@ QUEUE = 16  # the fake reports --max-queue-len 16 and 64 running slots: 80 sampl
 
 
 @pytest.fixture(scope="module")
-def tok(gguf_path):
-    from engine_core.tokenizer import load_tokenizer
-
-    return load_tokenizer(gguf_path)
+def tok(smol_tokenizer):
+    return smol_tokenizer
 
 
 @pytest.fixture(scope="module")
 def stack(tok):
     st = InProcessStack()
     tok_addr = st.start_tokenizer(tok, MAX_LEN)
-    fake = FakeScheduler(tok.encode(SCRIPT_TEXT, add_special_tokens=False), vocab_size=tok.vocab_size,
-                         eos_token_id=tok.eos_token_ids[0], max_model_len=MAX_LEN, token_delay_s=0.001,
-                         max_queue_len=QUEUE)
+    fake = FakeScheduler.for_tokenizer(tok, max_model_len=MAX_LEN, token_delay_s=0.001, max_queue_len=QUEUE)
     url = st.start_gateway(GatewayConfig(scheduler_address=st.start_scheduler(fake), tokenizer_address=tok_addr,
                                          max_prompts=128))
     yield st, url, tok_addr

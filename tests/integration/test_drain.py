@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from tests.integration.fake_scheduler import SCRIPT_TEXT, FakeScheduler
+from tests.integration.fake_scheduler import FakeScheduler
 from tests.integration.gateway_stack import InProcessStack, Proc
 
 pytestmark = pytest.mark.timeout(120)
@@ -19,14 +19,10 @@ GRACE_S = 3.0
 
 
 @pytest.fixture(scope="module")
-def backends(gguf_path):
-    from engine_core.tokenizer import load_tokenizer
-
-    tok = load_tokenizer(gguf_path)
+def backends(smol_tokenizer):
     st = InProcessStack()
-    fake = FakeScheduler(tok.encode(SCRIPT_TEXT, add_special_tokens=False), vocab_size=tok.vocab_size,
-                         eos_token_id=tok.eos_token_ids[0], max_model_len=4096, token_delay_s=0.02)
-    yield st.start_scheduler(fake), st.start_tokenizer(tok, 4096), fake
+    fake = FakeScheduler.for_tokenizer(smol_tokenizer, max_model_len=4096, token_delay_s=0.02)
+    yield st.start_scheduler(fake), st.start_tokenizer(smol_tokenizer, 4096), fake
     st.close()
 
 

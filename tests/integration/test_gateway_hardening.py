@@ -13,7 +13,7 @@ import pytest
 
 from gateway.backend import status_to_api
 from gateway.config import GatewayConfig
-from tests.integration.fake_scheduler import SCRIPT_TEXT, FakeScheduler
+from tests.integration.fake_scheduler import FakeScheduler
 from tests.integration.gateway_stack import InProcessStack, wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -24,14 +24,10 @@ JUNK_METHODS = ("PROPFIND", "MKCOL", "COPY", "MOVE", "LOCK", "UNLOCK", "PURGE", 
 
 
 @pytest.fixture(scope="module")
-def stack(gguf_path):
-    from engine_core.tokenizer import load_tokenizer
-
-    tok = load_tokenizer(gguf_path)
+def stack(smol_tokenizer):
     st = InProcessStack()
-    fake = FakeScheduler(tok.encode(SCRIPT_TEXT, add_special_tokens=False), vocab_size=tok.vocab_size,
-                         eos_token_id=tok.eos_token_ids[0], max_model_len=1024, token_delay_s=0.01)
-    sched, tok_addr = st.start_scheduler(fake), st.start_tokenizer(tok, 1024)
+    fake = FakeScheduler.for_tokenizer(smol_tokenizer, max_model_len=1024, token_delay_s=0.01)
+    sched, tok_addr = st.start_scheduler(fake), st.start_tokenizer(smol_tokenizer, 1024)
     open_url = st.start_gateway(GatewayConfig(scheduler_address=sched, tokenizer_address=tok_addr))
     keyed_url = st.start_gateway(GatewayConfig(scheduler_address=sched, tokenizer_address=tok_addr, api_key=KEY,
                                                metrics_auth=True))

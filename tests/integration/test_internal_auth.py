@@ -25,7 +25,7 @@ from services.gen.pagedserve.v1 import (
 from services.grpc_server import GrpcServer
 from services.internal_auth import TOKEN_ENV, InternalSecurity
 from tests.integration.fake_executor import FakeExecutor
-from tests.integration.fake_scheduler import SCRIPT_TEXT, FakeScheduler
+from tests.integration.fake_scheduler import FakeScheduler
 from tests.integration.gateway_stack import SCHEDULER_SERVICE, InProcessStack
 
 pytestmark = pytest.mark.timeout(120)
@@ -33,10 +33,8 @@ TOKEN = "s3cret-service-token"
 
 
 @pytest.fixture(scope="module")
-def tok(gguf_path):
-    from engine_core.tokenizer import load_tokenizer
-
-    return load_tokenizer(gguf_path)
+def tok(smol_tokenizer):
+    return smol_tokenizer
 
 
 def _code(fn) -> str:
@@ -107,8 +105,7 @@ def test_scheduler_and_gateway_with_token(tok, monkeypatch):
     monkeypatch.setenv(TOKEN_ENV, TOKEN)
     st = InProcessStack()
     try:
-        fake = FakeScheduler(tok.encode(SCRIPT_TEXT, add_special_tokens=False), vocab_size=tok.vocab_size,
-                             eos_token_id=tok.eos_token_ids[0], max_model_len=256)
+        fake = FakeScheduler.for_tokenizer(tok, max_model_len=256)
         sched = st.start_scheduler(fake)
         url = st.start_gateway(GatewayConfig(scheduler_address=sched, tokenizer_address=st.start_tokenizer(tok, 256)))
         r = httpx.post(f"{url}/v1/completions", json={"prompt": "Hello", "max_tokens": 3}, timeout=30)

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 
 from gateway.config import GatewayConfig
-from tests.integration.fake_scheduler import SCRIPT_TEXT, FakeScheduler
+from tests.integration.fake_scheduler import FakeScheduler
 from tests.integration.gateway_stack import InProcessStack
 
 schemathesis = pytest.importorskip("schemathesis")
@@ -27,16 +27,12 @@ MIN_CASES = 1000
 
 
 @pytest.fixture(scope="module")
-def gateway_url(gguf_path):
-    from engine_core.tokenizer import load_tokenizer
-
-    tok = load_tokenizer(gguf_path)
+def gateway_url(smol_tokenizer):
     st = InProcessStack()
-    fake = FakeScheduler(tok.encode(SCRIPT_TEXT, add_special_tokens=False), vocab_size=tok.vocab_size,
-                         eos_token_id=tok.eos_token_ids[0], max_model_len=MAX_LEN, token_delay_s=0.0,
-                         max_queue_len=64)
+    fake = FakeScheduler.for_tokenizer(smol_tokenizer, max_model_len=MAX_LEN, token_delay_s=0.0, max_queue_len=64)
     url = st.start_gateway(GatewayConfig(scheduler_address=st.start_scheduler(fake),
-                                         tokenizer_address=st.start_tokenizer(tok, MAX_LEN), model_name="fake-model"))
+                                         tokenizer_address=st.start_tokenizer(smol_tokenizer, MAX_LEN),
+                                         model_name="fake-model"))
     yield url
     st.close()
 
