@@ -15,6 +15,7 @@ import pytest
 
 from services.gen.pagedserve.v1 import admin_pb2, admin_pb2_grpc, scheduler_pb2_grpc
 from services.gen.pagedserve.v1 import scheduler_pb2 as pb
+from tests.integration.test_launcher import PAGEDSERVE, ROOT
 from tests.integration.test_scheduler_service import (
     FAKE_EXECUTOR,
     collect,
@@ -96,6 +97,15 @@ def test_swap_executor_during_16_streams():
             # and it keeps serving on B
             assert collect(stub.Generate(gen_req("after", (7, 8, 9), max_tokens=4), timeout=30)) == \
                 {0: expected_tokens((7, 8, 9), 4)}
+            # the operator command, for an executor started by someone else
+            d, d_addr = spawn("services.executor", *FAKE_EXECUTOR, "--port", "0", env_extra=env)
+            procs.append(d)
+            r = subprocess.run([*PAGEDSERVE, "admin", "swap-executor", "--scheduler-address", addr,
+                                "--executor-address", d_addr], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                               check=False)
+            assert r.returncode == 0 and f"swapped {b_addr} -> {d_addr}" in r.stdout, (r.stdout, r.stderr)
+            assert collect(stub.Generate(gen_req("on-d", (7, 8, 9), max_tokens=4), timeout=30)) == \
+                {0: expected_tokens((7, 8, 9), 4)}
         print(f"swap: {resp.replayed_requests} requests replayed, engine switch {resp.switch_s * 1000:.1f} ms, "
               f"RPC {took * 1000:.0f} ms")
     finally:
@@ -118,7 +128,7 @@ def test_pagedserve_admin_swap_executor_real_model(tmp_path):
     import httpx
 
     from services.internal_auth import TOKEN_ENV
-    from tests.integration.test_launcher import PAGEDSERVE, ROOT, TOKEN, Launcher, alive
+    from tests.integration.test_launcher import TOKEN, Launcher, alive
 
     launcher = Launcher(tmp_path / "serve.log", "--device", "cpu", "--max-model-len", "256",
                         "--num-gpu-blocks-override", "128", "--max-num-seqs", "16", "--shutdown-grace", "2")
