@@ -7,9 +7,7 @@ temporary directory unless set, emptied at start; docs/observability.md)."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
-import functools
 import json
 import logging
 import os
@@ -145,24 +143,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     class Server(uvicorn.Server):
-        """SIGTERM drains first (gateway/drain.py: 503 for new requests, in-flight ones get
-        --shutdown-grace, then an in-band error + [DONE]); a second signal exits at once."""
-
         async def startup(self, sockets=None) -> None:
-            self._loop = asyncio.get_running_loop()
             await super().startup(sockets=sockets)
             if self.started:
                 print(f"gateway listening on {address}", flush=True)
 
-        def handle_exit(self, sig, frame) -> None:
-            loop = getattr(self, "_loop", None)
-            if loop is None or app.state.drain.draining or not self.started:
-                super().handle_exit(sig, frame)
-                return
-            exit_now = functools.partial(uvicorn.Server.handle_exit, self, sig, frame)
-            loop.call_soon_threadsafe(app.state.begin_drain, exit_now)
-
-    # The drain has already given in-flight requests their grace: uvicorn's own wait is a backstop.
+    # SIGTERM drains first (the app hooks the signal: gateway/drain.py), so in-flight requests have
+    # had their --shutdown-grace when uvicorn stops: its own wait is only a backstop.
     config = uvicorn.Config(app, log_config=None, log_level=args.log_level, access_log=args.access_log,
                             timeout_graceful_shutdown=DRAIN_BACKSTOP_S, backlog=4096)
     Server(config).run(sockets=[sock])
@@ -178,7 +165,7 @@ def run_workers(args: argparse.Namespace, sock: socket.socket, address: str) -> 
     os.environ[LOGGING_ENV] = f"{args.log_level}:{args.log_format}"
     config = uvicorn.Config("gateway.__main__:create_app_from_env", factory=True, workers=args.workers,
                             log_config=None, log_level=args.log_level, access_log=args.access_log,
-                            timeout_graceful_shutdown=args.shutdown_grace, backlog=4096)
+                            timeout_graceful_shutdown=DRAIN_BACKSTOP_S, backlog=4096)
     logger.info("gateway: %d workers, metrics merged in %s", args.workers, metrics_dir)
     # The socket is bound and listening: connections wait in its backlog until a worker accepts.
     sock.listen(4096)

@@ -25,7 +25,7 @@ from gateway import dashboard as dashboard_mod
 from gateway import metrics as metrics_mod
 from gateway.backend import Backend
 from gateway.config import GatewayConfig
-from gateway.drain import Drain, DrainMiddleware
+from gateway.drain import Drain, DrainMiddleware, install_signal_drain
 from gateway.errors import install_exception_handlers, model_not_found
 from gateway.middleware import GatewayMiddleware
 from gateway.openapi import install_openapi
@@ -69,6 +69,7 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         await backend.start()
+        install_signal_drain(drain, begin_drain)  # SIGTERM drains (gateway/drain.py)
         logger.info("gateway: scheduler at %s, tokenizer at %s", config.scheduler_address, config.tokenizer_address)
         try:
             yield

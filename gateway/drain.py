@@ -9,15 +9,21 @@
 
 A second SIGTERM (or Ctrl-C) skips the wait. The launcher stops the gateway first, then the
 scheduler, then the executor, so no stream loses its backend while the gateway drains.
+
+`install_signal_drain` hooks the signals from inside the app (its lifespan, in the server's main
+thread), in front of uvicorn's own handler, so every worker of `--workers N` drains too.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import signal
+import threading
 import time
 from collections.abc import Callable
 
 from gateway.errors import APIError
+from gateway.middleware import route_path
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +86,6 @@ class DrainMiddleware:
         self.drain = drain
 
     async def __call__(self, scope, receive, send) -> None:
-        from gateway.middleware import route_path
-
         if scope["type"] != "http" or not route_path(scope).startswith(_DRAINED_PATHS):
             await self.app(scope, receive, send)
             return
@@ -96,3 +100,25 @@ class DrainMiddleware:
             await self.app(scope, receive, send)
         finally:
             drain.in_flight -= 1
+
+
+def install_signal_drain(drain: Drain, begin_drain: Callable[[Callable[[], None]], None]) -> bool:
+    """SIGTERM / SIGINT begin the drain, then hand over to the handler installed before (uvicorn's,
+    which stops the server). Call inside the running server's event loop; only the main thread can
+    take signals (False elsewhere, e.g. a server in a test thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(sig)
+        if not callable(previous):
+            continue
+
+        def handler(signum, frame, previous=previous) -> None:
+            if drain.draining:  # a second signal: stop now
+                previous(signum, frame)
+                return
+            loop.call_soon_threadsafe(begin_drain, lambda: previous(signum, frame))
+
+        signal.signal(sig, handler)
+    return True

@@ -42,10 +42,11 @@ def _stream(url: str, max_tokens: int, out: list) -> None:
         out.append((lines, e))
 
 
-def test_sigterm_drains_streams_and_ends_each_with_done(backends):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_drains_streams_and_ends_each_with_done(backends, workers):
     sched, tok, fake = backends
     gw = Proc(["-m", "gateway", "--port", "0", "--scheduler-address", sched, "--tokenizer-address", tok,
-               "--shutdown-grace", str(GRACE_S)], "gateway", timeout=60)
+               "--shutdown-grace", str(GRACE_S), "--workers", str(workers)], "gateway", timeout=60)
     url = f"http://{gw.address}"
     try:
         assert httpx.get(f"{url}/health", timeout=10).status_code == 200
@@ -62,7 +63,7 @@ def test_sigterm_drains_streams_and_ends_each_with_done(backends):
         assert sum(fake.running.values()) == 9
         t0 = time.monotonic()
         gw.p.send_signal(15)
-        time.sleep(0.3)
+        time.sleep(1.0)  # uvicorn's worker supervisor checks for a stop every 0.5 s before signalling workers
         r = httpx.post(f"{url}/v1/completions", json={"prompt": "late", "max_tokens": 2}, timeout=10)
         assert r.status_code == 503 and r.headers.get("retry-after"), r.text
         assert r.json()["error"]["code"] == "service_unavailable"
@@ -87,7 +88,7 @@ def test_sigterm_drains_streams_and_ends_each_with_done(backends):
         last = json.loads(lines[-2])
         assert last["error"]["code"] == "service_unavailable" and "shutting down" in last["error"]["message"]
         assert len(lines) > 5  # it was streaming tokens before
-    print(f"drain: SIGTERM -> exit {elapsed:.2f}s (grace {GRACE_S}s); 8 streams ended in-band + [DONE], "
+    print(f"drain ({workers} workers): SIGTERM -> exit {elapsed:.2f}s (grace {GRACE_S}s); 8 streams ended in-band + [DONE], "
           "1 finished normally, new request 503 + Retry-After")
     # every request was ended in the scheduler (aborted on close)
     deadline = time.monotonic() + 5
