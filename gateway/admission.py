@@ -5,9 +5,10 @@ take the tokenizer service (or the scheduler's queue) away from everybody else.
 - a prompt string longer than `chars_per_token_bound` x max_model_len characters cannot fit the
   context whatever it tokenizes to (no vocabulary token of the served models is that long), so it
   gets the context-length 400 without costing tokenizer CPU (a 10 MB prompt used to burn ~20 s);
-- the prompts of one request are tokenized `tokenize_concurrency` at a time (not all at once), and
-  every request of the worker shares `worker_tokenize_slots` in-flight tokenizer calls (FIFO), so a
-  request with many prompts waits its turn instead of flooding the tokenizer service;
+- the prompts of one request are tokenized in batches of `tokenize_batch` (one EncodeBatch call
+  each), `tokenize_concurrency` batches at a time (not all at once), and every request of the worker
+  shares `worker_tokenize_slots` in-flight tokenizer calls (FIFO), so a request with many prompts
+  waits its turn instead of flooding the tokenizer service;
 - the total prompt tokens of one request are capped (`max_request_prompt_tokens`): tokenization
   stops at the first prompt past the cap (400);
 - a request whose samples (prompts x n) exceed what the scheduler can ever hold (its queue plus
@@ -30,6 +31,7 @@ class AdmissionLimits:
     max_prompts: int = 256
     max_request_prompt_tokens: int = 1 << 20
     tokenize_concurrency: int = 4
+    tokenize_batch: int = 16
     worker_tokenize_slots: int = 64
     # Longest token of SmolLM2 / Llama-3 / Qwen3 vocabularies is < 128 chars (runs of spaces / dashes).
     chars_per_token_bound: int = 128
@@ -72,37 +74,41 @@ class Admission:
                               f"more than the server can ever hold at once ({capacity}); send fewer prompts or a "
                               f"smaller n.", param="n", code="request_too_large")
 
-    async def tokenize_all(self, items: Sequence[T], tokenize: Callable[[int, T], Awaitable[tuple[list[int], str]]]
+    async def tokenize_all(self, items: Sequence[T],
+                           tokenize: Callable[[list[int]], Awaitable[list[tuple[list[int], str]]]]
                            ) -> list[tuple[list[int], str]]:
-        """tokenize(i, item) for every item, `tokenize_concurrency` at a time, each call holding one
-        of the worker's tokenizer slots; stops (400) once the prompts' tokens pass the request cap."""
+        """tokenize(indices) -> (ids, text) for those items, over batches of `tokenize_batch` items,
+        `tokenize_concurrency` batches at a time, each call holding one of the worker's tokenizer
+        slots; stops (400) once the prompts' tokens pass the request cap."""
         limits = self.limits
+        batches = [list(range(i, min(i + limits.tokenize_batch, len(items))))
+                   for i in range(0, len(items), limits.tokenize_batch)]
         results: list[tuple[list[int], str] | None] = [None] * len(items)
         total = 0
-        next_index = 0
         error: list[BaseException] = []
 
         async def worker() -> None:
-            nonlocal next_index, total
-            while not error and next_index < len(items):
-                i = next_index
-                next_index += 1
+            nonlocal total
+            while not error and batches:
+                batch = batches.pop(0)
                 async with self.slots:
                     if error:
                         return
                     try:
-                        results[i] = await tokenize(i, items[i])
+                        out = await tokenize(batch)
                     except Exception as e:  # noqa: BLE001 (re-raised below: the first one wins)
                         error.append(e)
                         return
-                total += len(results[i][0])
+                for i, r in zip(batch, out):
+                    results[i] = r
+                    total += len(r[0])
                 if total > limits.max_request_prompt_tokens:
                     error.append(bad_request(
                         f"The prompts of this request have more than {limits.max_request_prompt_tokens} tokens in "
                         "all; split it into several requests.", param="prompt", code="request_too_large"))
                     return
 
-        await asyncio.gather(*(worker() for _ in range(min(limits.tokenize_concurrency, len(items)) or 1)))
+        await asyncio.gather(*(worker() for _ in range(min(limits.tokenize_concurrency, len(batches)) or 1)))
         if error:
             raise error[0]
         return results  # type: ignore[return-value]

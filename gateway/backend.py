@@ -213,6 +213,19 @@ class Backend:
                 raise self._error(e, "tokenizer") from None
         return list(resp.token_ids)
 
+    async def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
+        """Several texts in one tokenizer call (EncodeBatch), results in order."""
+        from gateway.telemetry import span
+
+        with span("tokenize", **{"pagedserve.prompts": len(texts)}):
+            try:
+                resp = await self.tokenizer.EncodeBatch(
+                    tokenizer_pb2.EncodeBatchRequest(texts=list(texts), add_special_tokens=add_special_tokens),
+                    timeout=self.config.rpc_timeout_s, metadata=tracing.grpc_metadata())
+            except grpc.RpcError as e:
+                raise self._error(e, "tokenizer") from None
+        return [list(r.token_ids) for r in resp.results]
+
     async def apply_chat_template(self, messages: Sequence[tokenizer_pb2.ChatMessage],
                                   add_generation_prompt: bool = True) -> tuple[str, list[int]]:
         from gateway.telemetry import span

@@ -72,14 +72,21 @@ class CompletionsServing(BaseServing):
             if isinstance(item, str):
                 admission.check_text_size(len(item), facts.max_model_len, f"prompt.{i}" if many else "prompt")
 
-        async def tokenize(i: int, item: str | list[int]) -> tuple[list[int], str]:
-            param = f"prompt.{i}" if many else "prompt"
-            if isinstance(item, str):
-                ids = await self.backend.encode(item)
-                return ids, item
-            check_prompt_ids(item, facts, param)
-            text = await self.backend.decode(item, sp.skip_special_tokens) if req.echo else ""
-            return list(item), text
+        async def tokenize(indices: list[int]) -> list[tuple[list[int], str]]:
+            texts = [i for i in indices if isinstance(items[i], str)]
+            if len(texts) > 1:  # one EncodeBatch call for the batch's strings
+                encoded = dict(zip(texts, await self.backend.encode_batch([items[i] for i in texts])))
+            else:
+                encoded = {i: await self.backend.encode(items[i]) for i in texts}
+            out = []
+            for i in indices:
+                item = items[i]
+                if isinstance(item, str):
+                    out.append((encoded[i], item))
+                    continue
+                check_prompt_ids(item, facts, f"prompt.{i}" if many else "prompt")
+                out.append((list(item), await self.backend.decode(item, sp.skip_special_tokens) if req.echo else ""))
+            return out
 
         tokenized = await admission.tokenize_all(items, tokenize)
         gens = []

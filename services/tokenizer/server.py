@@ -42,6 +42,9 @@ SERVICE_NAME = tokenizer_pb2.DESCRIPTOR.services_by_name["Tokenizer"].full_name
 _INLINE_MAX_CHARS = 2048
 _INLINE_MAX_TOKENS = 512
 DEFAULT_MAX_IN_FLIGHT = 256
+# EncodeBatch limits per call (the gateway sends at most 16 prompts, within its own caps).
+MAX_BATCH_TEXTS = 256
+MAX_BATCH_CHARS = 64 * 2**20
 
 
 @functools.cache
@@ -150,6 +153,24 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
         ids = await self._call(context, "Encode", self.tokenizer.encode, request.text, add_special_tokens=add,
                                inline=len(request.text) <= _INLINE_MAX_CHARS)
         return tokenizer_pb2.EncodeResponse(token_ids=ids)
+
+    def _encode_batch(self, texts: list[str], add: bool) -> list[list[int]]:
+        if len(texts) > MAX_BATCH_TEXTS:
+            raise ClientError(f"at most {MAX_BATCH_TEXTS} texts per call, got {len(texts)}")
+        chars = sum(len(t) for t in texts)
+        if chars > MAX_BATCH_CHARS:
+            raise ClientError(f"at most {MAX_BATCH_CHARS} characters per call, got {chars}")
+        encode = self.tokenizer.encode
+        return [encode(t, add_special_tokens=add) for t in texts]
+
+    @tracing.traced_rpc("tokenizer.EncodeBatch")
+    async def EncodeBatch(self, request, context):
+        await self._check_ready(context)
+        add = request.add_special_tokens if request.HasField("add_special_tokens") else True
+        texts = list(request.texts)
+        ids = await self._call(context, "EncodeBatch", self._encode_batch, texts, add,
+                               inline=sum(len(t) for t in texts) <= _INLINE_MAX_CHARS)
+        return tokenizer_pb2.EncodeBatchResponse(results=[tokenizer_pb2.EncodeResponse(token_ids=x) for x in ids])
 
     def _render_chat(self, request) -> tuple[str, list[int]]:
         if not request.messages:

@@ -143,3 +143,27 @@ def test_tokenizer_sheds_load_with_resource_exhausted(tok):
     assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, codes
     assert "RESOURCE_EXHAUSTED" in codes and "OK" in codes
     assert after == "OK"
+
+
+def test_many_prompts_go_in_batched_tokenizer_calls(stack, tok):
+    """48 string prompts go through EncodeBatch (batches of 16): every prompt's tokens land on its own
+    choice, in prompt order, and usage counts them all."""
+    _, url, _ = stack
+    prompts = [f"prompt number {i}" for i in range(48)]
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": prompts, "max_tokens": 1, "echo": True}, timeout=30)
+    assert r.status_code == 200, r.text
+    choices = sorted(r.json()["choices"], key=lambda c: c["index"])
+    assert [c["text"][:len(p)] for c, p in zip(choices, prompts)] == prompts
+    assert r.json()["usage"]["prompt_tokens"] == sum(len(tok.encode(p)) for p in prompts)
+
+
+def test_encode_batch_rpc(stack, tok):
+    _, _, tok_addr = stack
+    with grpc.insecure_channel(tok_addr) as ch:
+        stub = tokenizer_pb2_grpc.TokenizerStub(ch)
+        texts = ["Hello there", "", "Café 😀"]
+        resp = stub.EncodeBatch(tokenizer_pb2.EncodeBatchRequest(texts=texts), timeout=10)
+        assert [list(x.token_ids) for x in resp.results] == [tok.encode(t) for t in texts]
+        with pytest.raises(grpc.RpcError) as ei:
+            stub.EncodeBatch(tokenizer_pb2.EncodeBatchRequest(texts=["x"] * 257), timeout=10)
+        assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "256" in ei.value.details()
