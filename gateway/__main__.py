@@ -160,18 +160,23 @@ def run_workers(args: argparse.Namespace, sock: socket.socket, address: str) -> 
     import uvicorn
     from uvicorn.supervisors import Multiprocess
 
+    try:
+        config = config_from_args(args)
+    except (OSError, ValueError) as e:
+        logger.error("bad arguments: %s", e)
+        return 2
     metrics_dir, created = prepare_multiprocess_metrics()
-    os.environ[CONFIG_ENV] = json.dumps(dataclasses.asdict(config_from_args(args)))
+    os.environ[CONFIG_ENV] = json.dumps(dataclasses.asdict(config))
     os.environ[LOGGING_ENV] = f"{args.log_level}:{args.log_format}"
-    config = uvicorn.Config("gateway.__main__:create_app_from_env", factory=True, workers=args.workers,
-                            log_config=None, log_level=args.log_level, access_log=args.access_log,
-                            timeout_graceful_shutdown=DRAIN_BACKSTOP_S, backlog=4096)
+    uv_config = uvicorn.Config("gateway.__main__:create_app_from_env", factory=True, workers=args.workers,
+                               log_config=None, log_level=args.log_level, access_log=args.access_log,
+                               timeout_graceful_shutdown=DRAIN_BACKSTOP_S, backlog=4096)
     logger.info("gateway: %d workers, metrics merged in %s", args.workers, metrics_dir)
     # The socket is bound and listening: connections wait in its backlog until a worker accepts.
     sock.listen(4096)
     print(f"gateway listening on {address}", flush=True)
     try:
-        Multiprocess(config, sockets=[sock]).run()
+        Multiprocess(uv_config, sockets=[sock]).run()
     finally:
         if created:
             shutil.rmtree(metrics_dir, ignore_errors=True)
