@@ -131,11 +131,11 @@ def resolve_api_key(flag_value: str | None, file_path: str | None, env: Mapping[
                     warn=None) -> str | None:
     """The gateway's API key: --api-key-file, else $PAGEDSERVE_API_KEY, else --api-key (kept working,
     with a warning: a key in argv shows in `ps` to every local user)."""
-    env = os.environ if env is None else env
     if file_path:
         return read_secret_file(file_path)
-    if env.get(API_KEY_ENV):
-        return env[API_KEY_ENV]
+    from_env = (os.environ if env is None else env).get("PAGEDSERVE_API_KEY")  # = API_KEY_ENV
+    if from_env:
+        return from_env
     if flag_value and warn is not None:
         warn(f"--api-key shows in `ps` to every local user: prefer ${API_KEY_ENV} or --api-key-file")
     return flag_value or None
