@@ -97,9 +97,17 @@ class ServerProcess:
 
 def start_pagedserve(model: str | None = None, device: str = "cpu", extra: list[str] | None = None,
                      log_path: str | os.PathLike | None = None, env: dict | None = None) -> ServerProcess:
+    """`pagedserve serve`; `.service_token` is the token its internal services want (given in `env`
+    or this process's environment, else a fresh one) for clients that call them directly."""
+    from services.internal_auth import TOKEN_ENV, generate_token
+
     argv = [sys.executable, "-m", "services.cli", "serve", *([model] if model else []), *FREE_PORTS,
             "--device", device, *(extra or [])]
-    return ServerProcess("pagedserve", argv, PAGEDSERVE_READY, env=env, log_path=log_path, fail=PAGEDSERVE_NO_GATEWAY)
+    token = (env or {}).get(TOKEN_ENV) or os.environ.get(TOKEN_ENV) or generate_token()
+    server = ServerProcess("pagedserve", argv, PAGEDSERVE_READY, env={**(env or {}), TOKEN_ENV: token},
+                           log_path=log_path, fail=PAGEDSERVE_NO_GATEWAY)
+    server.service_token = token
+    return server
 
 
 def start_hf_server(model: str | None = None, dummy_config: str | None = None, device: str = "cpu",

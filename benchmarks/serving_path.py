@@ -52,6 +52,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.grpc_overhead import closed_loop, make_prompts, pct, wait_serving
 from benchmarks.servers import start_pagedserve
+from services.internal_auth import TOKEN_ENV, InternalSecurity
 
 RESULTS = ROOT / "benchmarks" / "results"
 CONFIGS = ROOT / "benchmarks" / "configs"
@@ -156,14 +157,13 @@ def n_prompts(args, c: int) -> int:
 
 # ---------------------------------------------------------------------------- paths 2 and 3: clients
 async def _grpc_client(addr: str, work: list[tuple[int, list[int]]], c: int, max_tokens: int, tag: str) -> list:
-    import grpc
 
     from services.gen.pagedserve.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
     from services.grpc_server import channel_options
 
     sp = common_pb2.SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     recs = []
-    async with grpc.aio.insecure_channel(addr, options=channel_options()) as ch:
+    async with InternalSecurity.from_env().aio_channel(addr, channel_options()) as ch:
         stub = scheduler_pb2_grpc.SchedulerStub(ch)
         sem = asyncio.Semaphore(c)
 
@@ -185,7 +185,6 @@ async def _grpc_stream_client(addr: str, work: list[tuple[int, list[int]]], c: i
                               tag: str) -> list:
     """C requests in flight on one Scheduler.GenerateStream (the batched API the gateway uses: one
     message per engine step for all of them), a finished one replaced at once."""
-    import grpc
 
     from services.gen.pagedserve.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
     from services.grpc_server import channel_options
@@ -194,7 +193,7 @@ async def _grpc_stream_client(addr: str, work: list[tuple[int, list[int]]], c: i
     todo = list(reversed(work))
     inflight: dict[int, list] = {}  # key -> [sent, first token, tokens]
     recs = []
-    async with grpc.aio.insecure_channel(addr, options=channel_options()) as ch:
+    async with InternalSecurity.from_env().aio_channel(addr, channel_options()) as ch:
         call = scheduler_pb2_grpc.SchedulerStub(ch).GenerateStream(timeout=3600)
 
         async def add(k: int) -> None:
@@ -298,8 +297,6 @@ def scheduler_address(server, timeout: float = 30.0) -> str:
 
 
 def stack_phase(args, cfg: Path, tok_dir: Path) -> list[dict]:
-    import grpc
-
     from services.gen.pagedserve.v1 import scheduler_pb2, scheduler_pb2_grpc
 
     extra = ["--tokenizer", str(tok_dir), "--dtype", args.dtype, "--max-model-len", str(args.max_model_len),
@@ -309,11 +306,16 @@ def stack_phase(args, cfg: Path, tok_dir: Path) -> list[dict]:
     server = start_pagedserve(f"dummy:{cfg}", device=args.device, extra=extra, env=threads,
                               log_path=args.log_dir / f"stack_{cfg.stem}.log")
     runs = []
+    # This phase's gRPC clients (the spawned client processes too) call the stack's scheduler
+    # directly: they authenticate with its service token (services/internal_auth.py), which is in
+    # the environment until the phase ends.
+    previous_token = os.environ.get(TOKEN_ENV)
+    os.environ[TOKEN_ENV] = server.service_token
     try:
         url = server.wait_ready(args.startup_timeout)
         sched = scheduler_address(server)
         print(f"stack ready: gateway {url}, scheduler {sched}", flush=True)
-        with grpc.insecure_channel(sched) as ch:
+        with InternalSecurity.from_env().channel(sched) as ch:
             stub = scheduler_pb2_grpc.SchedulerStub(ch)
 
             def steps() -> int:
@@ -335,6 +337,10 @@ def stack_phase(args, cfg: Path, tok_dir: Path) -> list[dict]:
                     runs.append(r)
     finally:
         server.stop(grace=20)
+        if previous_token is None:
+            os.environ.pop(TOKEN_ENV, None)
+        else:
+            os.environ[TOKEN_ENV] = previous_token
     return runs
 
 

@@ -208,7 +208,8 @@ def main() -> int:
         device = torch.cuda.get_device_name(0)
     date = dt.date.today().isoformat()
     result = {"benchmark": "structured_output", "date": date, "device": device, "host": platform.node(),
-              "cpu_threads": os.cpu_count(), "model": info.model_name, "dtype": info.dtype,
+              "cpu_threads": os.cpu_count(), "load_average": os.getloadavg(), "model": info.model_name,
+              "dtype": info.dtype,
               "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
               "concurrency": args.concurrency, "max_tokens": args.max_tokens, "compile": compile_res,
               "runs": runs, "stall_probe": stalls,

@@ -23,6 +23,7 @@ from services.grpc_server import SCHEDULER_PORT, TOKENIZER_PORT, configure_loggi
 logger = logging.getLogger("gateway")
 
 DEFAULT_PORT = 8000
+DRAIN_BACKSTOP_S = 3.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,8 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", "--served-model-name", dest="model_name", default=None,
                    help="model name clients use (default: the scheduler's GetModelInfo model_name)")
     p.add_argument("--model-alias", action="append", default=[], help="another accepted model name (repeatable)")
-    p.add_argument("--api-key", default=os.environ.get("PAGEDSERVE_API_KEY") or None,
-                   help="require `Authorization: Bearer KEY` on /v1/* (default: $PAGEDSERVE_API_KEY; unset: open)")
+    p.add_argument("--api-key", default=None,
+                   help="require `Authorization: Bearer KEY` on /v1/* and /dashboard (shows in `ps`: prefer "
+                        "$PAGEDSERVE_API_KEY or --api-key-file; unset: open)")
+    p.add_argument("--api-key-file", default=None, help="file holding the API key")
+    p.add_argument("--metrics-auth", action="store_true", help="/metrics needs the API key too")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                    help=f"larger request bodies get 413 (default {DEFAULT_MAX_BODY_BYTES})")
     p.add_argument("--max-n", type=int, default=128, help="largest n accepted (default 128)")
@@ -62,11 +66,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="worker processes sharing the port (default 1; >1: multiprocess Prometheus metrics)")
     p.add_argument("--dashboard-interval", type=float, default=0.5,
                    help="seconds between the live dashboard's snapshots (default 0.5)")
+    from services.internal_auth import add_security_args
+
+    add_security_args(p)
+    g = p.add_argument_group("admission (one request may not starve the others: gateway/admission.py)")
+    g.add_argument("--max-prompts", type=int, default=256, help="prompts per completions request (default 256)")
+    g.add_argument("--max-request-prompt-tokens", type=int, default=1 << 20,
+                   help="prompt tokens of one request in all (default 1048576)")
+    g.add_argument("--tokenize-concurrency", type=int, default=4,
+                   help="tokenizer calls one request may have in flight (default 4)")
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     from gateway.routing.discovery import parse_addresses, split_dns_target
+    from services.internal_auth import resolve_api_key
 
     try:
         if args.scheduler_dns:
@@ -75,14 +89,19 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
             parse_addresses(args.scheduler_address)
     except ValueError as e:
         raise SystemExit(f"gateway: {e}") from None
+    api_key = resolve_api_key(args.api_key, args.api_key_file, warn=logger.warning)
     return GatewayConfig(scheduler_address=args.scheduler_address, tokenizer_address=args.tokenizer_address,
                          scheduler_dns=args.scheduler_dns, scheduler_dns_interval_s=args.scheduler_dns_interval,
                          routing=args.routing, routing_prefix_blocks=args.routing_prefix_blocks,
                          routing_load_factor=args.routing_load_factor,
                          routing_cache_threshold=args.routing_cache_threshold,
-                         model_name=args.model_name, model_aliases=tuple(args.model_alias), api_key=args.api_key,
+                         model_name=args.model_name, model_aliases=tuple(args.model_alias), api_key=api_key,
+                         metrics_auth=args.metrics_auth, shutdown_grace_s=args.shutdown_grace,
                          max_body_bytes=args.max_body_bytes, max_n=args.max_n, root_path=args.root_path,
-                         dashboard_interval_s=args.dashboard_interval)
+                         dashboard_interval_s=args.dashboard_interval, max_prompts=args.max_prompts,
+                         max_request_prompt_tokens=args.max_request_prompt_tokens,
+                         tokenize_concurrency=args.tokenize_concurrency, service_token_file=args.service_token_file,
+                         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca)
 
 
 CONFIG_ENV = "PAGEDSERVE_GATEWAY_CONFIG"
@@ -144,15 +163,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers > 1:
         return run_workers(args, sock, address)
 
+    try:
+        app = create_app(config_from_args(args))
+    except (OSError, ValueError) as e:
+        logger.error("bad arguments: %s", e)
+        return 2
+
     class Server(uvicorn.Server):
         async def startup(self, sockets=None) -> None:
             await super().startup(sockets=sockets)
             if self.started:
                 print(f"gateway listening on {address}", flush=True)
 
-    config = uvicorn.Config(create_app(config_from_args(args)), log_config=None, log_level=args.log_level,
-                            access_log=args.access_log, timeout_graceful_shutdown=args.shutdown_grace,
-                            backlog=4096)
+    # SIGTERM drains first (the app hooks the signal: gateway/drain.py), so in-flight requests have
+    # had their --shutdown-grace when uvicorn stops: its own wait is only a backstop.
+    config = uvicorn.Config(app, log_config=None, log_level=args.log_level, access_log=args.access_log,
+                            timeout_graceful_shutdown=DRAIN_BACKSTOP_S, backlog=4096)
     Server(config).run(sockets=[sock])
     return 0
 
@@ -161,18 +187,23 @@ def run_workers(args: argparse.Namespace, sock: socket.socket, address: str) -> 
     import uvicorn
     from uvicorn.supervisors import Multiprocess
 
+    try:
+        config = config_from_args(args)
+    except (OSError, ValueError) as e:
+        logger.error("bad arguments: %s", e)
+        return 2
     metrics_dir, created = prepare_multiprocess_metrics()
-    os.environ[CONFIG_ENV] = json.dumps(dataclasses.asdict(config_from_args(args)))
+    os.environ[CONFIG_ENV] = json.dumps(dataclasses.asdict(config))
     os.environ[LOGGING_ENV] = f"{args.log_level}:{args.log_format}"
-    config = uvicorn.Config("gateway.__main__:create_app_from_env", factory=True, workers=args.workers,
-                            log_config=None, log_level=args.log_level, access_log=args.access_log,
-                            timeout_graceful_shutdown=args.shutdown_grace, backlog=4096)
+    uv_config = uvicorn.Config("gateway.__main__:create_app_from_env", factory=True, workers=args.workers,
+                               log_config=None, log_level=args.log_level, access_log=args.access_log,
+                               timeout_graceful_shutdown=DRAIN_BACKSTOP_S, backlog=4096)
     logger.info("gateway: %d workers, metrics merged in %s", args.workers, metrics_dir)
     # The socket is bound and listening: connections wait in its backlog until a worker accepts.
     sock.listen(4096)
     print(f"gateway listening on {address}", flush=True)
     try:
-        Multiprocess(config, sockets=[sock]).run()
+        Multiprocess(uv_config, sockets=[sock]).run()
     finally:
         if created:
             shutil.rmtree(metrics_dir, ignore_errors=True)

@@ -4,13 +4,14 @@
     GET  /v1/models/{model}
     POST /v1/completions
     POST /v1/chat/completions
-    GET  /health                 200 only when both backends are SERVING and the executor answers
+    GET  /health                 200 only when both backends are SERVING and the executor answers (503 while draining)
     GET  /version
     GET  /metrics                Prometheus metrics (gateway/metrics.py; every worker's with --workers > 1)
     GET  /dashboard              live dashboard (gateway/dashboard.py), fed by GET /dashboard/stream (SSE)
 
 The gRPC channels are opened in the lifespan (inside the server's event loop) and shared by all
-requests; `app.state.backend` is the `Backend`.
+requests; `app.state.backend` is the `Backend`. `app.state.begin_drain(on_done)` starts the
+graceful drain (gateway/drain.py; the server calls it on SIGTERM).
 """
 from __future__ import annotations
 
@@ -24,8 +25,10 @@ from gateway import dashboard as dashboard_mod
 from gateway import metrics as metrics_mod
 from gateway.backend import Backend
 from gateway.config import GatewayConfig
+from gateway.drain import Drain, DrainMiddleware, install_signal_drain
 from gateway.errors import install_exception_handlers, model_not_found
 from gateway.middleware import GatewayMiddleware
+from gateway.openapi import install_openapi
 from gateway.protocol import ModelCard, ModelList
 from gateway.serving_chat import ChatServing
 from gateway.serving_completions import CompletionsServing
@@ -66,6 +69,7 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         await backend.start()
+        install_signal_drain(drain, begin_drain)  # SIGTERM drains (gateway/drain.py)
         logger.info("gateway: scheduler at %s, tokenizer at %s", config.scheduler_address, config.tokenizer_address)
         try:
             yield
@@ -77,8 +81,19 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
                   **_no_native_telemetry())
     app.state.backend = backend
     app.state.config = config
+    drain = Drain(config.shutdown_grace_s, config.retry_after_s)
+    app.state.drain = drain
+
+    def begin_drain(on_done) -> None:
+        stream = backend.step_stream
+        drain.start(stream.fail_all if stream is not None else (lambda _err: 0), on_done)
+
+    app.state.begin_drain = begin_drain
     install_exception_handlers(app)
-    app.add_middleware(GatewayMiddleware, api_key=config.api_key, max_body_bytes=config.max_body_bytes)
+    install_openapi(app)
+    app.add_middleware(DrainMiddleware, drain=drain)  # inside the auth check: a 401 stays a 401
+    app.add_middleware(GatewayMiddleware, api_key=config.api_key, max_body_bytes=config.max_body_bytes,
+                       metrics_auth=config.metrics_auth)
     app.add_middleware(TelemetryMiddleware)  # outermost: request id, HTTP metrics, the request's span
     hub = dashboard_mod.install(app, backend, config.dashboard_interval_s)
 
@@ -111,6 +126,9 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
+        if drain.draining:
+            return JSONResponse({"status": "draining", "checks": {}}, status_code=503,
+                                headers={"Retry-After": str(config.retry_after_s)})
         ok, checks = await backend.health()
         return JSONResponse({"status": "ok" if ok else "unhealthy", "checks": checks}, status_code=200 if ok else 503)
 

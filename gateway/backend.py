@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gateway.admission import Admission, AdmissionLimits
 from gateway.config import GatewayConfig
 from gateway.errors import APIError
 from gateway.routing.replica import Replica
@@ -39,6 +40,7 @@ from services.gen.pagedserve.v1 import (
     tokenizer_pb2_grpc,
 )
 from services.grpc_server import channel_options
+from services.internal_auth import InternalSecurity
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +80,8 @@ def _to_api(code: grpc.StatusCode, details: str, backend: str, retry_after_s: in
                     retry = max(1, int(float(value)))
                 except (TypeError, ValueError):
                     pass
-        return APIError(429, f"The server is busy ({details or 'request queue full'}); retry later.",
+        reason = (details or "request queue full").removesuffix("; retry later")  # said once, below
+        return APIError(429, f"The server is busy ({reason}); retry later.",
                         code="rate_limit_exceeded", headers={"Retry-After": str(retry)})
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
         return APIError(503, f"The {backend} service is unavailable: {details or code.name}.",
@@ -99,6 +102,12 @@ class ModelFacts:
     max_logprobs: int
     has_chat_template: bool
     created: int
+    # Samples the scheduler can ever hold at once (waiting-queue limit + running slots; 0: no limit).
+    capacity: int = 0
+    # End-of-generation tokens the tokenizer knows (e.g. SmolLM2's <|endoftext|> next to <|im_end|>)
+    # but the model's config does not: the gateway stops on them too (as stop token ids), so one
+    # set of EOS tokens holds across the stack.
+    extra_eos_token_ids: tuple[int, ...] = ()
 
 
 class Backend:
@@ -113,13 +122,21 @@ class Backend:
         self.replicas: ReplicaSet | None = None  # the scheduler replicas and the routing policy
         self._facts_lock: asyncio.Lock | None = None
         self._token_cache: dict[int, tuple[str, bytes]] = {}
+        # Per-request caps and the worker's shared tokenizer slots (gateway/admission.py).
+        self.admission = Admission(AdmissionLimits(max_prompts=config.max_prompts,
+                                                   max_request_prompt_tokens=config.max_request_prompt_tokens,
+                                                   tokenize_concurrency=config.tokenize_concurrency))
 
     async def start(self) -> None:
-        self._tok_channel = grpc.aio.insecure_channel(self.config.tokenizer_address, options=channel_options())
+        opts = channel_options()
+        c = self.config
+        security = InternalSecurity.from_env(token_file=c.service_token_file, tls_cert=c.tls_cert, tls_key=c.tls_key,
+                                             tls_ca=c.tls_ca)
+        self._tok_channel = security.aio_channel(c.tokenizer_address, opts)
         self.tokenizer = tokenizer_pb2_grpc.TokenizerStub(self._tok_channel)
         self._tok_health = health_pb2_grpc.HealthStub(self._tok_channel)
         self._facts_lock = asyncio.Lock()
-        self.replicas = ReplicaSet(self.config, self.tokenizer)
+        self.replicas = ReplicaSet(self.config, self.tokenizer, channel=security.aio_channel)
         await self.replicas.start()
 
     async def close(self) -> None:
@@ -159,16 +176,28 @@ class Backend:
             tinfo = await self.tokenizer.GetInfo(tokenizer_pb2.GetInfoRequest(), timeout=timeout)
         except grpc.RpcError as e:
             raise self._error(e, "tokenizer") from None
+        try:
+            stats = await self.scheduler.GetStats(scheduler_pb2.GetStatsRequest(), timeout=timeout)
+        except grpc.RpcError as e:
+            raise self._error(e, "scheduler") from None
+        capacity = stats.max_queue_len + info.max_num_seqs if stats.max_queue_len else 0
         ex = info.executor
         max_len = ex.max_model_len or (tinfo.max_model_len if tinfo.HasField("max_model_len") else 0)
         name = self.config.model_name or ex.model_name or tinfo.model_name or "default"
         self.replicas.block_size = int(ex.block_size)
         facts = ModelFacts(name=name, max_model_len=int(max_len), vocab_size=int(ex.vocab_size or tinfo.vocab_size),
                            max_logprobs=int(info.max_logprobs or DEFAULT_MAX_LOGPROBS),
-                           has_chat_template=bool(tinfo.has_chat_template), created=int(time.time()))
+                           has_chat_template=bool(tinfo.has_chat_template), created=int(time.time()),
+                           capacity=int(capacity),
+                           extra_eos_token_ids=tuple(t for t in tinfo.eos_token_ids if t not in ex.eos_token_ids))
         logger.info("serving model %r (max_model_len %d, vocab %d, chat template: %s)", facts.name,
                     facts.max_model_len, facts.vocab_size, facts.has_chat_template)
         return facts
+
+    @property
+    def cached_facts(self) -> ModelFacts | None:
+        """The model facts if fetched already (no RPC)."""
+        return self._facts
 
     def served_names(self, facts: ModelFacts) -> set[str]:
         return {facts.name, *self.config.model_aliases}
@@ -185,6 +214,19 @@ class Backend:
             except grpc.RpcError as e:
                 raise self._error(e, "tokenizer") from None
         return list(resp.token_ids)
+
+    async def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
+        """Several texts in one tokenizer call (EncodeBatch), results in order."""
+        from gateway.telemetry import span
+
+        with span("tokenize", **{"pagedserve.prompts": len(texts)}):
+            try:
+                resp = await self.tokenizer.EncodeBatch(
+                    tokenizer_pb2.EncodeBatchRequest(texts=list(texts), add_special_tokens=add_special_tokens),
+                    timeout=self.config.rpc_timeout_s, metadata=tracing.grpc_metadata())
+            except grpc.RpcError as e:
+                raise self._error(e, "tokenizer") from None
+        return [list(r.token_ids) for r in resp.results]
 
     async def apply_chat_template(self, messages: Sequence[tokenizer_pb2.ChatMessage],
                                   add_generation_prompt: bool = True, tools_json: str = "") -> tuple[str, list[int]]:

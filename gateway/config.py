@@ -29,7 +29,10 @@ class GatewayConfig:
     # GetModelInfo model_name. Extra names the gateway also answers to (aliases).
     model_name: str | None = None
     model_aliases: tuple[str, ...] = ()
-    api_key: str | None = None  # Bearer token required on /v1/* when set
+    api_key: str | None = None  # Bearer token required on /v1/* and /dashboard* when set
+    metrics_auth: bool = False  # /metrics needs the key too
+    # SIGTERM: in-flight streams get this long, then an in-band error chunk and [DONE] (gateway/drain.py).
+    shutdown_grace_s: float = 5.0
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_n: int = 128  # OpenAI's limit on n
     root_path: str = ""
@@ -40,3 +43,13 @@ class GatewayConfig:
     retry_after_s: int = 1
     # Seconds between the live dashboard's snapshots (Scheduler.WatchStats interval).
     dashboard_interval_s: float = 0.5
+    # Admission caps of one request (gateway/admission.py).
+    max_prompts: int = 256
+    max_request_prompt_tokens: int = 1 << 20
+    tokenize_concurrency: int = 4
+    # How the gateway authenticates to the internal services (services/internal_auth.py; file paths;
+    # the token itself only ever comes from $PAGEDSERVE_SERVICE_TOKEN or this file).
+    service_token_file: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None

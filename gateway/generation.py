@@ -420,6 +420,9 @@ class PromptGeneration:
         s.reason = reason
         which = msg.WhichOneof("stop_reason")
         stop_reason = getattr(msg, which) if which else None
+        facts = self.backend.cached_facts
+        if which == "stop_token_id" and facts is not None and stop_reason in facts.extra_eos_token_ids:
+            stop_reason = None  # an EOS token, reported as EOS is (gateway/backend.py: extra_eos_token_ids)
         return SampleEvent(idx, d.text, ids, lps, reason, stop_reason)
 
 

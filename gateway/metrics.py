@@ -66,6 +66,14 @@ def endpoint_label(path: str) -> str:
     return "other"
 
 
+_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
+
+
+def method_label(method: str) -> str:
+    """A bounded label for an HTTP method (clients may send any token: junk ones are `other`)."""
+    return method if method in _METHODS else "other"
+
+
 class GatewayMetrics:
     _instance: GatewayMetrics | None = None
     _lock = threading.Lock()
@@ -112,6 +120,9 @@ class GatewayMetrics:
         # Messages on the worker's multiplexed backend streams (per engine step, not per token:
         # DESIGN.md §1): "scheduler" = GenerateStream messages received, "detokenize" = DetokenizeBatch
         # messages sent.
+        self.client_disconnects = Counter(PREFIX + "client_disconnects",
+                                          "Requests whose client left before the answer was complete.",
+                                          ["endpoint"], registry=r)
         self.stream_messages = Counter(PREFIX + "gateway_stream_messages",
                                        "Messages on the gateway's per-step backend streams.", ["stream"], registry=r)
         # Scheduler replicas (gateway/routing/, issue 18), labelled by the replica's address: where

@@ -64,6 +64,9 @@ def build_sampling_params(req: SamplingFields, facts: ModelFacts, *, max_tokens:
         v = getattr(req, name)
         if v is not None:
             kw[name] = v
+    if not req.ignore_eos and facts.extra_eos_token_ids:  # the stack's one EOS set (backend.ModelFacts)
+        kw["stop_token_ids"] = kw["stop_token_ids"] + [t for t in facts.extra_eos_token_ids
+                                                       if t not in kw["stop_token_ids"]]
     try:
         sp = SamplingParams(**kw)
         sp.validate_vocab(facts.vocab_size)

@@ -13,6 +13,7 @@ import time
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -23,7 +24,18 @@ from pydantic import (
     model_serializer,
 )
 
-Float = Annotated[float, Field(strict=True)]  # JSON numbers only (ints accepted), never strings
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _within_float32(v: float) -> float:
+    if abs(v) > FLOAT32_MAX:
+        raise ValueError("must be a finite number (at most 3.4e38 in magnitude)")
+    return v
+
+
+# JSON numbers only (ints accepted), never strings; never NaN / Infinity (NaN temperature sampled token 0
+# forever), nor beyond float32 (the sampler's dtype: 1e308 would become inf there).
+Float = Annotated[float, Field(strict=True, allow_inf_nan=False), AfterValidator(_within_float32)]
 
 PROMPT_SHAPE_MSG = ("must be a string, an array of strings, an array of token ids (integers) "
                     "or an array of arrays of token ids")

@@ -114,7 +114,12 @@ class ChatServing(BaseServing):
     async def _prepare(self, req: ChatCompletionRequest, messages: list[tokenizer_pb2.ChatMessage],
                        sp: SamplingParams, facts: ModelFacts, rid: str, k: int | None,
                        tools_json: str = "") -> PromptGeneration:
-        _, ids = await self.backend.apply_chat_template(messages, bool(req.add_generation_prompt), tools_json)
+        admission = self.backend.admission
+        admission.check_capacity(req.n, facts.capacity, req.n)
+        admission.check_text_size(sum(len(m.content) + len(m.extra_json) for m in messages) + len(tools_json),
+                                  facts.max_model_len, "messages", what="messages")
+        async with admission.slots:
+            _, ids = await self.backend.apply_chat_template(messages, bool(req.add_generation_prompt), tools_json)
         sp = dataclasses.replace(sp)
         resolve_max_tokens(sp, len(ids), facts, what="messages")
         gen = PromptGeneration(self.backend, rid, ids, sp, want_logprobs=k is not None)

@@ -2,7 +2,6 @@
 per prompt (choice index = prompt index * n + sample index); echo; logprobs=k; streaming."""
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import time
 
@@ -66,17 +65,30 @@ class CompletionsServing(BaseServing):
         else:
             items = list(p)
         many = len(items) > 1
-
-        async def tokenize(i: int, item: str | list[int]) -> tuple[list[int], str]:
-            param = f"prompt.{i}" if many else "prompt"
+        admission = self.backend.admission
+        admission.check_prompt_count(len(items))
+        admission.check_capacity(len(items) * req.n, facts.capacity, req.n)
+        for i, item in enumerate(items):
             if isinstance(item, str):
-                ids = await self.backend.encode(item)
-                return ids, item
-            check_prompt_ids(item, facts, param)
-            text = await self.backend.decode(item, sp.skip_special_tokens) if req.echo else ""
-            return list(item), text
+                admission.check_text_size(len(item), facts.max_model_len, f"prompt.{i}" if many else "prompt")
 
-        tokenized = await asyncio.gather(*(tokenize(i, x) for i, x in enumerate(items)))
+        async def tokenize(indices: list[int]) -> list[tuple[list[int], str]]:
+            texts = [i for i in indices if isinstance(items[i], str)]
+            if len(texts) > 1:  # one EncodeBatch call for the batch's strings
+                encoded = dict(zip(texts, await self.backend.encode_batch([items[i] for i in texts])))
+            else:
+                encoded = {i: await self.backend.encode(items[i]) for i in texts}
+            out = []
+            for i in indices:
+                item = items[i]
+                if isinstance(item, str):
+                    out.append((encoded[i], item))
+                    continue
+                check_prompt_ids(item, facts, f"prompt.{i}" if many else "prompt")
+                out.append((list(item), await self.backend.decode(item, sp.skip_special_tokens) if req.echo else ""))
+            return out
+
+        tokenized = await admission.tokenize_all(items, tokenize)
         gens = []
         for i, (ids, _) in enumerate(tokenized):
             psp = dataclasses.replace(sp)

@@ -94,6 +94,14 @@ class StepStream:
         """The client needs no more outputs (finished, or closed after an abort)."""
         self._clients.pop(key, None)
 
+    def fail_all(self, error: APIError) -> int:
+        """End every request on the stream with `error` (the end of a drain); their close() aborts them
+        in the scheduler. Returns how many there were."""
+        clients = list(self._clients.values())
+        for c in clients:
+            c.on_failed(error)
+        return len(clients)
+
     # ------------------------------------------------------------------ the stream
     def _ensure_open(self) -> None:
         if self._call is not None:

@@ -18,7 +18,7 @@ import uuid
 
 from opentelemetry import propagate, trace
 
-from gateway.metrics import GatewayMetrics, endpoint_label
+from gateway.metrics import GatewayMetrics, endpoint_label, method_label
 from gateway.middleware import route_path
 from services import tracing
 
@@ -44,7 +44,7 @@ class TelemetryMiddleware:
             return
         path = route_path(scope)
         endpoint = endpoint_label(path)
-        method = scope.get("method", "GET")
+        method = method_label(scope.get("method", "GET"))
         rid = uuid.uuid4().hex
         rid_token = tracing.REQUEST_ID.set(rid)
         start = time.perf_counter()
@@ -56,8 +56,21 @@ class TelemetryMiddleware:
         in_flight.inc()
         rid_header = (b"x-request-id", rid.encode())
 
+        completed = left = False
+
+        async def receive_watching() -> dict:
+            # A disconnect before the last body byte went out: the client left (counted once).
+            nonlocal left
+            message = await receive()
+            if message["type"] == "http.disconnect" and not completed and not left:
+                left = True
+                metrics.client_disconnects.labels(endpoint).inc()
+            return message
+
         async def send_with_id(message) -> None:
-            nonlocal status, counted
+            nonlocal status, counted, completed
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                completed = True
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message = {**message, "headers": [*message.get("headers", ()), rid_header]}
@@ -75,13 +88,13 @@ class TelemetryMiddleware:
                         attributes={"http.request.method": method, "url.path": path, "http.route": endpoint,
                                     "pagedserve.request_id": rid}) as root_span:
                     try:
-                        await self.app(scope, receive, send_with_id)
+                        await self.app(scope, receive_watching, send_with_id)
                     finally:
                         root_span.set_attribute("http.response.status_code", status)
                         if status >= 500:
                             root_span.set_status(trace.Status(trace.StatusCode.ERROR))
             else:
-                await self.app(scope, receive, send_with_id)
+                await self.app(scope, receive_watching, send_with_id)
         finally:
             in_flight.dec()
             if not counted:

@@ -48,6 +48,7 @@ _OPTIONAL_COMMANDS = (
     ("client", "services.client", "add_client_parser"),
     ("bench", "benchmarks.serve_bench", "add_bench_parser"),
     ("health", "services.healthcheck", "add_health_parser"),
+    ("admin", "services.admin_cli", "add_admin_parser"),
 )
 
 

@@ -53,6 +53,7 @@ from services.gen.pagedserve.v1 import (
     tokenizer_pb2_grpc,
 )
 from services.grpc_server import SCHEDULER_PORT, TOKENIZER_PORT, channel_options
+from services.internal_auth import InternalSecurity
 
 DEFAULT_SCHEDULER_ADDRESS = os.environ.get("PAGEDSERVE_SCHEDULER_ADDRESS", f"127.0.0.1:{SCHEDULER_PORT}")
 DEFAULT_TOKENIZER_ADDRESS = os.environ.get("PAGEDSERVE_TOKENIZER_ADDRESS", f"127.0.0.1:{TOKENIZER_PORT}")
@@ -263,8 +264,9 @@ class PagedServeClient:
                  tokenizer_address: str = DEFAULT_TOKENIZER_ADDRESS, *, timeout: float | None = None) -> None:
         self.scheduler_address, self.tokenizer_address = scheduler_address, tokenizer_address
         self.timeout = timeout  # per call (a whole Generate stream included); None: no deadline
-        self._sched_ch = grpc.insecure_channel(scheduler_address, options=channel_options())
-        self._tok_ch = grpc.insecure_channel(tokenizer_address, options=channel_options())
+        security = InternalSecurity.from_env()  # the service token / mTLS, when the stack uses them
+        self._sched_ch = security.channel(scheduler_address, channel_options())
+        self._tok_ch = security.channel(tokenizer_address, channel_options())
         self.scheduler = scheduler_pb2_grpc.SchedulerStub(self._sched_ch)
         self.tokenizer = tokenizer_pb2_grpc.TokenizerStub(self._tok_ch)
 
@@ -422,8 +424,9 @@ class AsyncPagedServeClient:
                  tokenizer_address: str = DEFAULT_TOKENIZER_ADDRESS, *, timeout: float | None = None) -> None:
         self.scheduler_address, self.tokenizer_address = scheduler_address, tokenizer_address
         self.timeout = timeout
-        self._sched_ch = grpc.aio.insecure_channel(scheduler_address, options=channel_options())
-        self._tok_ch = grpc.aio.insecure_channel(tokenizer_address, options=channel_options())
+        security = InternalSecurity.from_env()
+        self._sched_ch = security.aio_channel(scheduler_address, channel_options())
+        self._tok_ch = security.aio_channel(tokenizer_address, channel_options())
         self.scheduler = scheduler_pb2_grpc.SchedulerStub(self._sched_ch)
         self.tokenizer = tokenizer_pb2_grpc.TokenizerStub(self._tok_ch)
 

@@ -26,6 +26,7 @@ from engine_core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from services import convert
 from services.gen.pagedserve.v1 import executor_pb2, executor_pb2_grpc
 from services.grpc_server import channel_options
+from services.internal_auth import InternalSecurity
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +107,7 @@ class GrpcExecutor(Executor):
         rpc_timeout_s: deadline of the unary RPCs (Describe, Reset).
         track_bytes: count serialized bytes per step in `stats` (costs one extra size pass).
         metadata: gRPC metadata sent with every call (e.g. trace context).
+        security: the service token / mTLS to present (services/internal_auth.py; default: from the env).
 
     Not thread-safe: one caller (the scheduler loop) drives it.
     """
@@ -113,13 +115,13 @@ class GrpcExecutor(Executor):
     def __init__(self, target: str, *, wait_ready_s: float | None = 60.0, step_timeout_s: float | None = 300.0,
                  rpc_timeout_s: float = 30.0, track_bytes: bool = False,
                  metadata: list[tuple[str, str]] | None = None,
-                 channel: grpc.Channel | None = None) -> None:
+                 channel: grpc.Channel | None = None, security: InternalSecurity | None = None) -> None:
         self.target = target
         self.step_timeout_s = step_timeout_s
         self.rpc_timeout_s = rpc_timeout_s
         self.track_bytes = track_bytes
         self.metadata = metadata
-        self._channel = channel or grpc.insecure_channel(target, options=channel_options())
+        self._channel = channel or (security or InternalSecurity.from_env()).channel(target, channel_options())
         self._stub = executor_pb2_grpc.ExecutorStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._stream: _StepStream | None = None

@@ -4,7 +4,9 @@
   stdout once the port is bound (launchers and tests read it);
 - grpc.health.v1 health checking: "" (overall) plus each service name; NOT_SERVING until the service
   calls `set_serving(True)` (e.g. after the model is loaded) and again during shutdown;
-- server reflection for the service names, health and reflection;
+- server reflection only with `reflection=True` (`--grpc-reflection`): off by default, it hands
+  any caller the full API;
+- internal auth (services/internal_auth.py): the service token interceptor and mTLS when configured;
 - graceful SIGTERM / SIGINT: health goes NOT_SERVING, `on_shutdown` hooks run (end long streams),
   in-flight RPCs get `grace` seconds, then the process exits 0;
 - large message limits (a StepBatch with long prompts is bigger than gRPC's 4 MiB default) and
@@ -26,6 +28,8 @@ from concurrent import futures
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+from services.internal_auth import InternalSecurity, add_security_args
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +121,9 @@ def add_common_args(parser: argparse.ArgumentParser, default_port: int) -> argpa
     g.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics on http://HOST:PORT/metrics (0: any free port; default: off)")
     g.add_argument("--metrics-host", default=None, help="bind address of the metrics endpoint (default: --host)")
+    g.add_argument("--grpc-reflection", action="store_true",
+                   help="enable gRPC server reflection (off by default: it lists the whole API to any caller)")
+    add_security_args(parser)
     return parser
 
 
@@ -124,6 +131,10 @@ def _bind_address(host: str, port: int) -> str:
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"  # IPv6 literal
     return f"{host}:{port}"
+
+
+def _enable_reflection(service_names: list[str], server) -> None:
+    reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
 
 
 # ---------------------------------------------------------------------------- server
@@ -142,18 +153,21 @@ class GrpcServer:
 
     def __init__(self, name: str, service_names: Iterable[str], host: str = DEFAULT_HOST, port: int = 0, *,
                  max_workers: int = 16, max_message_bytes: int = MAX_MESSAGE_BYTES,
-                 grace_s: float = DEFAULT_GRACE_S) -> None:
+                 grace_s: float = DEFAULT_GRACE_S, security: InternalSecurity | None = None,
+                 reflection: bool = False) -> None:
         self.name = name
         self.service_names = list(service_names)
         self.host = host
         self.grace_s = grace_s
+        security = security or InternalSecurity.from_env()
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"{name}-rpc"),
-                                  options=server_options(max_message_bytes))
+                                  options=server_options(max_message_bytes),
+                                  interceptors=security.server_interceptors(aio=False))
         self.health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
-        self.port = self.server.add_insecure_port(_bind_address(host, port))
+        if reflection:
+            _enable_reflection(self.service_names, self.server)
+        self.port = security.add_port(self.server, _bind_address(host, port))
         if self.port == 0:
             raise OSError(f"{name}: could not bind {_bind_address(host, port)}")
         self._on_shutdown: list[Callable[[], None]] = []
@@ -237,17 +251,20 @@ class AioGrpcServer:
     """
 
     def __init__(self, name: str, service_names: Iterable[str], host: str = DEFAULT_HOST, port: int = 0, *,
-                 max_message_bytes: int = MAX_MESSAGE_BYTES, grace_s: float = DEFAULT_GRACE_S) -> None:
+                 max_message_bytes: int = MAX_MESSAGE_BYTES, grace_s: float = DEFAULT_GRACE_S,
+                 security: InternalSecurity | None = None, reflection: bool = False) -> None:
         self.name = name
         self.service_names = list(service_names)
         self.host = host
         self.grace_s = grace_s
-        self.server = grpc.aio.server(options=server_options(max_message_bytes))
+        security = security or InternalSecurity.from_env()
+        self.server = grpc.aio.server(options=server_options(max_message_bytes),
+                                      interceptors=security.server_interceptors(aio=True))
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
-        self.port = self.server.add_insecure_port(_bind_address(host, port))
+        if reflection:
+            _enable_reflection(self.service_names, self.server)
+        self.port = security.add_port(self.server, _bind_address(host, port))
         if self.port == 0:
             raise OSError(f"{name}: could not bind {_bind_address(host, port)}")
         self._on_shutdown: list[Callable[[], object]] = []

@@ -30,7 +30,9 @@ def check_grpc(address: str, service: str = "", timeout: float = DEFAULT_TIMEOUT
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(address) as channel:
+    from services.internal_auth import InternalSecurity
+
+    with InternalSecurity.from_env().channel(address) as channel:
         try:
             resp = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout, wait_for_ready=False)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
@@ -68,6 +69,10 @@ def pick_port(host: str, port: int, what: str) -> int:
     """`port` if it can be bound (0: any free port); SystemExit naming the flag otherwise."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
+        # As the servers themselves bind (gRPC and uvicorn set SO_REUSEADDR): a port whose last
+        # connections sit in TIME-WAIT after a stop is free to them, so it must be free here too
+        # (a restart right after a stop used to fail for up to 60 s). A listener still fails.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as e:
@@ -107,8 +112,11 @@ class Service:
     reader: threading.Thread | None = None
     ready: bool = False
     restarts: int = 0
-    env: dict[str, str] = field(default_factory=dict)  # added to the launcher's environment
+    # Added to the launcher's environment for the child: secrets and TLS paths (the service token,
+    # the API key: never argv), a replica's device placement.
+    env: dict[str, str] = field(default_factory=dict)
     cpus: frozenset[int] | None = None  # CPU affinity (replica placement)
+    up_since: float = 0.0  # when the current process became healthy (restart budget reset)
 
     @property
     def pid(self) -> int | None:
@@ -119,6 +127,7 @@ class Service:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
         self.tail.clear()
         self.ready = False
+        self.up_since = 0.0  # a process that dies before it is healthy does not renew the budget
         preexec = _PREEXEC
         if self.cpus is not None and hasattr(os, "sched_setaffinity"):
             cpus = self.cpus
@@ -159,11 +168,13 @@ class Service:
         return f"{self.name} (pid {self.pid}) {how}; its last log lines:\n{lines}"
 
 
-def _check_grpc(address: str, service: str, timeout: float = 1.0) -> bool:
+def _check_grpc(address: str, service: str, timeout: float = 1.0, env: dict[str, str] | None = None) -> bool:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(address) as ch:
+    from services.internal_auth import InternalSecurity
+
+    with InternalSecurity.from_env({**os.environ, **(env or {})}).channel(address) as ch:
         try:
             resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service),
                                                         timeout=timeout)
@@ -182,7 +193,7 @@ def _check_http(url: str, timeout: float = 1.0) -> bool:
 
 
 def _is_healthy(svc: Service) -> bool:
-    return _check_http(svc.address) if svc.health == "http" else _check_grpc(svc.address, svc.health)
+    return _check_http(svc.address) if svc.health == "http" else _check_grpc(svc.address, svc.health, env=svc.env)
 
 
 def gateway_available() -> bool:
@@ -212,11 +223,42 @@ def engine_flags(args: argparse.Namespace) -> list[str]:
     return out
 
 
+def internal_security_env(args: argparse.Namespace) -> dict[str, str]:
+    """What every child needs to call the others (services/internal_auth.py): the stack's service
+    token (the one in the environment, or a fresh one per stack) and the mTLS files if given."""
+    from services.internal_auth import (
+        TLS_CA_ENV,
+        TLS_CERT_ENV,
+        TLS_KEY_ENV,
+        TOKEN_ENV,
+        TOKEN_FILE_ENV,
+        generate_token,
+    )
+
+    env: dict[str, str] = {}
+    if not os.environ.get(TOKEN_ENV) and not os.environ.get(TOKEN_FILE_ENV):
+        # A file only this user can read, so `pagedserve client` can be pointed at it; removed at exit.
+        import tempfile
+
+        fd, path = tempfile.mkstemp(prefix="pagedserve-token-")
+        with os.fdopen(fd, "w") as f:
+            f.write(generate_token())
+        env[TOKEN_FILE_ENV] = path
+    tls = (args.tls_cert, args.tls_key, args.tls_ca)
+    if any(tls) and not all(tls):
+        raise SystemExit("pagedserve: mTLS needs all three of --tls-cert, --tls-key and --tls-ca")
+    if all(tls):
+        for name, path in zip((TLS_CERT_ENV, TLS_KEY_ENV, TLS_CA_ENV), tls):
+            env[name] = os.path.abspath(os.path.expanduser(path))
+    return env
+
+
 # ---------------------------------------------------------------------------- the stack
 class Stack:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.stop_requested = threading.Event()
+        self.swap_requested = threading.Event()
         self.stop_signal: str | None = None
         py = [sys.executable, "-m"]
         gh = args.grpc_host
@@ -288,15 +330,36 @@ class Stack:
                                                "--tokenizer-address", self.tokenizer.address,
                                                "--workers", str(args.gateway_workers)],
                                    f"http://{_address(args.host, ports['gateway'])}", "http")
+            # Grace for in-flight streams; the uvicorn timeout behind it is the gateway's business.
+            self.gateway.argv += ["--shutdown-grace", str(args.shutdown_grace)]
+            if args.metrics_auth:
+                self.gateway.argv.append("--metrics-auth")
+        from services.internal_auth import resolve_api_key
+
+        try:
+            self.api_key = resolve_api_key(args.api_key, args.api_key_file, warn=_say)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"pagedserve: --api-key-file: {e}") from None
+        child_env = internal_security_env(args)
+        from services.internal_auth import TOKEN_FILE_ENV
+
+        self.token_file = child_env.get(TOKEN_FILE_ENV)  # ours to remove
+        for s in [*self.services, self.gateway]:
+            if s is not None:
+                s.env.update(child_env)
 
     # ------------------------------------------------------------------ signals
     def install_signal_handlers(self) -> None:
+        from services.admin_cli import SWAP_SIGNAL
+
         def handler(signum, _frame) -> None:
             self.stop_signal = signal.Signals(signum).name
             self.stop_requested.set()
 
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
+        # `pagedserve admin swap-executor --pid`: handled by the supervision loop.
+        signal.signal(SWAP_SIGNAL, lambda _signum, _frame: self.swap_requested.set())
 
     # ------------------------------------------------------------------ start
     def _wait_ready(self, services: list[Service], timeout: float) -> Service | None:
@@ -313,6 +376,7 @@ class Stack:
                     return s
                 if _is_healthy(s):
                     s.ready = True
+                    s.up_since = time.monotonic()
                     where = s.address
                     print(f"{s.name:<10} ready on {where} (pid {s.pid}, {time.monotonic() - t0:.1f}s)", flush=True)
             if time.monotonic() > deadline:
@@ -338,8 +402,10 @@ class Stack:
         model_name = args.served_model_name or self._model_name()
         if self.gateway is not None:
             self.gateway.argv += ["--model-name", model_name]
-            if args.api_key:
-                self.gateway.argv += ["--api-key", args.api_key]
+            if self.api_key:  # in the environment: argv shows in `ps`
+                from services.internal_auth import API_KEY_ENV
+
+                self.gateway.env[API_KEY_ENV] = self.api_key
             self.gateway.start(echo=not args.quiet)
             self.services.append(self.gateway)
             dead = self._wait_ready([self.gateway], args.startup_timeout)
@@ -359,6 +425,11 @@ class Stack:
         for ex, sc in zip(self.executors, self.schedulers):
             print(f"  scheduler:  {sc.address}   tokenizer: {self.tokenizer.address}   "
                   f"executor: {ex.address}", flush=True)
+        if self.token_file:
+            print(f"  service token: {self.token_file} (export PAGEDSERVE_SERVICE_TOKEN_FILE={self.token_file} "
+                  "for pagedserve client and other internal callers)", flush=True)
+        print(f"  swap the executor with no downtime: pagedserve admin swap-executor --pid {os.getpid()}",
+              flush=True)
         print(f"  try: pagedserve client --scheduler-address {self.scheduler.address} "
               f"--tokenizer-address {self.tokenizer.address} --stream \"Hello\"", flush=True)
         return True
@@ -367,9 +438,10 @@ class Stack:
         import grpc
 
         from services.gen.pagedserve.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+        from services.internal_auth import InternalSecurity
 
         try:
-            with grpc.insecure_channel(self.tokenizer.address) as ch:
+            with InternalSecurity.from_env({**os.environ, **self.tokenizer.env}).channel(self.tokenizer.address) as ch:
                 info = tokenizer_pb2_grpc.TokenizerStub(ch).GetInfo(tokenizer_pb2.GetInfoRequest(), timeout=5)
             return info.model_name or "default"
         except grpc.RpcError:
@@ -383,10 +455,15 @@ class Stack:
     def supervise(self) -> int:
         """Until a stop is requested (0) or a child that is not restarted dies (1)."""
         while not self.stop_requested.wait(0.25):
+            if self.swap_requested.is_set():
+                self.swap_requested.clear()
+                self.swap_executor()
             for s in self.services:
                 if s.proc.poll() is None:
                     continue
                 self._report_death(s)
+                if s.restart and s.up_since and time.monotonic() - s.up_since >= self.args.restart_window:
+                    s.restarts = 0  # a crash after a long healthy run starts a fresh budget
                 if s.restart and s.restarts < self.args.max_executor_restarts:
                     s.restarts += 1
                     _say(f"restarting the {s.name} ({s.restarts} of at most {self.args.max_executor_restarts}); "
@@ -406,10 +483,70 @@ class Stack:
         while svc.proc is proc and proc.poll() is None and not self.stop_requested.is_set():
             if _is_healthy(svc):
                 svc.ready = True
+                svc.up_since = time.monotonic()
                 print(f"{svc.name:<10} ready on {svc.address} (pid {svc.pid}, restarted in "
                       f"{time.monotonic() - t0:.1f}s)", flush=True)
                 return
             time.sleep(0.25)
+
+    # ------------------------------------------------------------------ executor swap
+    def swap_executor(self) -> bool:
+        """Zero-downtime swap of every replica's executor, one replica at a time."""
+        ok = True
+        for i in range(len(self.executors)):  # every replica, even after one refused
+            ok = self._swap_replica_executor(i) and ok
+        return ok
+
+    def _swap_replica_executor(self, i: int) -> bool:
+        """A new executor process on a free port, SERVING, then replica i's scheduler moves its
+        requests onto it (SchedulerAdmin.SwapExecutor), then the old one is stopped."""
+        import grpc
+
+        from services.admin_cli import swap_executor
+        from services.internal_auth import InternalSecurity
+
+        old, scheduler = self.executors[i], self.schedulers[i]
+        gh = self.args.grpc_host
+        port = pick_port(gh, 0, "executor")
+        argv = list(old.argv)
+        argv[argv.index("--port") + 1] = str(port)
+        new = Service(old.name, argv, _address(gh, port), old.health, restart=True, env=dict(old.env), cpus=old.cpus)
+        _say(f"swapping the executor: starting a new one on {new.address}")
+        new.start(echo=not self.args.quiet)
+        t0 = time.monotonic()
+        while not _is_healthy(new):
+            if new.proc.poll() is not None or self.stop_requested.is_set() or \
+                    time.monotonic() - t0 > self.args.startup_timeout:
+                _say(f"executor swap abandoned: the new executor did not become ready ({new.describe_exit()})"
+                     if new.proc.poll() is not None else "executor swap abandoned")
+                self._stop_service(new)
+                return False
+            time.sleep(0.25)
+        new.ready, new.up_since = True, time.monotonic()
+        try:
+            r = swap_executor(scheduler.address, new.address,
+                              InternalSecurity.from_env({**os.environ, **scheduler.env}))
+        except grpc.RpcError as e:
+            _say(f"executor swap refused by the scheduler: {e.code().name}: {e.details()}; keeping {old.address}")
+            self._stop_service(new)
+            return False
+        self.services[self.services.index(old)] = new
+        self.executors[i] = new
+        self.executor = self.executors[0]
+        _say(f"executor swapped: {old.address} (pid {old.pid}) -> {new.address} (pid {new.pid}); "
+             f"{r.replayed_requests} requests replayed, engine paused {r.switch_s * 1000:.0f} ms")
+        self._stop_service(old)
+        return True
+
+    def _stop_service(self, svc: Service) -> None:
+        if svc.proc is None or svc.proc.poll() is not None:
+            return
+        svc.proc.send_signal(signal.SIGTERM)
+        try:
+            svc.proc.wait(self.args.shutdown_grace + 3.0)
+        except subprocess.TimeoutExpired:
+            svc.proc.kill()
+            svc.proc.wait(5)
 
     # ------------------------------------------------------------------ shutdown
     def shutdown(self) -> None:
@@ -433,6 +570,9 @@ class Stack:
         for s in self.services:
             if s.reader is not None:
                 s.reader.join(1.0)
+        if self.token_file:
+            with contextlib.suppress(OSError):
+                os.unlink(self.token_file)
         _say("stopped")
 
 
@@ -483,7 +623,15 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                    help="serve the executor's Prometheus metrics on --host:PORT/metrics (e.g. 9053; default off)")
     g = p.add_argument_group("serving")
     g.add_argument("--served-model-name", default=None, help="model name in the API (default: from the model)")
-    g.add_argument("--api-key", default=None, help="require this bearer token at the gateway")
+    g.add_argument("--api-key", default=None,
+                   help="require this bearer token at the gateway (shows in `ps`: prefer $PAGEDSERVE_API_KEY "
+                        "or --api-key-file)")
+    g.add_argument("--api-key-file", default=None, help="file holding the gateway's API key")
+    g.add_argument("--metrics-auth", action="store_true",
+                   help="the gateway's /metrics needs the API key too (the dashboard always does when one is set)")
+    g.add_argument("--tls-cert", default=None, help="PEM certificate for mTLS between the internal services")
+    g.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    g.add_argument("--tls-ca", default=None, help="PEM CA that signs --tls-cert (clients and servers)")
     g.add_argument("--max-queue-len", type=int, default=1024,
                    help="waiting requests beyond which new ones get HTTP 429 / RESOURCE_EXHAUSTED (0: unlimited)")
     g.add_argument("--executor-timeout", type=float, default=30.0,
@@ -504,7 +652,10 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for health checks")
     g.add_argument("--shutdown-grace", type=float, default=5.0,
                    help="seconds in-flight requests get on shutdown before children are killed")
-    g.add_argument("--max-executor-restarts", type=int, default=5)
+    g.add_argument("--max-executor-restarts", type=int, default=5,
+                   help="executor restarts allowed within --restart-window (default 5)")
+    g.add_argument("--restart-window", type=float, default=600.0,
+                   help="seconds an executor must stay healthy for its restart budget to start over (default 600)")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="log level of the services")
     g.add_argument("--quiet", action="store_true", help="do not echo the services' logs (stderr)")

@@ -19,6 +19,14 @@ def gguf_path() -> str:
 
 
 @pytest.fixture(scope="session")
+def smol_tokenizer(gguf_path):
+    """engine_core's tokenizer of the embedded SmolLM2 (for the tokenizer service in test stacks)."""
+    from engine_core.tokenizer import load_tokenizer
+
+    return load_tokenizer(gguf_path)
+
+
+@pytest.fixture(scope="session")
 def hf_model(gguf_path):
     """HF transformers' own model, loaded from the same GGUF: the correctness oracle."""
     from transformers import AutoModelForCausalLM

@@ -36,9 +36,12 @@ RETRY_S = 1.0
 
 class Replica:
     def __init__(self, address: str, tokenizer: tokenizer_pb2_grpc.TokenizerStub, *, retry_after_s: int,
-                 stats_interval_s: float, on_change: Callable[[Replica], None] | None = None) -> None:
+                 stats_interval_s: float, on_change: Callable[[Replica], None] | None = None,
+                 channel: Callable[[str, list], grpc.aio.Channel] | None = None) -> None:
         self.address = address
-        self._channel = grpc.aio.insecure_channel(address, options=channel_options())
+        # `channel`: the internal security's channel factory (service token / mTLS); plain otherwise.
+        make = channel or (lambda target, options: grpc.aio.insecure_channel(target, options=options))
+        self._channel = make(address, channel_options())
         self.scheduler = scheduler_pb2_grpc.SchedulerStub(self._channel)
         self.health = health_pb2_grpc.HealthStub(self._channel)
         self.step_stream = StepStream(self.scheduler, tokenizer, retry_after_s, on_broken=self._stream_broken)

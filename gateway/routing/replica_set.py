@@ -24,9 +24,11 @@ logger = logging.getLogger(__name__)
 
 
 class ReplicaSet:
-    def __init__(self, config: GatewayConfig, tokenizer: tokenizer_pb2_grpc.TokenizerStub) -> None:
+    def __init__(self, config: GatewayConfig, tokenizer: tokenizer_pb2_grpc.TokenizerStub,
+                 channel=None) -> None:
         self.config = config
         self._tokenizer = tokenizer
+        self._channel = channel  # (target, options) -> grpc.aio.Channel, with the internal security
         self.policy = make_policy(config.routing, config.routing_load_factor, config.routing_cache_threshold)
         self.replicas: dict[str, Replica] = {}  # in the rotation or waiting to (discovery's current set)
         self._retired: set[Replica] = set()
@@ -48,7 +50,8 @@ class ReplicaSet:
         for a in addresses:
             if a not in self.replicas:
                 r = Replica(a, self._tokenizer, retry_after_s=self.config.retry_after_s,
-                            stats_interval_s=self.config.replica_stats_interval_s, on_change=self._changed)
+                            stats_interval_s=self.config.replica_stats_interval_s, on_change=self._changed,
+                            channel=self._channel)
                 self.replicas[a] = r
                 r.start()
                 logger.info("scheduler replica %s added (%d in all)", a, len(self.replicas))

@@ -33,6 +33,7 @@ from services.grpc_server import (
     add_common_args,
     configure_logging,
 )
+from services.internal_auth import security_from_args_or_log
 
 logger = logging.getLogger(__name__)
 
@@ -358,8 +359,11 @@ def main(argv: list[str] | None = None) -> int:
 
     tracing.setup_tracing("executor")
     servicer = ExecutorServicer()
+    security = security_from_args_or_log(args, logger)
+    if security is None:
+        return 2
     srv = GrpcServer("executor", [SERVICE_NAME], args.host, args.port, max_workers=args.max_workers,
-                     grace_s=args.shutdown_grace)
+                     grace_s=args.shutdown_grace, security=security, reflection=args.grpc_reflection)
     executor_pb2_grpc.add_ExecutorServicer_to_server(servicer, srv.server)
     srv.on_shutdown(servicer.close_streams)
     srv.install_signal_handlers()

@@ -40,6 +40,7 @@ from services.scheduler.executor_supervision import (
     ExecutorSupervision,
     ServiceEngineCore,
 )
+from services.scheduler.executor_swap import ExecutorSwap
 from services.scheduler.output_routing import OutputRouting
 from services.scheduler.sinks import CallFailed
 from services.scheduler.stats_publishing import StatsPublishing
@@ -49,7 +50,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["CallFailed", "EngineLoop", "GenerateCall"]
 
 
-class EngineLoop(ExecutorSupervision, OutputRouting, StatsPublishing):
+class EngineLoop(ExecutorSupervision, ExecutorSwap, OutputRouting, StatsPublishing):
     """One EngineCore on its own thread (module docstring). Executor supervision, output routing
     and stats publishing are mixins in their own modules; this class holds the state, the
     event-loop side API and the thread's loop."""
@@ -249,6 +250,8 @@ class EngineLoop(ExecutorSupervision, OutputRouting, StatsPublishing):
             self._abort(cmd[1], cmd[2])
         elif kind == "stats":
             self._resolve_later(cmd[2], self.stats_proto(cmd[1]))
+        elif kind == "swap":
+            self._swap(*cmd[1:])
         else:  # pragma: no cover
             raise ValueError(f"unknown engine command {kind!r}")
 

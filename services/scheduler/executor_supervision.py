@@ -18,7 +18,7 @@ from services.scheduler.sinks import CallFailed
 logger = logging.getLogger(__name__)
 
 # ExecutorInfo fields that must not change across an executor restart for requests to be replayed.
-_GEOMETRY = ("model_name", "vocab_size", "max_model_len", "num_kv_blocks", "block_size", "eos_token_ids")
+GEOMETRY = ("model_name", "vocab_size", "max_model_len", "num_kv_blocks", "block_size", "eos_token_ids")
 
 
 class ServiceEngineCore(EngineCore):
@@ -39,6 +39,15 @@ class ServiceEngineCore(EngineCore):
         """Every unfinished request back to waiting, re-prefilled from its tokens (the scheduler
         also drops the prefix cache: the restarted executor's KV cache is empty)."""
         self.scheduler.requests_for_replay()
+
+    def switch_executor(self, executor) -> int:
+        """Continue on `executor` (same geometry, already reset): steps in flight on the old one
+        are abandoned and every unfinished request is replayed there. Returns how many."""
+        self._in_flight.clear()
+        self.executor.abandon_in_flight()
+        self.executor = executor
+        self.requeue_all()
+        return self.scheduler.num_unfinished
 
     def take_pending(self) -> list[RequestOutputDelta]:
         """Final messages of requests finished outside a step (aborts), without stepping."""
@@ -105,7 +114,7 @@ class ExecutorSupervision:
             info = self.executor.describe()
             if self.core is None:
                 self._build_core(info)
-            elif any(getattr(info, k) != getattr(self.info, k) for k in _GEOMETRY):
+            elif any(getattr(info, k) != getattr(self.info, k) for k in GEOMETRY):
                 self._fail_all(f"the executor came back with a different model or KV geometry "
                                f"({info.model_name}, {info.num_kv_blocks} blocks x {info.block_size}); "
                                f"in-flight requests cannot be replayed", code=grpc.StatusCode.UNAVAILABLE)

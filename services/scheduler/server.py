@@ -24,7 +24,7 @@ from engine_core.config import EngineConfig
 from engine_core.executor.base import Executor, ExecutorError
 from engine_core.sampling_params import SamplingParams
 from services import convert, tracing
-from services.gen.pagedserve.v1 import scheduler_pb2, scheduler_pb2_grpc
+from services.gen.pagedserve.v1 import admin_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from services.grpc_server import (
     EXECUTOR_PORT,
     SCHEDULER_PORT,
@@ -32,6 +32,7 @@ from services.grpc_server import (
     add_common_args,
     configure_logging,
 )
+from services.internal_auth import InternalSecurity, security_from_args_or_log
 from services.scheduler.engine_loop import EngineLoop, GenerateCall
 from services.scheduler.sinks import CallFailed, CallSink, StreamSink
 
@@ -102,6 +103,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             return CallFailed(grpc.StatusCode.UNAVAILABLE,
                               f"executor {engine.executor_name} unavailable for {down:.0f}s ({engine.down_reason})")
         limit = engine.max_queue_len
+        if limit and params.n > limit + engine.config.max_num_seqs:  # no retry could ever admit it
+            return CallFailed(bad, f"n={params.n} is more samples than the scheduler can ever hold "
+                                   f"(--max-queue-len {limit} + --max-num-seqs {engine.config.max_num_seqs})")
         if limit and self._queue_full(params.n):
             engine.num_rejected += 1
             return CallFailed(grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -387,16 +391,24 @@ def _load_factory(spec: str) -> Callable[..., Executor]:
     return getattr(importlib.import_module(mod), attr)
 
 
-def executor_factory(args: argparse.Namespace) -> tuple[Callable[[EngineConfig], Executor], str]:
+def executor_factory(args: argparse.Namespace, security: InternalSecurity | None = None
+                     ) -> tuple[Callable[[EngineConfig], Executor], str]:
     """(config -> Executor, a name for logs) from --executor-address / --executor."""
     address = args.executor_address
     if address == "local":
         factory = _load_factory(args.executor)
         return (lambda config: GuardedExecutor(factory(config))), f"local ({args.executor})"
+    connect = executor_connector(args.step_timeout, security)
+    return (lambda _config: connect(address)), address
+
+
+def executor_connector(step_timeout_s: float, security: InternalSecurity | None = None
+                       ) -> Callable[[str], Executor]:
+    """address -> a GrpcExecutor client of the executor service there (also what SwapExecutor uses)."""
     from services.executor_client import GrpcExecutor
 
-    step_timeout = args.step_timeout if args.step_timeout > 0 else None
-    return (lambda _config: GrpcExecutor(address, wait_ready_s=None, step_timeout_s=step_timeout)), address
+    step_timeout = step_timeout_s if step_timeout_s > 0 else None
+    return lambda address: GrpcExecutor(address, wait_ready_s=None, step_timeout_s=step_timeout, security=security)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -438,12 +450,21 @@ class SchedulerService:
     def __init__(self, config: EngineConfig, make_executor: Callable[[EngineConfig], Executor], *,
                  executor_name: str = "executor", host: str = "127.0.0.1", port: int = 0,
                  executor_timeout_s: float = 30.0, max_queue_len: int = DEFAULT_MAX_QUEUE_LEN,
-                 grace_s: float = 5.0) -> None:
+                 grace_s: float = 5.0, security: InternalSecurity | None = None, reflection: bool = False,
+                 connect_executor: Callable[[str], Executor] | None = None) -> None:
+        from services.scheduler.admin import SERVICE_NAME as ADMIN_SERVICE
+        from services.scheduler.admin import SchedulerAdminServicer
+
+        security = security or InternalSecurity.from_env()
         self.engine = EngineLoop(config, make_executor, executor_name=executor_name,
                                  executor_timeout_s=executor_timeout_s, max_queue_len=max_queue_len)
-        self.server = AioGrpcServer("scheduler", [SERVICE_NAME], host, port, grace_s=grace_s)
+        self.server = AioGrpcServer("scheduler", [SERVICE_NAME, ADMIN_SERVICE], host, port, grace_s=grace_s,
+                                    security=security, reflection=reflection)
         self.servicer = SchedulerServicer(self.engine)
         scheduler_pb2_grpc.add_SchedulerServicer_to_server(self.servicer, self.server.server)
+        admin_pb2_grpc.add_SchedulerAdminServicer_to_server(
+            SchedulerAdminServicer(self.engine, connect_executor or executor_connector(0, security), security),
+            self.server.server)
         self.server.on_shutdown(self.servicer.close)
         self.fatal: list[BaseException] = []
 
@@ -478,9 +499,12 @@ class SchedulerService:
 
 
 async def serve(args: argparse.Namespace) -> int:
+    security = security_from_args_or_log(args, logger)
+    if security is None:
+        return 2
     try:
         config = EngineConfig.from_cli_args(args, model=args.model or args.model_pos)
-        factory, executor_name = executor_factory(args)
+        factory, executor_name = executor_factory(args, security)
     except (ValueError, ImportError, AttributeError) as e:
         logger.error("bad arguments: %s", e)
         return 2
@@ -488,8 +512,9 @@ async def serve(args: argparse.Namespace) -> int:
         logger.error("bad arguments: --max-queue-len must be >= 0")
         return 2
     svc = SchedulerService(config, factory, executor_name=executor_name, host=args.host, port=args.port,
+                           connect_executor=executor_connector(args.step_timeout, security),
                            executor_timeout_s=args.executor_timeout, max_queue_len=args.max_queue_len,
-                           grace_s=args.shutdown_grace)
+                           grace_s=args.shutdown_grace, security=security, reflection=args.grpc_reflection)
     tracing.setup_tracing("scheduler")
     if args.metrics_port is not None:
         from services.metrics import SchedulerMetrics, maybe_start_metrics_server

@@ -34,6 +34,7 @@ from services.grpc_server import (
     add_common_args,
     configure_logging,
 )
+from services.internal_auth import security_from_args_or_log
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,10 @@ SERVICE_NAME = tokenizer_pb2.DESCRIPTOR.services_by_name["Tokenizer"].full_name
 # Inputs above this size are handled in a worker thread (small ones inline: a thread hop costs more).
 _INLINE_MAX_CHARS = 2048
 _INLINE_MAX_TOKENS = 512
+DEFAULT_MAX_IN_FLIGHT = 256
+# EncodeBatch limits per call (the gateway sends at most 16 prompts, within its own caps).
+MAX_BATCH_TEXTS = 256
+MAX_BATCH_CHARS = 64 * 2**20
 
 
 @functools.cache
@@ -80,8 +85,14 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
     """Pass the tokenizer now, or later with `set_tokenizer` (RPCs answer UNAVAILABLE until then:
     the servicer must be registered before the server starts)."""
 
-    def __init__(self, tokenizer=None, *, model_name: str | None = None, max_model_len: int | None = None) -> None:
+    def __init__(self, tokenizer=None, *, model_name: str | None = None, max_model_len: int | None = None,
+                 max_in_flight: int = DEFAULT_MAX_IN_FLIGHT) -> None:
         from engine_core.detokenizer import IncrementalDetokenizer
+
+        # Calls beyond this many in flight are shed with RESOURCE_EXHAUSTED at once (the caller that
+        # floods gets the error, and the queue behind the worker threads stays short for everyone else).
+        self.max_in_flight = max_in_flight
+        self._in_flight = 0
 
         self._detok_cls = IncrementalDetokenizer
         self.tokenizer = None
@@ -112,6 +123,18 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
 
     async def _call(self, context, what: str, fn, *args, inline: bool = False, **kw):
         """Run fn (inline or in a thread); map client errors to INVALID_ARGUMENT, others to INTERNAL."""
+        if inline:
+            return await self._run_mapped(context, what, fn, *args, inline=True, **kw)
+        if self.max_in_flight and self._in_flight >= self.max_in_flight:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"{what}: the tokenizer is busy ({self._in_flight} calls in flight); retry later")
+        self._in_flight += 1
+        try:
+            return await self._run_mapped(context, what, fn, *args, **kw)
+        finally:
+            self._in_flight -= 1
+
+    async def _run_mapped(self, context, what: str, fn, *args, inline: bool = False, **kw):
         try:
             if inline:
                 return fn(*args, **kw)
@@ -131,6 +154,24 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
         ids = await self._call(context, "Encode", self.tokenizer.encode, request.text, add_special_tokens=add,
                                inline=len(request.text) <= _INLINE_MAX_CHARS)
         return tokenizer_pb2.EncodeResponse(token_ids=ids)
+
+    def _encode_batch(self, texts: list[str], add: bool) -> list[list[int]]:
+        if len(texts) > MAX_BATCH_TEXTS:
+            raise ClientError(f"at most {MAX_BATCH_TEXTS} texts per call, got {len(texts)}")
+        chars = sum(len(t) for t in texts)
+        if chars > MAX_BATCH_CHARS:
+            raise ClientError(f"at most {MAX_BATCH_CHARS} characters per call, got {chars}")
+        encode = self.tokenizer.encode
+        return [encode(t, add_special_tokens=add) for t in texts]
+
+    @tracing.traced_rpc("tokenizer.EncodeBatch")
+    async def EncodeBatch(self, request, context):
+        await self._check_ready(context)
+        add = request.add_special_tokens if request.HasField("add_special_tokens") else True
+        texts = list(request.texts)
+        ids = await self._call(context, "EncodeBatch", self._encode_batch, texts, add,
+                               inline=sum(len(t) for t in texts) <= _INLINE_MAX_CHARS)
+        return tokenizer_pb2.EncodeBatchResponse(results=[tokenizer_pb2.EncodeResponse(token_ids=x) for x in ids])
 
     def _render_chat(self, request) -> tuple[str, list[int]]:
         if not request.messages:
@@ -351,14 +392,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--max-model-len", type=int, default=None, help="reported by GetInfo (the launcher passes "
                                                                      "the executor's value)")
+    p.add_argument("--max-in-flight", type=int, default=DEFAULT_MAX_IN_FLIGHT,
+                   help="tokenize/decode calls in flight beyond which new ones get RESOURCE_EXHAUSTED "
+                        f"(0: unlimited; default {DEFAULT_MAX_IN_FLIGHT})")
     add_common_args(p, TOKENIZER_PORT)
     return p
 
 
 async def serve(args: argparse.Namespace) -> int:
     tracing.setup_tracing("tokenizer")
-    srv = AioGrpcServer("tokenizer", [SERVICE_NAME], args.host, args.port, grace_s=args.shutdown_grace)
-    servicer = TokenizerServicer(max_model_len=args.max_model_len)
+    security = security_from_args_or_log(args, logger)
+    if security is None:
+        return 2
+    srv = AioGrpcServer("tokenizer", [SERVICE_NAME], args.host, args.port, grace_s=args.shutdown_grace,
+                        security=security, reflection=args.grpc_reflection)
+    servicer = TokenizerServicer(max_model_len=args.max_model_len, max_in_flight=args.max_in_flight)
     tokenizer_pb2_grpc.add_TokenizerServicer_to_server(servicer, srv.server)
     srv.install_signal_handlers()
     await srv.start()  # NOT_SERVING while the tokenizer loads

@@ -36,8 +36,9 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
     def __init__(self, script: list[int], *, vocab_size: int, eos_token_id: int, max_model_len: int = 256,
                  model_name: str = "fake-model", token_delay_s: float = 0.002, max_in_flight: int = 0,
                  first_token_delay_s: float = 0.0, accepted_metadata: bool = False,
-                 ignore_abort: bool = False) -> None:
+                 ignore_abort: bool = False, max_queue_len: int = 0) -> None:
         self.script = script
+        self.max_queue_len = max_queue_len  # reported by GetStats (the gateway's capacity check)
         self.vocab_size = vocab_size
         self.eos = eos_token_id
         self.max_model_len = max_model_len
@@ -54,6 +55,12 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
         self.requests: list[scheduler_pb2.GenerateRequest] = []
         self.abort_calls: list[scheduler_pb2.AbortRequest] = []
         self._counter = itertools.count(1)
+
+    @classmethod
+    def for_tokenizer(cls, tok, **kw) -> FakeScheduler:
+        """A fake whose script is SCRIPT_TEXT in `tok`'s tokens, with its vocabulary and EOS."""
+        return cls(tok.encode(SCRIPT_TEXT, add_special_tokens=False), vocab_size=tok.vocab_size,
+                   eos_token_id=tok.eos_token_ids[0], **kw)
 
     def tokens_for(self, sp: common_pb2.SamplingParams, index: int) -> itertools.cycle:
         temp = sp.temperature if sp.HasField("temperature") else 1.0
@@ -203,7 +210,7 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
 
     async def GetStats(self, request, context):
         return scheduler_pb2.SchedulerStats(num_running=sum(self.running.values()), executor_healthy=True,
-                                            num_kv_blocks=64, num_free_blocks=64)
+                                            num_kv_blocks=64, num_free_blocks=64, max_queue_len=self.max_queue_len)
 
     async def WatchStats(self, request, context):
         interval = max(0.05, request.interval_s or 1.0)

@@ -32,7 +32,7 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def start_server(executor):
-    srv = GrpcServer("executor", [SERVICE_NAME], "127.0.0.1", 0, max_workers=4, grace_s=0.5)
+    srv = GrpcServer("executor", [SERVICE_NAME], "127.0.0.1", 0, max_workers=4, grace_s=0.5, reflection=True)
     servicer = ExecutorServicer(executor)
     executor_pb2_grpc.add_ExecutorServicer_to_server(servicer, srv.server)
     srv.on_shutdown(servicer.close_streams)

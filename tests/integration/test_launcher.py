@@ -14,11 +14,11 @@ import threading
 import time
 from pathlib import Path
 
-import grpc
 import pytest
 
 from services.gen.pagedserve.v1 import common_pb2, scheduler_pb2_grpc
 from services.gen.pagedserve.v1 import scheduler_pb2 as pb
+from services.internal_auth import TOKEN_ENV, InternalSecurity
 from tests.integration.fake_executor import FakeExecutor
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,11 +27,13 @@ FREE_PORTS = ["--port", "0", "--executor-port", "0", "--scheduler-port", "0", "-
 _BIN = Path(sys.executable).parent / "pagedserve"
 PAGEDSERVE = [str(_BIN)] if _BIN.exists() else [sys.executable, "-m", "services.cli"]
 READY = re.compile(r"^(\w+)\s+ready on (\S+) \(pid (\d+)")
+TOKEN = "launcher-test-service-token"  # the stack's internal services want it (services/internal_auth.py)
+SECURITY = InternalSecurity(token=TOKEN)
 
 
 class Launcher:
     def __init__(self, log: Path, *args: str, env_extra: dict | None = None) -> None:
-        env = dict(os.environ, PYTHONPATH=str(ROOT), **(env_extra or {}))
+        env = dict(os.environ, PYTHONPATH=str(ROOT), **{TOKEN_ENV: TOKEN, **(env_extra or {})})
         self.log = log
         self.proc = subprocess.Popen([*PAGEDSERVE, "serve", *FREE_PORTS, *args], cwd=ROOT, env=env, text=True,
                                      stdout=subprocess.PIPE, stderr=open(log, "w"))  # noqa: SIM115
@@ -112,7 +114,8 @@ def test_serve_client_and_sigterm(tmp_path):
         launcher.wait_for(rf"try: pagedserve client --scheduler-address {sched} --tokenizer-address {tok}", 5)
         r = subprocess.run([*PAGEDSERVE, "client", "Hello", "--stream", "--max-tokens", "8",
                             "--scheduler-address", sched, "--tokenizer-address", tok],
-                           cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+                           cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+                           env={**os.environ, TOKEN_ENV: TOKEN})
         assert r.returncode == 0, r.stderr
         assert r.stdout.strip(), r
         assert "completion tokens" in r.stderr
@@ -136,7 +139,7 @@ def test_executor_restart_and_dead_child_shutdown(tmp_path):
     try:
         services = launcher.wait_ready()
         assert "gateway    skipped (--no-gateway)" in launcher.out
-        with grpc.insecure_channel(services["scheduler"][0]) as ch:
+        with SECURITY.channel(services["scheduler"][0]) as ch:
             stub = scheduler_pb2_grpc.SchedulerStub(ch)
             call = stub.Generate(pb.GenerateRequest(request_id="r", prompt_token_ids=[4, 5, 6],
                                                     sampling_params=common_pb2.SamplingParams(max_tokens=80)),
@@ -179,3 +182,55 @@ def test_port_in_use_is_a_clear_error(tmp_path):
                            capture_output=True, text=True, timeout=60, check=False)
     assert r.returncode == 2
     assert f"cannot use port {port} for the scheduler" in r.stderr and "--scheduler-port 0" in r.stderr
+
+
+def test_secrets_restart_budget_and_grace(tmp_path):
+    """Issue 16 (findings 2, 3, 7) through the launcher, on the fake executor: the API key reaches the
+    gateway through the environment (not in any argv), /dashboard needs it; the stack's generated
+    service token guards the scheduler (in a 0600 file, removed at exit); the gateway gets
+    --shutdown-grace; the executor's restart budget starts over after a healthy --restart-window."""
+    import stat
+
+    import httpx
+
+    key_file = tmp_path / "key"
+    key_file.write_text("sk-launcher-test\n")
+    launcher = Launcher(tmp_path / "serve.log", "--executor-factory", "tests.integration.fake_executor:FakeExecutor",
+                        "--max-model-len", "256", "--num-gpu-blocks-override", "32", "--shutdown-grace", "2",
+                        "--max-executor-restarts", "1", "--restart-window", "1", "--api-key-file", str(key_file),
+                        env_extra={TOKEN_ENV: ""})
+    try:
+        services = launcher.wait_ready()
+        token_file = launcher.wait_for(r"service token: (\S+) ", 5).group(1)
+        assert stat.S_IMODE(os.stat(token_file).st_mode) == 0o600
+        gw_url, gw_pid = services["gateway"]
+        argv = Path(f"/proc/{gw_pid}/cmdline").read_bytes().split(b"\0")
+        assert not any(b"sk-launcher-test" in a for a in argv)
+        assert b"--shutdown-grace" in argv and argv[argv.index(b"--shutdown-grace") + 1] == b"2.0"
+        for _, pid in services.values():
+            assert b"sk-launcher-test" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+        auth = {"Authorization": "Bearer sk-launcher-test"}
+        body = {"prompt": [1, 2, 3], "max_tokens": 2}
+        assert httpx.post(f"{gw_url}/v1/completions", json=body, timeout=30).status_code == 401
+        assert httpx.post(f"{gw_url}/v1/completions", json=body, headers=auth, timeout=30).status_code == 200
+        assert httpx.get(f"{gw_url}/dashboard", timeout=10).status_code == 401
+        assert httpx.get(f"{gw_url}/dashboard", auth=("", "sk-launcher-test"), timeout=10).status_code == 200
+        with InternalSecurity().channel(services["scheduler"][0]) as ch, \
+                pytest.raises(Exception, match="UNAUTHENTICATED"):
+            scheduler_pb2_grpc.SchedulerStub(ch).GetStats(pb.GetStatsRequest(), timeout=5)
+        token = Path(token_file).read_text().strip()
+        with InternalSecurity(token=token).channel(services["scheduler"][0]) as ch:
+            assert scheduler_pb2_grpc.SchedulerStub(ch).GetStats(pb.GetStatsRequest(), timeout=5).executor_healthy
+        # Two crashes, each after more than --restart-window of health: both restarted (budget 1).
+        pid = services["executor"][1]
+        for _ in range(2):
+            time.sleep(1.2)
+            os.kill(pid, signal.SIGKILL)
+            launcher.wait_for(r"restarting the executor \(1 of at most 1\)")
+            pid = int(launcher.wait_for(r"^executor\s+ready on \S+ \(pid (\d+), restarted").group(1))
+        assert launcher.proc.poll() is None
+        launcher.proc.send_signal(signal.SIGTERM)
+        assert launcher.proc.wait(30) == 0
+        assert not os.path.exists(token_file)
+    finally:
+        launcher.kill()

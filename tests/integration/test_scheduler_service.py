@@ -336,8 +336,8 @@ def test_remote_executor_death_restart_and_timeout():
     env = {"FAKE_EXECUTOR_STEP_DELAY_S": "0.02"}
     ex, ex_addr = spawn("services.executor", *FAKE_EXECUTOR, "--port", "0", env_extra=env)
     port = ex_addr.rsplit(":", 1)[1]
-    sch, addr = spawn("services.scheduler", "--executor-address", ex_addr, "--executor-timeout", "3",
-                      "--port", "0", "--shutdown-grace", "1")
+    sch, addr = spawn("services.scheduler", "--grpc-reflection", "--executor-address", ex_addr,
+                      "--executor-timeout", "3", "--port", "0", "--shutdown-grace", "1")
     ch = grpc.insecure_channel(addr)
     stub = scheduler_pb2_grpc.SchedulerStub(ch)
     try:

@@ -9,13 +9,13 @@ import asyncio
 import json
 import re
 
-import grpc
 import httpx
 import pytest
 
 from benchmarks import serving_path
 from benchmarks.servers import start_pagedserve
 from services.gen.pagedserve.v1 import scheduler_pb2, scheduler_pb2_grpc
+from services.internal_auth import InternalSecurity
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -47,7 +47,7 @@ def test_messages_per_engine_step_at_32_streams(tiny, tmp_path):
     try:
         url = server.wait_ready(300)
         sched = serving_path.scheduler_address(server)
-        with grpc.insecure_channel(sched) as ch:
+        with InternalSecurity(token=server.service_token).channel(sched) as ch:
             stub = scheduler_pb2_grpc.SchedulerStub(ch)
 
             def steps() -> int:

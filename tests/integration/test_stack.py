@@ -52,7 +52,7 @@ class Stack:
     def spawn(self, name: str, module: str, *args: str) -> str:
         env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
         log = open(self.log_dir / f"{name}.log", "a")  # noqa: SIM115 - lives as long as the process
-        proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+        proc = subprocess.Popen([sys.executable, "-m", module, *args, "--grpc-reflection"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                 stderr=log, text=True)
         line = proc.stdout.readline()
         assert "listening on" in line, (name, line, (self.log_dir / f"{name}.log").read_text()[-2000:])

@@ -241,7 +241,8 @@ def test_process_health_reflection_sigterm(gguf_path):
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "services.tokenizer", "--model", gguf_path, "--port", "0"],
+    proc = subprocess.Popen([sys.executable, "-m", "services.tokenizer", "--model", gguf_path, "--port", "0",
+                             "--grpc-reflection"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()

@@ -62,4 +62,8 @@ def test_services_declared():
     assert set(scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].methods_by_name) == {
         "Generate", "GenerateStream", "Abort", "GetStats", "WatchStats", "GetModelInfo"}
     assert set(tokenizer_pb2.DESCRIPTOR.services_by_name["Tokenizer"].methods_by_name) == {
-        "Encode", "ApplyChatTemplate", "Decode", "DetokenizeStream", "DetokenizeBatch", "GetInfo", "DecodeTokens"}
+        "Encode", "EncodeBatch", "ApplyChatTemplate", "Decode", "DetokenizeStream", "DetokenizeBatch", "GetInfo",
+        "DecodeTokens"}
+    from services.gen.pagedserve.v1 import admin_pb2
+
+    assert set(admin_pb2.DESCRIPTOR.services_by_name["SchedulerAdmin"].methods_by_name) == {"SwapExecutor"}

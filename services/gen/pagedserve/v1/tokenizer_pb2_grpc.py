@@ -40,6 +40,11 @@ class TokenizerStub:
                 request_serializer=pagedserve_dot_v1_dot_tokenizer__pb2.EncodeRequest.SerializeToString,
                 response_deserializer=pagedserve_dot_v1_dot_tokenizer__pb2.EncodeResponse.FromString,
                 _registered_method=True)
+        self.EncodeBatch = channel.unary_unary(
+                '/pagedserve.v1.Tokenizer/EncodeBatch',
+                request_serializer=pagedserve_dot_v1_dot_tokenizer__pb2.EncodeBatchRequest.SerializeToString,
+                response_deserializer=pagedserve_dot_v1_dot_tokenizer__pb2.EncodeBatchResponse.FromString,
+                _registered_method=True)
         self.ApplyChatTemplate = channel.unary_unary(
                 '/pagedserve.v1.Tokenizer/ApplyChatTemplate',
                 request_serializer=pagedserve_dot_v1_dot_tokenizer__pb2.ApplyChatTemplateRequest.SerializeToString,
@@ -77,6 +82,15 @@ class TokenizerServicer:
 
     def Encode(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EncodeBatch(self, request, context):
+        """Several texts in one call (one worker-thread hop; the gateway's many-prompt requests): results
+        in the order of `texts`. RESOURCE_EXHAUSTED when the service is busy (--max-in-flight),
+        INVALID_ARGUMENT beyond its per-call limits (texts, characters).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -145,6 +159,11 @@ def add_TokenizerServicer_to_server(servicer, server):
                     request_deserializer=pagedserve_dot_v1_dot_tokenizer__pb2.EncodeRequest.FromString,
                     response_serializer=pagedserve_dot_v1_dot_tokenizer__pb2.EncodeResponse.SerializeToString,
             ),
+            'EncodeBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.EncodeBatch,
+                    request_deserializer=pagedserve_dot_v1_dot_tokenizer__pb2.EncodeBatchRequest.FromString,
+                    response_serializer=pagedserve_dot_v1_dot_tokenizer__pb2.EncodeBatchResponse.SerializeToString,
+            ),
             'ApplyChatTemplate': grpc.unary_unary_rpc_method_handler(
                     servicer.ApplyChatTemplate,
                     request_deserializer=pagedserve_dot_v1_dot_tokenizer__pb2.ApplyChatTemplateRequest.FromString,
@@ -203,6 +222,33 @@ class Tokenizer:
             '/pagedserve.v1.Tokenizer/Encode',
             pagedserve_dot_v1_dot_tokenizer__pb2.EncodeRequest.SerializeToString,
             pagedserve_dot_v1_dot_tokenizer__pb2.EncodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EncodeBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pagedserve.v1.Tokenizer/EncodeBatch',
+            pagedserve_dot_v1_dot_tokenizer__pb2.EncodeBatchRequest.SerializeToString,
+            pagedserve_dot_v1_dot_tokenizer__pb2.EncodeBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,
