@@ -81,7 +81,8 @@ def parse_tool_choice(tool_choice: Any, functions: list[dict[str, Any]] | None) 
             raise ValueError(f"tool_choice {tool_choice!r} needs tools")
         return ToolChoice(tool_choice)
     if isinstance(tool_choice, dict) and tool_choice.get("type") == "function":
-        name = (tool_choice.get("function") or {}).get("name")
+        fn = tool_choice.get("function")
+        name = fn.get("name") if isinstance(fn, dict) else None
         if not functions or name not in {f["name"] for f in functions}:
             raise ValueError(f"tool_choice names function {str(name)[:64]!r}, which is not in tools")
         return ToolChoice("named", name)
@@ -128,8 +129,10 @@ def messages_for_template(messages: list[dict[str, Any]], functions: list[dict[s
         return messages, ({"tools": [{"type": "function", "function": {
             k: f[k] for k in ("name", "description", "parameters")}} for f in functions]} if functions else {})
     out = []
-    for m in messages:
+    for i, m in enumerate(messages):
         calls = m.get("tool_calls")
+        if calls is not None and (not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls)):
+            raise ValueError(f"messages[{i}].tool_calls must be an array of tool call objects")
         if m.get("role") == "assistant" and calls:
             text = "\n".join(f"{TOOL_CALL_START}\n{json.dumps(_call_dict(c), ensure_ascii=False)}\n{TOOL_CALL_END}"
                              for c in calls)
@@ -146,8 +149,9 @@ def messages_for_template(messages: list[dict[str, Any]], functions: list[dict[s
     return out, {}
 
 
-def _call_dict(c: Any) -> dict[str, Any]:
-    fn = (c or {}).get("function") or {}
+def _call_dict(c: dict[str, Any]) -> dict[str, Any]:
+    fn = c.get("function")
+    fn = fn if isinstance(fn, dict) else {}
     args = fn.get("arguments", "{}")
     try:
         args = json.loads(args) if isinstance(args, str) else args

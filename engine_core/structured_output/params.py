@@ -32,6 +32,8 @@ class StructuredOutputsParams:
     def __post_init__(self) -> None:
         if isinstance(self.choice, list):
             object.__setattr__(self, "choice", tuple(self.choice))
+        if self.choice is not None and not isinstance(self.choice, tuple):
+            raise ValueError("structured_outputs.choice must be a list of strings")
         if isinstance(self.json, str):
             try:
                 parsed = json.loads(self.json)
