@@ -85,8 +85,8 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
     app.state.drain = drain
 
     def begin_drain(on_done) -> None:
-        stream = backend.step_stream
-        drain.start(stream.fail_all if stream is not None else (lambda _err: 0), on_done)
+        replicas = backend.replicas
+        drain.start(replicas.fail_all if replicas is not None else (lambda _err: 0), on_done)
 
     app.state.begin_drain = begin_drain
     install_exception_handlers(app)

@@ -37,6 +37,10 @@ class ReplicaSet:
         self._m_requests = GatewayMetrics.get().replica_requests
         self._m_retries = GatewayMetrics.get().replica_retries
 
+    def fail_all(self, error) -> int:
+        """End every generation in flight on any replica with `error` (the drain's grace is over)."""
+        return sum(r.step_stream.fail_all(error) for r in [*self.replicas.values(), *self._retired])
+
     # ------------------------------------------------------------------ membership
     async def start(self) -> None:
         if self.config.scheduler_dns:
