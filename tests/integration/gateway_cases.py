@@ -86,7 +86,15 @@ BAD_REQUESTS: list[Bad] = [
     Bad("image content part", CH, {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}),
     Bad("json_schema response_format", CH, {"messages": U, "response_format": {"type": "json_schema"}},
-        param="response_format"),
+        param="response_format.json_schema"),
+    Bad("unknown response_format", C, {"prompt": "x", "response_format": {"type": "yaml"}},
+        param="response_format.type"),
+    Bad("empty guided_choice", CH, {"messages": U, "guided_choice": []}, param="guided_choice"),
+    Bad("two constraints", C, {"prompt": "x", "guided_regex": "a+", "guided_choice": ["a"]}),
+    Bad("tool_choice names no tool", CH, {"messages": U, "tools": [{"type": "function", "function": {"name": "f"}}],
+                                         "tool_choice": {"type": "function", "function": {"name": "g"}}},
+        param="tool_choice", contains=("not in tools",)),
+    Bad("malformed tools", CH, {"messages": U, "tools": [{"type": "function", "function": "f"}]}, param="tools"),
     # over-long prompt: 400 saying the numbers
     Bad("over-long prompt", C, {"prompt": LONG_PROMPT, "max_tokens": 4}, contains=("{max_len}",)),
     Bad("over-long chat", CH, {"messages": [{"role": "user", "content": LONG_PROMPT}], "max_tokens": 4},
