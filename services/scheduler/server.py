@@ -229,6 +229,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                                    {"pagedserve.request_id": request.request_id,
                                     "pagedserve.prompt_tokens": len(request.prompt_token_ids)})
         params = self._check(request)
+        compiled = None
         if not isinstance(params, CallFailed):
             compiled = await self._compile_grammar(params)
         if isinstance(params, CallFailed) or isinstance(compiled, CallFailed) or add.key in calls:
