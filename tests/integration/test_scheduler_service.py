@@ -33,7 +33,9 @@ class Scheduler:
 
     def __init__(self, make_executor=None, *, max_queue_len: int = 0, executor_timeout_s: float = 5.0,
                  **engine_kw) -> None:
-        engine_kw = {"max_model_len": 512, "num_gpu_blocks_override": 64, **engine_kw}
+        # The fake executor says "cpu" but computes nothing: keep the GPU-sized step budget these tests
+        # were written for (e.g. 32 streams admitted in one step), not the CPU's 64-token default.
+        engine_kw = {"max_model_len": 512, "num_gpu_blocks_override": 64, "max_num_batched_tokens": 2048, **engine_kw}
         self.executors: list[FakeExecutor] = []
 
         def factory(config):
