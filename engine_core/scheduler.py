@@ -186,8 +186,6 @@ class Scheduler:
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
         req.num_output_placeholders = 0  # in-flight samples are dropped; recomputed on resumption
-        if req.grammar is not None:
-            req.grammar.rollback_to(len(req.output_token_ids))
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(req)

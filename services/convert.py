@@ -196,14 +196,16 @@ def deferred_bitmasks_from_proto(msg: executor_pb2.StepBatch, vocab_size: int) -
     d = msg.deferred_bitmasks
     if len(d.req_ids) != len(d.bitmasks):
         raise ValueError(f"deferred_bitmasks of step {msg.step_id}: {len(d.req_ids)} req_ids but {len(d.bitmasks)} bitmasks")
-    words = (vocab_size + 31) // 32
-    out = {}
-    for rid, data in zip(d.req_ids, d.bitmasks):
-        m = _bitmask_from_bytes(rid, data)
-        if m.shape != (words,):
-            raise ValueError(f"grammar_bitmask of {rid!r} has {m.size} words; the vocabulary needs {words}")
-        out[rid] = m
+    out = {rid: _bitmask_from_bytes(rid, data) for rid, data in zip(d.req_ids, d.bitmasks)}
+    _check_bitmask_words(out, vocab_size)
     return out
+
+
+def _check_bitmask_words(bitmasks: dict[str, np.ndarray], vocab_size: int) -> None:
+    words = (vocab_size + 31) // 32
+    for rid, mask in bitmasks.items():
+        if mask.shape != (words,):
+            raise ValueError(f"grammar_bitmask of {rid!r} has {mask.size} words; the vocabulary needs {words}")
 
 
 def scheduler_output_from_proto(msg: executor_pb2.StepBatch) -> SchedulerOutput:
@@ -323,10 +325,7 @@ def check_step_against_info(so: SchedulerOutput, info: ExecutorInfo) -> None:
             raise ValueError(f"new request {r.req_id!r}: sampling_params: {e}") from None
     for r in so.scheduled_cached_reqs:
         check_blocks(f"cached request {r.req_id!r} new_block_ids", r.new_block_ids)
-    words = (vocab + 31) // 32
-    for rid, mask in so.grammar_bitmasks.items():
-        if mask.shape != (words,):
-            raise ValueError(f"grammar_bitmask of {rid!r} has {mask.size} words; the vocabulary needs {words}")
+    _check_bitmask_words(so.grammar_bitmasks, vocab)
     for rid, toks in so.scheduled_spec_decode_tokens.items():
         check_tokens(f"scheduled_spec_decode_tokens[{rid!r}]", toks)
     check_blocks("block_copies", [b for pair in so.block_copies for b in pair])

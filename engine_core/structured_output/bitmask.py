@@ -26,7 +26,8 @@ class BitmaskApplier:
         except ImportError:  # pragma: no cover - xgrammar is a dependency
             self._xgr_apply = None
 
-    def _host_buffer(self, rows: int, words: int) -> torch.Tensor:
+    def _host_buffer(self, rows: int, words: int) -> tuple[int, torch.Tensor]:
+        """(index, a [rows, words] view of the next free buffer)."""
         cuda = self.device.type == "cuda"
         if len(self._buffers) < 2:
             self._buffers.append((torch.empty(0, dtype=torch.int32), None))
@@ -38,15 +39,14 @@ class BitmaskApplier:
         if buf.numel() < rows * words:
             buf = torch.empty(max(rows * words, 2 * buf.numel()), dtype=torch.int32, pin_memory=cuda)
         self._buffers[i] = (buf, None)
-        self._current = i
-        return buf[: rows * words].view(rows, words)
+        return i, buf[: rows * words].view(rows, words)
 
     def apply(self, logits: torch.Tensor, bitmask: np.ndarray, rows: list[int]) -> None:
         if not rows:
             return
         n, vocab = logits.shape
         words = bitmask.shape[1]
-        host = self._host_buffer(n, words)
+        i, host = self._host_buffer(n, words)
         hv = host.numpy()
         if len(rows) == n:
             hv[rows] = bitmask
@@ -57,7 +57,7 @@ class BitmaskApplier:
             mask = host.to(self.device, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-            self._buffers[self._current] = (self._buffers[self._current][0], event)
+            self._buffers[i] = (self._buffers[i][0], event)
         else:
             mask = host
         if self._xgr_apply is not None:

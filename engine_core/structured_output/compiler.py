@@ -61,10 +61,6 @@ class GrammarCompiler:
         self._lock = threading.Lock()
         self.stats = CompileStats()
 
-    @property
-    def bitmask_words(self) -> int:
-        return (self.vocab_size + 31) // 32
-
     def compile(self, params: StructuredOutputsParams) -> Any:
         """The xgrammar CompiledGrammar for params (cached); ValueError if the spec is invalid."""
         key = params.key

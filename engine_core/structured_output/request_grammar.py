@@ -2,9 +2,10 @@
 token the request keeps.
 
 The scheduler owns it (not the executor), so an executor restart or a preemption loses nothing:
-the matcher already reflects exactly the request's output tokens, which is what the replayed
-request resumes from. The bitmask for the next sampled position is filled when the step that
-samples it is scheduled and travels with the step (StepBatch's grammar_bitmask).
+the matcher takes each output token as the request keeps it, so it always reflects exactly the
+tokens a replayed request resumes from. EngineCore fills the bitmask of a step's sampled position
+once every earlier step's result is applied (BitmaskFiller), and it travels with the step
+(StepBatch's grammar_bitmask) or right after it (deferred_bitmasks).
 """
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ import numpy as np
 class RequestGrammar:
     matcher: Any  # xgrammar.GrammarMatcher
     vocab_size: int
-    num_accepted: int = 0  # output tokens the matcher has consumed
 
     @property
     def words(self) -> int:
@@ -28,25 +28,7 @@ class RequestGrammar:
         """Advance with a sampled token; False if the grammar forbids it (never for a masked sample)."""
         if self.matcher.is_terminated():
             return False
-        ok = bool(self.matcher.accept_token(int(token_id)))
-        if ok:
-            self.num_accepted += 1
-        return ok
-
-    def rollback_to(self, num_output_tokens: int) -> None:
-        """Forget tokens the request no longer holds (a discarded speculative or surplus token)."""
-        extra = self.num_accepted - num_output_tokens
-        if extra > 0:
-            self.matcher.rollback(extra)
-            self.num_accepted -= extra
-
-    @property
-    def is_terminated(self) -> bool:
-        return bool(self.matcher.is_terminated())
-
-    def next_bitmask(self) -> np.ndarray:
-        """Allowed tokens for the next position: [words] int32, bit i of word i//32 = token i."""
-        return BitmaskFiller(max_threads=1).fill([self])[0]
+        return bool(self.matcher.accept_token(int(token_id)))
 
 
 class BitmaskFiller:
@@ -78,8 +60,5 @@ def accept_first_tokens(pairs: list[tuple[RequestGrammar, int]]) -> list[bool]:
         return [pairs[0][0].accept(pairs[0][1])]
     import xgrammar as xgr
 
-    grammars = [g for g, _ in pairs]
-    oks = xgr.BatchGrammarMatcher.batch_accept_token([g.matcher for g in grammars], [int(t) for _, t in pairs])
-    for g, ok in zip(grammars, oks):
-        g.num_accepted += bool(ok)
+    oks = xgr.BatchGrammarMatcher.batch_accept_token([g.matcher for g, _ in pairs], [int(t) for _, t in pairs])
     return [bool(ok) for ok in oks]

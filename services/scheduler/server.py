@@ -112,16 +112,19 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                               f"the scheduler's waiting queue is full ({limit} requests); retry later")
         return params
 
-    async def _compile_grammar(self, params: SamplingParams):
-        """Structured output: compile the grammar in a worker thread while the request waits (never
-        on the engine thread, so no step stalls). None: no constraint (or no engine yet: then
-        add_request compiles). CallFailed: an invalid schema / regex / grammar, before any compute."""
-        if params.structured_outputs is None:
-            return None
+    async def _check_and_compile(self, request: scheduler_pb2.GenerateRequest):
+        """(params, compiled grammar) or CallFailed: `_check`, then the structured-output grammar
+        compiled in a worker thread while the request waits (never on the engine thread, so no step
+        stalls). The grammar is None without a constraint (or with no engine yet: add_request then
+        compiles). An invalid schema / regex / grammar fails here, before any compute."""
+        params = self._check(request)
+        if isinstance(params, CallFailed) or params.structured_outputs is None:
+            return params if isinstance(params, CallFailed) else (params, None)
         try:
-            return await asyncio.get_running_loop().run_in_executor(None, self.engine.compile_grammar, params)
+            compiled = await asyncio.get_running_loop().run_in_executor(None, self.engine.compile_grammar, params)
         except ValueError as e:
             return CallFailed(grpc.StatusCode.INVALID_ARGUMENT, f"structured_outputs: {e}")
+        return params, compiled
 
     def _submit(self, call: GenerateCall, span: tracing.server_span) -> None:
         if tracing.span_is_sampled(span.span):
@@ -135,12 +138,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
     async def _generate(self, request: scheduler_pb2.GenerateRequest, context, span: tracing.server_span):
         engine = self.engine
-        params = self._check(request)
-        if isinstance(params, CallFailed):
-            await context.abort(params.code, params.message)
-        compiled = await self._compile_grammar(params)
-        if isinstance(compiled, CallFailed):
-            await context.abort(compiled.code, compiled.message)
+        checked = await self._check_and_compile(request)
+        if isinstance(checked, CallFailed):
+            await context.abort(checked.code, checked.message)
+        params, compiled = checked
         sink = CallSink(asyncio.get_running_loop())
         call = GenerateCall(request.request_id, list(request.prompt_token_ids), params, sink,
                             compiled_grammar=compiled)
@@ -228,17 +229,14 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         span = tracing.server_span(_MetadataContext(md), "scheduler.Generate",
                                    {"pagedserve.request_id": request.request_id,
                                     "pagedserve.prompt_tokens": len(request.prompt_token_ids)})
-        params = self._check(request)
-        compiled = None
-        if not isinstance(params, CallFailed):
-            compiled = await self._compile_grammar(params)
-        if isinstance(params, CallFailed) or isinstance(compiled, CallFailed) or add.key in calls:
-            params = compiled if isinstance(compiled, CallFailed) else params
-            failure = params if isinstance(params, CallFailed) else CallFailed(
-                grpc.StatusCode.INVALID_ARGUMENT, f"stream key {add.key} is already in use")
+        checked = await self._check_and_compile(request)
+        if not isinstance(checked, CallFailed) and add.key in calls:
+            checked = CallFailed(grpc.StatusCode.INVALID_ARGUMENT, f"stream key {add.key} is already in use")
+        if isinstance(checked, CallFailed):
             span.end()
-            sink.admitted(GenerateCall(request.request_id, [], SamplingParams(), sink, key=add.key), failure)
+            sink.admitted(GenerateCall(request.request_id, [], SamplingParams(), sink, key=add.key), checked)
             return
+        params, compiled = checked
         call = GenerateCall(request.request_id, list(request.prompt_token_ids), params, sink, key=add.key,
                             span=span if span.span is not None else None, compiled_grammar=compiled)
         if call.span is None:
