@@ -46,20 +46,24 @@ def prompt_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
     return runner.model.compute_logits(hidden).float()
 
 
-def run(cfg: str, quantization: str | None, prompt: list[int], output_len: int) -> tuple[dict, torch.Tensor]:
-    llm = LLM(model=f"dummy:{cfg}", dtype="bfloat16", max_model_len=2048, max_num_seqs=8,
+def run(cfg: str, quantization: str | None, prompt: list[int], output_len: int,
+        batch_sizes: list[int]) -> tuple[dict, torch.Tensor]:
+    llm = LLM(model=f"dummy:{cfg}", dtype="bfloat16", max_model_len=2048, max_num_seqs=max(8, *batch_sizes),
               quantization=quantization, gpu_memory_utilization=0.4)
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)  # warm-up
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    out = llm.generate([prompt], params, use_tqdm=False)
-    torch.cuda.synchronize()
-    el = time.perf_counter() - t0
-    n = len(out[0].outputs[0].token_ids)
+    res = {"quantization": quantization or "none (bf16)"}
+    for bs in batch_sizes:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = llm.generate([prompt] * bs, params, use_tqdm=False)
+        torch.cuda.synchronize()
+        el = time.perf_counter() - t0
+        n = sum(len(o.outputs[0].token_ids) for o in out)
+        key = "" if bs == 1 else f"_bs{bs}"
+        res.update({f"output_tokens{key}": n, f"elapsed_s{key}": el, f"decode_tok_s{key}": n / el})
     ex = llm.engine.core.executor
-    res = {"quantization": quantization or "none (bf16)", "output_tokens": n, "elapsed_s": el,
-           "decode_tok_s": n / el, "weight_bytes": ex.weight_bytes}
+    res["weight_bytes"] = ex.weight_bytes
     logits = prompt_logits(llm, prompt).cpu()
     print(res, flush=True)
     del llm, ex
@@ -73,11 +77,13 @@ def main() -> None:
     ap.add_argument("--config", default="benchmarks/configs/llama-3.1-8b-instruct.json")
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=256)
+    ap.add_argument("--batch-sizes", default="1,16", help="decode batch sizes (1 is the headline)")
     args = ap.parse_args()
+    bss = [int(b) for b in args.batch_sizes.split(",")]
     vocab = json.loads(Path(args.config).read_text())["vocab_size"]
     prompt = torch.randint(100, vocab, (args.input_len,), generator=torch.Generator().manual_seed(0)).tolist()
-    bf16, ref = run(args.config, None, prompt, args.output_len)
-    fp8, got = run(args.config, "fp8", prompt, args.output_len)
+    bf16, ref = run(args.config, None, prompt, args.output_len, bss)
+    fp8, got = run(args.config, "fp8", prompt, args.output_len, bss)
     rel = ((got - ref).norm() / ref.norm()).item()
     agree = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
     ratio = fp8["decode_tok_s"] / bf16["decode_tok_s"]
@@ -86,6 +92,9 @@ def main() -> None:
           f"bf16 {bf16['decode_tok_s']:.1f} tok/s, fp8 {fp8['decode_tok_s']:.1f} tok/s = {ratio:.2f}x; "
           f"weights {bf16['weight_bytes'] / 2**30:.2f} -> {fp8['weight_bytes'] / 2**30:.2f} GiB; "
           f"logits rel. error {rel:.4f}, argmax agreement {agree:.3f}")
+    for bs in bss[1:]:
+        print(f"bs{bs}: bf16 {bf16[f'decode_tok_s_bs{bs}']:.1f} tok/s, fp8 {fp8[f'decode_tok_s_bs{bs}']:.1f} tok/s "
+              f"= {fp8[f'decode_tok_s_bs{bs}'] / bf16[f'decode_tok_s_bs{bs}']:.2f}x")
     date = dt.date.today().isoformat()
     meta = {"date": date, "device": torch.cuda.get_device_name(), "command": " ".join(["python"] + sys.argv),
             "torch": torch.__version__, "config": args.config, "args": vars(args)}
@@ -95,7 +104,34 @@ def main() -> None:
         json.dump({"meta": meta, "results": [bf16, fp8], "fp8_over_bf16": ratio,
                    "logits_rel_error": rel, "argmax_agreement": agree}, f, indent=2)
     print(f"wrote {path}")
+    plot(path)
 
 
-if __name__ == "__main__":
+def plot(json_path: str) -> None:
+    """Decode tok/s per batch size, bf16 vs fp8, next to the JSON (PNG)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = json.loads(Path(json_path).read_text())
+    bf16, fp8 = data["results"]
+    bss = [int(b) for b in data["meta"]["args"]["batch_sizes"].split(",")]
+    keys = ["decode_tok_s" if b == 1 else f"decode_tok_s_bs{b}" for b in bss]
+    fig, axes = plt.subplots(1, len(bss), figsize=(3.2 * len(bss), 3.4))
+    for ax, b, k in zip(axes if len(bss) > 1 else [axes], bss, keys):
+        vals = [bf16[k], fp8[k]]
+        ax.bar(["bf16", "fp8"], vals, color=["#888", "#2a7"])
+        ax.set_title(f"batch {b}: fp8 = {vals[1] / vals[0]:.2f}x")
+        ax.set_ylabel("decode tok/s")
+    m = data["meta"]
+    fig.suptitle(f"{os.path.basename(m['config'])} on {m['device']} ({m['date']})", fontsize=9)
+    fig.tight_layout()
+    out = json_path[:-5] + ".png"
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--plot":
+    plot(sys.argv[2])
+elif __name__ == "__main__":
     main()

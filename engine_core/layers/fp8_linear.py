@@ -1,11 +1,15 @@
-"""FP8 (e4m3) weight + activation linear layer for Hopper/Ada (`--quantization fp8`).
+"""FP8 (e4m3) linear layer for Hopper/Ada (`--quantization fp8`).
 
-Weights: one scale per output channel (amax / 448), stored e4m3 and transposed once to the
-column-major layout `torch._scaled_mm` wants for its second operand. Activations: one scale per
-token, computed on the fly (dynamic), so no calibration data is needed. The GEMM accumulates in
-fp32 and applies both scale vectors in its epilogue (rowwise scaling), output in the model dtype.
-The activation quantization is one Triton kernel on CUDA (engine_core/kernels/fp8_quant.py; this
-file's quantize_fp8_per_token is its twin). Decode steps stay CUDA-graph capturable.
+Weights: one scale per output channel (amax / 448), stored e4m3 [N, K] (K contiguous; its
+transpose view is the column-major second operand `torch._scaled_mm` wants). Two paths by rows:
+- few rows (decode, M <= WEIGHT_ONLY_MAX_ROWS): weight-only, a Triton kernel that streams the e4m3
+  weight, widens it in registers and multiplies bf16 activations (engine_core/kernels/fp8_gemv.py).
+  Bound by weight bytes, so half of bf16's time; activations are not rounded.
+- many rows (prefill): w8a8. Activations get one scale per token on the fly (dynamic, no
+  calibration; engine_core/kernels/fp8_quant.py), then an fp8 tensor-core GEMM with both scale
+  vectors applied in its epilogue (rowwise scaling).
+On CPU (the numerics tests) both paths run as their torch twins below. Decode steps stay
+CUDA-graph capturable (the path is chosen per captured batch size).
 """
 from __future__ import annotations
 
@@ -34,6 +38,30 @@ def quantize_fp8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return (wf / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
+# Up to this many rows the weight-only kernel beats quantize + _scaled_mm (H200 sweep:
+# benchmarks/fp8_gemv_sweep.py).
+WEIGHT_ONLY_MAX_ROWS = 16
+
+
+def fp8_weight_only_ref(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
+                        bias: torch.Tensor | None) -> torch.Tensor:
+    """Torch twin of kernels.fp8_gemv.fp8_w8a16: x @ (w * scale[:, None]).T in fp32, x's dtype out."""
+    y = x.float() @ (w.float() * scale.float()[:, None]).t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def fp8_w8a8_ref(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                 out_dtype: torch.dtype) -> torch.Tensor:
+    """Torch twin of per-token activation quantization + torch._scaled_mm (rowwise scales)."""
+    xq, xs = quantize_fp8_per_token(x)
+    y = (xq.float() @ w.float().t()) * xs * scale.float()[None, :]
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)
+
+
 def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (e4m3 [M, K], fp32 scales [M, 1])."""
     scale = (x.abs().amax(dim=-1, keepdim=True).float() / FP8_MAX).clamp_min(1e-12)
@@ -56,13 +84,21 @@ class Fp8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
+        w = self.qweight_t.t()  # [N, K], K contiguous
+        weight_only = x2.shape[0] <= WEIGHT_ONLY_MAX_ROWS
         if x2.is_cuda and triton_available():
-            from engine_core.kernels.fp8_quant import per_token_quant_fp8
-            xq, xs = per_token_quant_fp8(x2, FP8_MAX)
+            if weight_only:
+                from engine_core.kernels.fp8_gemv import fp8_w8a16
+                y = fp8_w8a16(x2.to(self.out_dtype), w, self.scales[0], self.bias)
+            else:
+                from engine_core.kernels.fp8_quant import per_token_quant_fp8
+                xq, xs = per_token_quant_fp8(x2, FP8_MAX)
+                y = torch._scaled_mm(xq, self.qweight_t, scale_a=xs, scale_b=self.scales, bias=self.bias,
+                                     out_dtype=self.out_dtype)
+        elif weight_only:
+            y = fp8_weight_only_ref(x2, w, self.scales[0], self.bias)
         else:
-            xq, xs = quantize_fp8_per_token(x2)
-        y = torch._scaled_mm(xq, self.qweight_t, scale_a=xs, scale_b=self.scales, bias=self.bias,
-                             out_dtype=self.out_dtype)
+            y = fp8_w8a8_ref(x2, w, self.scales[0], self.bias, self.out_dtype)
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

@@ -52,7 +52,7 @@ from engine_core.layers.layernorm import rms_norm_ref
 from engine_core.layers.rotary import apply_rotary_ref, compute_cos_sin_cache
 
 _KERNEL_MODULES = ("reshape_and_cache", "paged_decode_attention", "paged_prefill_attention",
-                   "paged_attention", "fused_add_rmsnorm", "rotary", "silu_and_mul")
+                   "paged_attention", "fused_add_rmsnorm", "rotary", "silu_and_mul", "fp8_gemv")
 
 
 def test_interpreter_suite_in_subprocess():
@@ -365,3 +365,29 @@ def test_silu_and_mul(K, dtype, d):
     # bf16: two roundings, each a truncation in the interpreter -> up to 2 ulp
     tol = {"rtol": 1e-6, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1.6e-2, "atol": 1e-2}
     torch.testing.assert_close(out, ref, **tol)
+
+
+# ----------------------------------------------------------------------------- fp8 weight-only GEMM
+
+# (M, N, K, config): the one-row reduce path and the tensor-core dot path, each with and without
+# split-K, at ragged N/K/M edges. The interpreter's bf16 dot is wrong (docstring): dot path in fp16.
+@pytest.mark.parametrize("m,n,k,config,dtype", [
+    (1, 40, 96, (1, 16, 32, 1, 4, 1), torch.bfloat16),
+    (1, 40, 96, (1, 16, 32, 2, 4, 1), torch.float16),
+    (1, 33, 200, (1, 16, 64, 4, 4, 1), torch.bfloat16),
+    (3, 40, 96, (16, 16, 32, 1, 4, 1), torch.float16),
+    (5, 33, 64, (16, 16, 32, 2, 4, 1), torch.float16),
+    (17, 48, 64, (16, 32, 32, 1, 4, 1), torch.float16),
+])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_fp8_weight_only_gemm(K, m, n, k, config, dtype, with_bias):
+    from engine_core.layers.fp8_linear import fp8_weight_only_ref, quantize_fp8_per_channel
+    gen = torch.Generator().manual_seed(m * 1000 + n)
+    q, scale = quantize_fp8_per_channel(torch.randn(n, k, generator=gen) * 0.1)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    bias = torch.randn(n, generator=gen).to(dtype) if with_bias else None
+    got = K["fp8_gemv"].fp8_w8a16(x, q, scale, bias, config)
+    ref = fp8_weight_only_ref(x, q, scale, bias)
+    assert got.dtype == dtype and got.shape == (m, n)
+    # fp32 accumulation both sides; one output rounding (the interpreter truncates to bf16)
+    assert _rel_err(got, ref) < 8e-3
