@@ -47,12 +47,12 @@ def prompt_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
 
 
 def run(cfg: str, quantization: str | None, prompt: list[int], output_len: int,
-        batch_sizes: list[int]) -> tuple[dict, torch.Tensor]:
+        batch_sizes: list[int], kv_cache_dtype: str = "auto") -> tuple[dict, torch.Tensor]:
     llm = LLM(model=f"dummy:{cfg}", dtype="bfloat16", max_model_len=2048, max_num_seqs=max(8, *batch_sizes),
-              quantization=quantization, gpu_memory_utilization=0.4)
+              quantization=quantization, gpu_memory_utilization=0.4, kv_cache_dtype=kv_cache_dtype)
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)  # warm-up
-    res = {"quantization": quantization or "none (bf16)"}
+    res = {"quantization": quantization or "none (bf16)", "kv_cache_dtype": kv_cache_dtype}
     for bs in batch_sizes:
         torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -64,6 +64,7 @@ def run(cfg: str, quantization: str | None, prompt: list[int], output_len: int,
         res.update({f"output_tokens{key}": n, f"elapsed_s{key}": el, f"decode_tok_s{key}": n / el})
     ex = llm.engine.core.executor
     res["weight_bytes"] = ex.weight_bytes
+    res["num_kv_blocks"] = ex.describe().num_kv_blocks
     logits = prompt_logits(llm, prompt).cpu()
     print(res, flush=True)
     del llm, ex
@@ -84,6 +85,7 @@ def main() -> None:
     prompt = torch.randint(100, vocab, (args.input_len,), generator=torch.Generator().manual_seed(0)).tolist()
     bf16, ref = run(args.config, None, prompt, args.output_len, bss)
     fp8, got = run(args.config, "fp8", prompt, args.output_len, bss)
+    fp8kv, _ = run(args.config, "fp8", prompt, args.output_len, bss, kv_cache_dtype="fp8")
     rel = ((got - ref).norm() / ref.norm()).item()
     agree = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
     ratio = fp8["decode_tok_s"] / bf16["decode_tok_s"]
@@ -92,6 +94,8 @@ def main() -> None:
           f"bf16 {bf16['decode_tok_s']:.1f} tok/s, fp8 {fp8['decode_tok_s']:.1f} tok/s = {ratio:.2f}x; "
           f"weights {bf16['weight_bytes'] / 2**30:.2f} -> {fp8['weight_bytes'] / 2**30:.2f} GiB; "
           f"logits rel. error {rel:.4f}, argmax agreement {agree:.3f}")
+    print(f"fp8 weights + fp8 KV cache: {fp8kv['decode_tok_s']:.1f} tok/s bs1, KV blocks "
+          f"{fp8['num_kv_blocks']} -> {fp8kv['num_kv_blocks']} in the same memory")
     for bs in bss[1:]:
         print(f"bs{bs}: bf16 {bf16[f'decode_tok_s_bs{bs}']:.1f} tok/s, fp8 {fp8[f'decode_tok_s_bs{bs}']:.1f} tok/s "
               f"= {fp8[f'decode_tok_s_bs{bs}'] / bf16[f'decode_tok_s_bs{bs}']:.2f}x")
@@ -101,7 +105,7 @@ def main() -> None:
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(os.environ.get("OUT", RESULTS), f"gpu_fp8_{name}_{date}.json")
     with open(path, "w") as f:
-        json.dump({"meta": meta, "results": [bf16, fp8], "fp8_over_bf16": ratio,
+        json.dump({"meta": meta, "results": [bf16, fp8, fp8kv], "fp8_over_bf16": ratio,
                    "logits_rel_error": rel, "argmax_agreement": agree}, f, indent=2)
     print(f"wrote {path}")
     plot(path)
@@ -114,7 +118,7 @@ def plot(json_path: str) -> None:
     import matplotlib.pyplot as plt
 
     data = json.loads(Path(json_path).read_text())
-    bf16, fp8 = data["results"]
+    bf16, fp8 = data["results"][:2]
     bss = [int(b) for b in data["meta"]["args"]["batch_sizes"].split(",")]
     keys = ["decode_tok_s" if b == 1 else f"decode_tok_s_bs{b}" for b in bss]
     fig, axes = plt.subplots(1, len(bss), figsize=(3.2 * len(bss), 3.4))

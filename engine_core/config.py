@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _DEVICES = ("auto", "cpu", "cuda")
 _QUANTIZATIONS = (None, "int8", "int4", "fp8")
+_KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 
 
 @dataclass
@@ -49,6 +50,10 @@ class EngineConfig:
         "with scale and min: a GGUF Q4_1 tensor keeps its exact codes). CUDA with compute capability "
         ">= 8.9: fp8 (e4m3 weights with per-channel scales, activations quantized per token, "
         "torch._scaled_mm). The embedding is kept as int8 rows. Default: none (the dtype's weights)")})
+    kv_cache_dtype: str = field(default="auto", metadata={"help": (
+        "KV cache storage. auto: the model dtype. fp8 (= fp8_e4m3): one byte per element, twice the "
+        "tokens in the same memory; K/V are rounded to e4m3 with scale 1.0 (values beyond +-448 "
+        "saturate; vLLM's default scaling) and widened again inside the attention kernels")})
     cpu_threads: int | None = field(default=None, metadata={"help": (
         "intra-op threads on CPU. Default: the cores this process may use (its affinity mask, capped "
         "by the cgroup cpu.max quota), not the host's core count")})
@@ -92,6 +97,8 @@ class EngineConfig:
             bad("quantization", "must be one of int8, int4, fp8 (or none)")
         if self.long_prefill_token_threshold is not None and self.long_prefill_token_threshold < 0:
             bad("long_prefill_token_threshold", "must be >= 0")
+        if self.kv_cache_dtype not in _KV_CACHE_DTYPES:
+            bad("kv_cache_dtype", f"must be one of {_KV_CACHE_DTYPES}")
         if self.cpu_threads is not None and self.cpu_threads < 1:
             bad("cpu_threads", "must be >= 1")
 

@@ -16,7 +16,7 @@ from engine_core.executor.base import Executor, ExecutorInfo
 from engine_core.executor.model_runner import ModelRunner
 from engine_core.layers.quantization import model_resident_bytes
 from engine_core.loader import load_model
-from engine_core.loader.load import resolve_device, resolve_dtype
+from engine_core.loader.load import resolve_device, resolve_dtype, resolve_kv_cache_dtype
 from engine_core.loader.model_source import resolve_model
 from engine_core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 
@@ -41,6 +41,7 @@ class LocalExecutor(Executor):
         self.config = config
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
         self.tp = tp if tp is not None else TPGroup(device=self.device)
         self.source = resolve_model(model_spec(config))
         mc = self.source.config
@@ -69,7 +70,8 @@ class LocalExecutor(Executor):
         self.runner = ModelRunner(self.model, mc, device=self.device, dtype=self.dtype,
                                   block_size=config.block_size, num_blocks=self.num_blocks, seed=config.seed,
                                   cuda_graphs=not config.enforce_eager, max_num_seqs=config.max_num_seqs,
-                                  max_model_len=config.max_model_len, num_kv_heads=self.num_kv_heads)
+                                  max_model_len=config.max_model_len, num_kv_heads=self.num_kv_heads,
+                                  kv_dtype=self.kv_dtype)
         if self.tp.is_driver:
             logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB%s); max concurrency at "
                         "max_model_len=%d: %.1fx", self.num_blocks, config.block_size, capacity,
@@ -82,7 +84,7 @@ class LocalExecutor(Executor):
                         self.num_blocks * self._block_bytes() / 2**20, config.max_num_batched_tokens)
 
     def _block_bytes(self) -> int:
-        return ModelRunner.kv_bytes_per_block(self.source.config, self.config.block_size, self.dtype,
+        return ModelRunner.kv_bytes_per_block(self.source.config, self.config.block_size, self.kv_dtype,
                                               self.num_kv_heads)
 
     def _num_kv_blocks(self) -> int:

@@ -80,7 +80,7 @@ class ModelRunner:
     def __init__(self, model: nn.Module, model_config: ModelConfig, *, device: torch.device,
                  dtype: torch.dtype, block_size: int, num_blocks: int, seed: int = 0,
                  cuda_graphs: bool = False, max_num_seqs: int = 256, max_model_len: int = 8192,
-                 num_kv_heads: int | None = None) -> None:
+                 num_kv_heads: int | None = None, kv_dtype: torch.dtype | None = None) -> None:
         self.model = model
         self.model_config = model_config
         self.device = device
@@ -99,9 +99,10 @@ class ModelRunner:
         # KV heads held here: all of the model's, or this tensor-parallel rank's share.
         self.num_kv_heads = num_kv_heads or mc.num_key_value_heads
         # One tensor per layer: [2 (K,V), num_blocks, block_size, num_kv_heads, head_dim]. Zeroed so
-        # padded gathers never read NaN garbage.
+        # padded gathers never read NaN garbage. kv_dtype: the model dtype, or fp8 (--kv-cache-dtype).
         self.kv_caches = [
-            torch.zeros(2, num_blocks, block_size, self.num_kv_heads, mc.head_dim, dtype=dtype, device=device)
+            torch.zeros(2, num_blocks, block_size, self.num_kv_heads, mc.head_dim, dtype=kv_dtype or dtype,
+                        device=device)
             for _ in range(mc.num_hidden_layers)
         ]
         self.graph_runner: CudaGraphRunner | None = None
@@ -208,7 +209,8 @@ class ModelRunner:
             b.remove(rid)
         for src, dst in so.block_copies:
             for kv in self.kv_caches:
-                kv[:, dst].copy_(kv[:, src])
+                raw = kv.view(torch.uint8) if kv.element_size() == 1 else kv  # CPU fp8 has no indexing kernels
+                raw[:, dst].copy_(raw[:, src])
         for new in so.scheduled_new_reqs:
             b.add(new)
         for cached in so.scheduled_cached_reqs:

@@ -24,6 +24,7 @@ def _reshape_and_cache_kernel(
     stride_kt, stride_kh, stride_vt, stride_vh,
     half_stride,  # elements between cache[0] (K) and cache[1] (V)
     HKV: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    FP8_MAX: tl.constexpr,  # > 0: an fp8 cache, values saturate at +-FP8_MAX like the twin's clamp
 ):
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)  # int64: a layer's cache can exceed 2^31 elements
@@ -33,6 +34,9 @@ def _reshape_and_cache_kernel(
     t64 = t.to(tl.int64)
     k = tl.load(key_ptr + t64 * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask)
     v = tl.load(value_ptr + t64 * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask)
+    if FP8_MAX > 0:
+        k = tl.minimum(tl.maximum(k.to(tl.float32), -FP8_MAX), FP8_MAX)
+        v = tl.minimum(tl.maximum(v.to(tl.float32), -FP8_MAX), FP8_MAX)
     dst = cache_ptr + slot * (HKV * D) + h[:, None] * D + d[None, :]
     tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
     tl.store(dst + half_stride, v.to(cache_ptr.dtype.element_ty), mask=mask)
@@ -54,5 +58,5 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Te
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         kv_cache.stride(0),
         HKV=hkv, D=d, BLOCK_H=triton.next_power_of_2(hkv), BLOCK_D=triton.next_power_of_2(d),
-        num_warps=4,
+        FP8_MAX=448.0 if kv_cache.dtype == torch.float8_e4m3fn else 0.0, num_warps=4,
     )

@@ -22,8 +22,28 @@ from engine_core.kernels import triton_available
 from engine_core.layers.attention_metadata import AttentionMetadata
 
 
+FP8_KV_MAX = 448.0  # largest finite float8_e4m3fn
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def _to_cache(x: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
+    """Values as stored: fp8 (--kv-cache-dtype fp8) saturates at +-448 (a plain cast would give
+    NaN) and travels as its raw bytes (CPU has no fp8 indexing kernels)."""
+    if cache_dtype == torch.float8_e4m3fn:
+        return x.clamp(-FP8_KV_MAX, FP8_KV_MAX).to(cache_dtype).view(torch.uint8)
+    return x.to(cache_dtype)
+
+
+def _raw(cache: torch.Tensor) -> torch.Tensor:
+    return cache.view(torch.uint8) if cache.dtype == torch.float8_e4m3fn else cache
+
+
+def _widen(rows: torch.Tensor, cache_dtype: torch.dtype, dtype: torch.dtype) -> torch.Tensor:
+    """Rows gathered from _raw(cache) -> the compute dtype."""
+    return rows.view(cache_dtype).to(dtype) if cache_dtype == torch.float8_e4m3fn else rows.to(dtype)
 
 
 def write_kv_cache_ref(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
@@ -37,10 +57,10 @@ def write_kv_cache_ref(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.T
     if kv_cache.numel() == 0:
         return
     _, num_blocks, block_size, hkv, d = kv_cache.shape
-    flat = kv_cache.view(2, num_blocks * block_size, hkv, d)
+    flat = _raw(kv_cache).view(2, num_blocks * block_size, hkv, d)
     slots = slot_mapping.to(torch.long).clamp_min(0) if slot_mapping.dtype != torch.long or padded else slot_mapping
-    flat[0].index_copy_(0, slots, key.to(kv_cache.dtype))
-    flat[1].index_copy_(0, slots, value.to(kv_cache.dtype))
+    flat[0].index_copy_(0, slots, _to_cache(key, kv_cache.dtype))
+    flat[1].index_copy_(0, slots, _to_cache(value, kv_cache.dtype))
 
 
 def _causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -56,12 +76,14 @@ def _causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
-def _gather_seq(cache: torch.Tensor, block_table_row: torch.Tensor, seq_len: int, block_size: int) -> torch.Tensor:
-    """cache [num_blocks, block_size, Hkv, D] -> this request's first seq_len rows [Hkv, seq_len, D]."""
+def _gather_seq(cache: torch.Tensor, block_table_row: torch.Tensor, seq_len: int, block_size: int,
+                dtype: torch.dtype) -> torch.Tensor:
+    """cache [num_blocks, block_size, Hkv, D] -> this request's first seq_len rows [Hkv, seq_len, D]
+    in `dtype`."""
     nblk = _cdiv(seq_len, block_size)
     blocks = block_table_row[:nblk].to(torch.long)
-    rows = cache.index_select(0, blocks).reshape(nblk * block_size, *cache.shape[2:])[:seq_len]
-    return rows.transpose(0, 1)
+    rows = _raw(cache).index_select(0, blocks).reshape(nblk * block_size, *cache.shape[2:])[:seq_len]
+    return _widen(rows, cache.dtype, dtype).transpose(0, 1)
 
 
 def _decode_gather(md: AttentionMetadata, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,9 +117,10 @@ def paged_attention_ref(query: torch.Tensor, kv_cache: torch.Tensor, md: Attenti
     if nd > 0:  # decodes: one query row each, rows 0..nd-1
         idx, bias = _decode_gather(md, query.device)
         S = idx.shape[1]
-        flat_kv = kv_cache.view(2, -1, hkv, d)
+        flat_kv = _raw(kv_cache).view(2, -1, hkv, d)
         # K and V of every decode in one gather: [2, nd*S, Hkv, D]
-        kv = flat_kv.index_select(1, idx.view(-1)).view(2, nd, S, hkv, d).transpose(2, 3).to(query.dtype)
+        kv = _widen(flat_kv.index_select(1, idx.view(-1)), kv_cache.dtype, query.dtype)
+        kv = kv.view(2, nd, S, hkv, d).transpose(2, 3)
         q = query[:nd].unsqueeze(2)  # [nd, Hq, 1, D]
         o = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=bias.to(query.dtype), scale=scale,
                                            enable_gqa=hq != hkv).squeeze(2)
@@ -108,8 +131,8 @@ def paged_attention_ref(query: torch.Tensor, kv_cache: torch.Tensor, md: Attenti
     start = nd
     for i in range(nd, md.num_reqs):  # prefills / chunked prefills (a 1-token chunk works too)
         L, S = md.query_lens_cpu[i], md.seq_lens_cpu[i]
-        k = _gather_seq(key_cache, md.block_tables[i], S, bs).to(query.dtype)
-        v = _gather_seq(value_cache, md.block_tables[i], S, bs).to(query.dtype)
+        k = _gather_seq(key_cache, md.block_tables[i], S, bs, query.dtype)
+        v = _gather_seq(value_cache, md.block_tables[i], S, bs, query.dtype)
         q = query[start:start + L].transpose(0, 1)  # [Hq, L, D]
         out[start:start + L] = _causal_sdpa(q, k, v, scale).transpose(0, 1)
         start += L

@@ -248,3 +248,56 @@ def test_tiny_model_cuda_kernels_match_cpu_reference(arch):
     for rid in ("A", "B"):
         err = (got[rid].cpu() - ref[rid]).abs().max().item()
         assert err < 2e-3, (rid, err)
+
+
+# ----------------------------------------------------------------------------- --kv-cache-dtype fp8
+
+def _fp8_cache(cache: torch.Tensor) -> torch.Tensor:
+    """A bf16 step cache (NaN = unused) as the fp8 cache holding the same prefix."""
+    return cache.nan_to_num(0.0).to(torch.float8_e4m3fn)
+
+
+@pytest.mark.parametrize("model", list(SHAPES))
+def test_reshape_and_cache_fp8(model):
+    _, hkv, d = SHAPES[model]
+    md, cache, k, v = make_step([1] * 8 + [300], [17, 256, 257, 1000, 4096, 1, 33, 2049, 700], hkv, d, pad_rows=5)
+    k[0, 0, 0], v[1, 0, 1] = 1e4, -1e4  # saturate at +-448, never NaN
+    cache8 = _fp8_cache(cache)
+    ref = cache8.clone()
+    write_kv_cache_ref(k, v, ref, md.slot_mapping)
+    reshape_and_cache(k, v, cache8, md.slot_mapping)
+    assert not cache8.float().isnan().any()
+    assert torch.equal(cache8[:, 1:].view(torch.uint8), ref[:, 1:].view(torch.uint8))
+
+
+@pytest.mark.parametrize("model", list(SHAPES))
+def test_paged_attention_over_fp8_cache(model):
+    """Decodes and a chunked prefill read the fp8 cache: the kernels widen it like the torch path."""
+    hq, hkv, d = SHAPES[model]
+    md, cache, k, v = make_step([1] * 6 + [40, 200], [17, 256, 257, 1000, 3, 4097, 100, 700], hkv, d)
+    cache8 = _fp8_cache(cache)
+    write_kv_cache_ref(k, v, cache8, md.slot_mapping)
+    q = torch.randn(k.shape[0], hq, d, device=DEV).to(BF16)
+    scale = d ** -0.5
+    ref = paged_attention_ref(q.float(), cache8.float(), md, scale)  # fp8 values, fp32 math
+    out = paged_attention(q, cache8, md, scale)
+    assert not out.isnan().any()
+    assert rel_err(out, ref) < 1e-2, rel_err(out, ref)
+
+
+def test_engine_with_fp8_kv_cache_and_cuda_graphs():
+    from engine_core.llm import LLM
+    from engine_core.sampling_params import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    prompts = [[100 + i for i in range(40)], [700 + i for i in range(9)]]
+    blocks = {}
+    for kv in ("auto", "fp8"):
+        llm = LLM(model="dummy:benchmarks/configs/smollm2-135m-instruct.json", dtype="bfloat16",
+                  max_model_len=512, max_num_seqs=4, kv_cache_dtype=kv, kv_cache_memory_gb=0.25)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        assert all(len(o.outputs[0].token_ids) == 24 for o in outs)
+        assert llm.engine.core.executor.runner.graph_runner is not None
+        blocks[kv] = llm.engine.core.executor.describe().num_kv_blocks
+        del llm
+    assert blocks["fp8"] == pytest.approx(2 * blocks["auto"], abs=2)
