@@ -27,6 +27,8 @@ class GenerateCall:
     remaining: int = 0  # samples without a final message yet (event-loop side bookkeeping)
     span: object = None  # the request's tracing.server_span (stream requests)
     compiled_grammar: object = None  # structured output: compiled off the engine thread (xgrammar)
+    priority: int = 0  # GenerateRequest.priority (lower first; priority policy only)
+    timeout_s: float | None = None  # GenerateRequest.timeout_s (None: the server's --request-timeout)
 
     def __post_init__(self) -> None:
         self.remaining = self.params.n

@@ -159,3 +159,30 @@ def test_cli_flags():
     assert cfg.scheduling_policy == "priority" and cfg.request_timeout == 30.0
     with pytest.raises(SystemExit):
         p.parse_args(["--scheduling-policy", "lifo"])
+
+
+def test_timed_out_counter_metric():
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from services.gen.pagedserve.v1 import scheduler_pb2
+    from services.metrics import SchedulerMetrics
+
+    reg = CollectorRegistry()
+    m = SchedulerMetrics(registry=reg)
+    st = scheduler_pb2.SchedulerStats()
+    st.finished_by_reason["abort"] = 3
+    core, clock = make_core()
+    m.bind(SimpleNamespace(last_stats=st, info=SimpleNamespace(model_name="tiny", block_size=16), core=core))
+    core.add_request("a", [1], params(), timeout=1.0)
+    clock.t += 2
+    core.step()
+
+    def samples():
+        return {s.name: s for f in text_string_to_metric_families(generate_latest(reg).decode()) for s in f.samples}
+
+    assert samples()["pagedserve:num_requests_timed_out_total"].value == 1
+    m.bind(SimpleNamespace(last_stats=st, info=None, core=None))  # before the executor connected
+    assert samples()["pagedserve:num_requests_timed_out_total"].value == 0
