@@ -70,6 +70,15 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, param=param, code=code)
 
 
+def request_timed_out(detail: str) -> APIError:
+    """The request's own timeout (its `timeout`, or the scheduler's --request-timeout) passed before
+    it finished: the scheduler aborted it. 504 like any deadline; `x-should-retry: false` keeps
+    OpenAI SDKs from retrying (they retry 408 and 5xx), as a retry would only time out again."""
+    detail = detail or "request timed out"
+    return APIError(504, f"{detail[:1].upper()}{detail[1:].rstrip('.')}.", code="request_timeout",
+                    headers={"x-should-retry": "false"})
+
+
 def model_not_found(model: str) -> APIError:
     shown = model if len(model) <= 200 else model[:200] + "..."
     return APIError(404, f"The model `{shown}` does not exist.", param="model", code="model_not_found")

@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import importlib
 import logging
-import math
 from collections.abc import Callable
 
 import grpc
@@ -34,6 +33,7 @@ from services.grpc_server import (
     configure_logging,
 )
 from services.internal_auth import InternalSecurity, security_from_args_or_log
+from services.scheduler.calls import scheduling_error, scheduling_of
 from services.scheduler.engine_loop import EngineLoop, GenerateCall
 from services.scheduler.sinks import CallFailed, CallSink, StreamSink
 
@@ -99,12 +99,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                       if request.HasField("sampling_params") else SamplingParams())
         except (ValueError, TypeError) as e:
             return CallFailed(bad, f"sampling_params: {e}")
-        if request.priority != 0 and engine.config.scheduling_policy != "priority":
-            return CallFailed(bad, f"priority {request.priority} needs the priority scheduling policy "
-                                   "(--scheduling-policy priority); this scheduler is fcfs (priority must be 0)")
-        if request.HasField("timeout_s") and not 0 <= request.timeout_s < math.inf:
-            return CallFailed(bad, f"timeout_s must be a finite number of seconds >= 0 (0: none), "
-                                   f"got {request.timeout_s}")
+        why = scheduling_error(request, engine.config.scheduling_policy)
+        if why is not None:
+            return CallFailed(bad, why)
         down = engine.down_for()
         if down > engine.executor_timeout_s:
             return CallFailed(grpc.StatusCode.UNAVAILABLE,
@@ -151,7 +148,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         params, compiled = checked
         sink = CallSink(asyncio.get_running_loop())
         call = GenerateCall(request.request_id, list(request.prompt_token_ids), params, sink,
-                            compiled_grammar=compiled, **_scheduling_of(request))
+                            compiled_grammar=compiled, **scheduling_of(request))
         try:
             self._submit(call, span)
             verdict = await sink.accepted
@@ -246,7 +243,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         params, compiled = checked
         call = GenerateCall(request.request_id, list(request.prompt_token_ids), params, sink, key=add.key,
                             span=span if span.span is not None else None, compiled_grammar=compiled,
-                            **_scheduling_of(request))
+                            **scheduling_of(request))
         if call.span is None:
             span.end()
         calls[add.key] = call
@@ -309,12 +306,6 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             max_num_batched_tokens=cfg.max_num_batched_tokens or 0,
             enable_chunked_prefill=cfg.enable_chunked_prefill, enable_prefix_caching=cfg.enable_prefix_caching,
             max_logprobs=cfg.max_logprobs)
-
-
-def _scheduling_of(request: scheduler_pb2.GenerateRequest) -> dict:
-    """GenerateCall's priority and timeout_s (None when unset: the server's --request-timeout)."""
-    return {"priority": request.priority,
-            "timeout_s": request.timeout_s if request.HasField("timeout_s") else None}
 
 
 class _MetadataContext:
