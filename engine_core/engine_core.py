@@ -88,7 +88,7 @@ class EngineCore:
     def validate_scheduling(self, priority: int = 0, timeout: float | None = None) -> None:
         """The request's priority and timeout, as a ValueError naming the field (vLLM rejects a
         priority under FCFS rather than silently ignoring it)."""
-        if isinstance(priority, bool) or not isinstance(priority, int):
+        if type(priority) is not int:  # bools and floats too: a ValueError like every request check
             raise ValueError(f"priority must be an integer, got {priority!r}")
         if priority != 0 and self.config.scheduling_policy != "priority":
             raise ValueError(f"priority {priority} needs the priority scheduling policy "

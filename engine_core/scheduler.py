@@ -5,6 +5,8 @@ the rest of a chunked prefill) and waiting requests (prefill chunks), FCFS. When
 the most recently admitted running request is preempted by recompute: its blocks are freed and it
 goes back to the front of the queue; on resumption its prompt + generated tokens are prefilled
 again (prefix-cache hits usually make that cheap).
+Under --scheduling-policy priority the waiting order, the victim, and preemption for a waiting
+higher-priority request come from request_queue.py (docs/scheduling.md).
 
 The output is a SchedulerOutput of *deltas* (DESIGN.md §2): new requests carry their tokens and
 block table once; running requests carry only new block ids and a token count.
@@ -313,6 +315,7 @@ class Scheduler:
                 rid = victim.request_id
                 out.scheduled_cached_reqs = [c for c in out.scheduled_cached_reqs if c.req_id != rid]
                 out.scheduled_new_reqs = [c for c in out.scheduled_new_reqs if c.req_id != rid]
+                out.scheduled_spec_decode_tokens.pop(rid, None)
                 break
         self._preempt(victim)
         return freed
