@@ -2,7 +2,8 @@
 
 Every failure the gateway reports goes through `APIError`: request validation (400, naming the
 field, never echoing the input back), auth (401), unknown model / route (404), method (405), body
-size (413), a full scheduler queue (429 + Retry-After), a backend down (503). A client's mistake is
+size (413), a full scheduler queue (429 + Retry-After), a backend down (503), a request past its
+own `timeout` (504, code request_timeout: docs/scheduling.md). A client's mistake is
 never a 500: 500 only means a bug or an engine failure the scheduler could not recover from.
 `install_exception_handlers` maps FastAPI / Starlette's own exceptions onto the same shape, so even
 a 404 for an unknown route or a 405 looks like OpenAI's.
