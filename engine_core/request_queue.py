@@ -35,6 +35,7 @@ class FCFSRequestQueue(deque):
     """First come, first served: the scheduler's historical deque, unchanged."""
 
     policy = SchedulingPolicy.FCFS
+    preempts_running = False  # a waiting request never displaces a running one
 
     def outranks(self, a: Request, b: Request) -> bool:
         """May waiting `a` preempt running `b` to be admitted? Never under FCFS."""
@@ -53,6 +54,7 @@ class PriorityRequestQueue:
     --max-queue-len)."""
 
     policy = SchedulingPolicy.PRIORITY
+    preempts_running = True  # a higher-priority waiting request may (Scheduler._preempt_for)
 
     def __init__(self) -> None:
         self._keys: list[tuple[int, float, int]] = []

@@ -301,7 +301,7 @@ class Scheduler:
         preempt the lowest-priority running request (latest arrival among equals) if `req`
         outranks it. Returns the step budget it gave back (it may have been scheduled in this
         step already), or None: nobody to preempt (always None under FCFS)."""
-        if not self.running:
+        if not self.running or not self.waiting.preempts_running:
             return None
         victim = max(self.running, key=lambda r: (r.priority, r.arrival_time))
         if not self.waiting.outranks(req, victim):
