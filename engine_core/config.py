@@ -9,6 +9,7 @@ _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _DEVICES = ("auto", "cpu", "cuda")
 _QUANTIZATIONS = (None, "int8", "int4", "fp8")
 _KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+_SCHEDULING_POLICIES = ("fcfs", "priority")
 
 
 @dataclass
@@ -32,6 +33,13 @@ class EngineConfig:
         "behind a long prompt is admitted in the next step. Default: 3/4 of the step budget; 0: no cap")})
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
+    scheduling_policy: str = field(default="fcfs", metadata={"choices": _SCHEDULING_POLICIES, "help": (
+        "fcfs: first come, first served (a request's priority must be 0). priority: the waiting queue is "
+        "ordered by (priority, arrival), lower values first, and a waiting request preempts running ones "
+        "of a lower priority when it finds no sequence slot or KV blocks (docs/scheduling.md)")})
+    request_timeout: float = field(default=0.0, metadata={"help": (
+        "seconds (queue time included) after which an unfinished request is aborted with the tokens "
+        "it has, unless the request sets its own timeout; 0: no timeout (docs/scheduling.md)")})
     # KV cache sizing: on GPU a fraction of device memory (profiled); on CPU an explicit budget.
     gpu_memory_utilization: float = 0.9
     kv_cache_memory_gb: float | None = None  # explicit KV budget (CPU default 1 GiB)
@@ -101,6 +109,10 @@ class EngineConfig:
             bad("kv_cache_dtype", f"must be one of {_KV_CACHE_DTYPES}")
         if self.cpu_threads is not None and self.cpu_threads < 1:
             bad("cpu_threads", "must be >= 1")
+        if self.scheduling_policy not in _SCHEDULING_POLICIES:
+            bad("scheduling_policy", f"must be one of {_SCHEDULING_POLICIES}")
+        if not 0.0 <= self.request_timeout < float("inf"):  # also rejects NaN
+            bad("request_timeout", "must be a finite number of seconds >= 0 (0: no timeout)")
 
     def resolve_admission_delay(self, executor_device: str) -> int:
         if self.max_admission_delay_steps is not None:
@@ -146,7 +158,8 @@ class EngineConfig:
             else:
                 kind = {"int": int, "float": float}.get(
                     str(f.type).replace(" | None", ""), str)
-                parser.add_argument(flag, dest=f.name, type=kind, default=f.default, help=f.metadata.get("help"))
+                parser.add_argument(flag, dest=f.name, type=kind, default=f.default, help=f.metadata.get("help"),
+                                    choices=f.metadata.get("choices"))
         return parser
 
     @classmethod

@@ -6,6 +6,7 @@ may be in-process (LocalExecutor) or remote (services.executor_client.GrpcExecut
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from typing import Any
 from engine_core.config import EngineConfig
 from engine_core.executor.base import Executor, ExecutorError, ExecutorInfo
 from engine_core.request import Request, RequestStatus
+from engine_core.request_deadlines import RequestDeadlines
 from engine_core.sampling_params import SamplingParams
 from engine_core.scheduler import RequestOutputDelta, Scheduler, SchedulerStats
 from engine_core.scheduler_output import SchedulerOutput
@@ -37,6 +39,7 @@ class EngineCounters:
     # Speculative decoding (stay 0 while it is off; the metrics then leave the acceptance rate out).
     spec_decode_num_draft_tokens: int = 0
     spec_decode_num_accepted_tokens: int = 0
+    requests_timed_out: int = 0  # aborted at their deadline (also counted as finish reason "abort")
 
 
 class EngineCore:
@@ -60,6 +63,7 @@ class EngineCore:
             enable_prefix_caching=config.enable_prefix_caching,
             max_admission_delay_steps=config.resolve_admission_delay(self.info.device),
             long_prefill_token_threshold=config.long_prefill_token_threshold or 0,
+            scheduling_policy=config.scheduling_policy,
         )
         self.counters = EngineCounters()
         self._pending: list[RequestOutputDelta] = []  # produced outside step() (aborts)
@@ -72,12 +76,27 @@ class EngineCore:
         # Structured output needs the tokenizer's vocabulary; built on first use.
         self.tokenizer = tokenizer
         self._grammar_compiler: GrammarCompiler | None = None
+        # Per-request deadlines, checked once per step; the clock is replaceable (tests).
+        self.deadlines = RequestDeadlines()
+        self.clock = time.monotonic
 
     @property
     def max_model_len(self) -> int:
         return self.info.max_model_len
 
     # ------------------------------------------------------------------ requests
+    def validate_scheduling(self, priority: int = 0, timeout: float | None = None) -> None:
+        """The request's priority and timeout, as a ValueError naming the field (vLLM rejects a
+        priority under FCFS rather than silently ignoring it)."""
+        if type(priority) is not int:  # bools and floats too: a ValueError like every request check
+            raise ValueError(f"priority must be an integer, got {priority!r}")
+        if priority != 0 and self.config.scheduling_policy != "priority":
+            raise ValueError(f"priority {priority} needs the priority scheduling policy "
+                             "(--scheduling-policy priority); this server schedules fcfs (priority must be 0)")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float)
+                                    or not 0 <= timeout < math.inf):
+            raise ValueError(f"timeout must be a finite number of seconds >= 0 (0: none), got {timeout!r}")
+
     def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Everything that makes a request unservable, as a ValueError naming the problem."""
         n = len(prompt_token_ids)
@@ -118,10 +137,14 @@ class EngineCore:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     arrival_time: float | None = None, trace_context: dict[str, str] | None = None,
-                    compiled_grammar: Any | None = None) -> Request:
+                    compiled_grammar: Any | None = None, priority: int = 0,
+                    timeout: float | None = None) -> Request:
         """compiled_grammar: from compile_grammar (done earlier, off the step thread); compiled here
-        when the params have structured_outputs and none is given."""
+        when the params have structured_outputs and none is given. priority: lower is served first
+        (priority policy only). timeout: seconds from arrival (queue time counts) after which the
+        request is aborted with its tokens so far; None: the server's --request-timeout; 0: none."""
         self.validate_request(prompt_token_ids, params)
+        self.validate_scheduling(priority, timeout)
         grammar = None
         if params.structured_outputs is not None:
             compiled = compiled_grammar if compiled_grammar is not None else self.compile_grammar(params)
@@ -131,13 +154,36 @@ class EngineCore:
             prompt_token_ids=list(prompt_token_ids),
             sampling_params=params,
             eos_token_ids=tuple(self.info.eos_token_ids),
-            arrival_time=arrival_time if arrival_time is not None else time.monotonic(),
+            arrival_time=arrival_time if arrival_time is not None else self.clock(),
             trace_context=trace_context,
             grammar=grammar,
+            priority=priority,
         )
+        if timeout is None:
+            timeout = self.config.request_timeout
+        if timeout > 0:
+            req.deadline = req.arrival_time + timeout
         self.scheduler.add_request(req)
+        self.deadlines.add(req)
         self.counters.requests_added += 1
         return req
+
+    def expire_requests(self) -> None:
+        """Abort the requests whose deadline has passed (their blocks are freed now); their final
+        deltas (finish_reason "abort", the tokens so far, error_message saying why) go out with the
+        next step's outputs. Called once per step: a heap peek when nothing expires."""
+        now = self.clock()
+        for req in self.deadlines.expired(now, self.scheduler.num_unfinished):
+            if self.scheduler.requests.get(req.request_id) is not req:
+                continue
+            for done in self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_ABORTED):
+                self.counters.requests_timed_out += 1
+                delta = self.scheduler.abort_delta(done)
+                delta.error_message = (
+                    f"request timed out: not finished {now - done.arrival_time:.3g}s after arrival (timeout "
+                    f"{done.deadline - done.arrival_time:g}s, queue time included); "
+                    f"{len(done.output_token_ids)} tokens were generated")
+                self._pending.append(delta)
 
     def abort_requests(self, request_ids: list[str]) -> None:
         for req in self.scheduler.finish_requests(list(request_ids), RequestStatus.FINISHED_ABORTED):
@@ -160,6 +206,7 @@ class EngineCore:
         input preparation run while the device computes (vLLM's batch queue). The first call of a
         burst only submits (and returns nothing) so that the next one can overlap.
         """
+        self.expire_requests()
         deltas, self._pending = self._pending, []
         submitted = False
         max_in_flight = self._max_in_flight_now()

@@ -26,8 +26,11 @@ class LLM:
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
-        """Run every prompt to completion, batched continuously; outputs in input order."""
+                 use_tqdm: bool = True, priority: Sequence[int] | None = None,
+                 timeout: float | None = None) -> list[RequestOutput]:
+        """Run every prompt to completion, batched continuously; outputs in input order.
+        priority: one per prompt, lower first (needs scheduling_policy="priority"), as in vLLM.
+        timeout: seconds per request (queue time included) before it is aborted with its tokens."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -37,11 +40,14 @@ class LLM:
             params = list(sampling_params)
             if len(params) != len(prompts):
                 raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
+        priorities = list(priority) if priority is not None else [0] * len(prompts)
+        if len(priorities) != len(prompts):
+            raise ValueError(f"got {len(priorities)} priorities for {len(prompts)} prompts")
         ids = []
         try:
-            for prompt, p in zip(prompts, params):
+            for prompt, p, prio in zip(prompts, params, priorities):
                 rid = str(next(self._ids))
-                self.engine.add_request(rid, prompt, p)
+                self.engine.add_request(rid, prompt, p, priority=prio, timeout=timeout)
                 ids.append(rid)
         except Exception:
             for rid in ids:  # leave the engine clean for the next call

@@ -52,7 +52,11 @@ class LLMEngine:
             raise ValueError("prompt must be a string or a list of token ids")
         return None, list(prompt)
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    priority: int = 0, timeout: float | None = None) -> None:
+        """priority: lower is served first (needs scheduling_policy="priority"). timeout: seconds
+        after which the request is aborted (finish_reason "abort") with the tokens it has; None:
+        config.request_timeout."""
         params = params or SamplingParams()
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
@@ -60,6 +64,7 @@ class LLMEngine:
         children = [params.for_child(i) for i in range(params.n)] if params.n > 1 else [params]
         for child in children:  # all or nothing: validate every child before adding any
             self.core.validate_request(token_ids, child)
+        self.core.validate_scheduling(priority, timeout)
         child_ids = [request_id if params.n == 1 else f"{request_id}-{i}" for i in range(params.n)]
         tracked = _Tracked(
             output=RequestOutput(request_id, text, token_ids,
@@ -71,7 +76,7 @@ class LLMEngine:
             tracked.detoks[cid] = None if self.tokenizer is None else IncrementalDetokenizer(
                 self.tokenizer, token_ids, skip_special_tokens=child.skip_special_tokens,
                 stop=child.stop, include_stop_str_in_output=child.include_stop_str_in_output)
-            self.core.add_request(cid, token_ids, child)
+            self.core.add_request(cid, token_ids, child, priority=priority, timeout=timeout)
             self._child_to_parent[cid] = (request_id, i)
         self._requests[request_id] = tracked
 

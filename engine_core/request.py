@@ -38,6 +38,10 @@ class Request:
     sampling_params: SamplingParams
     eos_token_ids: tuple[int, ...] = ()
     arrival_time: float = field(default_factory=time.monotonic)
+    # Scheduling policy "priority": lower is served first (vLLM's convention); ignored under fcfs.
+    priority: int = 0
+    # Monotonic time after which the request is aborted as timed out (None: no deadline).
+    deadline: float | None = None
     # Set by the scheduler.
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)

@@ -5,6 +5,8 @@ the rest of a chunked prefill) and waiting requests (prefill chunks), FCFS. When
 the most recently admitted running request is preempted by recompute: its blocks are freed and it
 goes back to the front of the queue; on resumption its prompt + generated tokens are prefilled
 again (prefix-cache hits usually make that cheap).
+Under --scheduling-policy priority the waiting order, the victim, and preemption for a waiting
+higher-priority request come from request_queue.py (docs/scheduling.md).
 
 The output is a SchedulerOutput of *deltas* (DESIGN.md §2): new requests carry their tokens and
 block table once; running requests carry only new block ids and a token count.
@@ -14,13 +16,13 @@ one is still executing (async scheduling).
 from __future__ import annotations
 
 import time
-from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from engine_core.block_manager import BlockManager
 from engine_core.request import Request, RequestStatus
+from engine_core.request_queue import SchedulingPolicy, create_request_queue
 from engine_core.scheduler_output import (
     CachedRequestData,
     ModelRunnerOutput,
@@ -46,6 +48,7 @@ class RequestOutputDelta:
     num_prompt_tokens: int
     num_output_tokens: int
     num_cached_tokens: int
+    error_message: str | None = None  # why the engine ended it (a timeout: finish_reason "abort")
 
     @property
     def finished(self) -> bool:
@@ -80,6 +83,7 @@ class Scheduler:
         enable_prefix_caching: bool = True,
         max_admission_delay_steps: int = 0,
         long_prefill_token_threshold: int = 0,
+        scheduling_policy: SchedulingPolicy | str = SchedulingPolicy.FCFS,
     ) -> None:
         self.block_size = block_size
         self.max_model_len = max_model_len
@@ -88,7 +92,8 @@ class Scheduler:
         self.enable_chunked_prefill = enable_chunked_prefill
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.requests: dict[str, Request] = {}
-        self.waiting: deque[Request] = deque()
+        # FCFS (a deque) or priority order: engine_core/request_queue.py.
+        self.waiting = create_request_queue(scheduling_policy)
         self.running: list[Request] = []
         # Requests the executor must forget at the start of the next step.
         self._finished_req_ids: set[str] = set()
@@ -198,6 +203,7 @@ class Scheduler:
         self._step_id += 1
         scheduled: list[tuple[Request, int]] = []
         preempted_any = False
+        self.waiting.order_running(self.running)  # priority policy: running[-1] is the lowest
 
         # 1) Running requests first: decodes and unfinished chunked prefills.
         i = 0
@@ -228,8 +234,13 @@ class Scheduler:
         # 2) Waiting requests, FCFS, while budget, sequence slots and blocks last. Admitting new
         # work in a step that had to preempt would only thrash, so skip it then.
         admit = self._admit_now() and not preempted_any
-        while admit and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while admit and self.waiting and budget > 0:
             req = self.waiting[0]
+            if len(self.running) >= self.max_num_seqs:
+                freed = self._preempt_for(req, scheduled, out)  # priority policy: a lower one's slot
+                if freed is None:
+                    break
+                budget += freed
             # Stats are recorded on admission only: a request that does not fit is looked up again.
             computed_ids, num_computed = self.block_manager.get_computed_blocks(req, record_stats=False)
             num_new = req.num_tokens - num_computed
@@ -241,7 +252,11 @@ class Scheduler:
                 num_new = budget
             new_blocks = self.block_manager.allocate_slots(req, num_new, computed_ids)
             if new_blocks is None:
-                break
+                freed = self._preempt_for(req, scheduled, out)  # priority policy: a lower one's blocks
+                if freed is None:
+                    break
+                budget += freed
+                continue
             self.block_manager.record_prefix_cache_lookup(req.num_tokens, num_computed)
             self.waiting.popleft()
             self.running.append(req)
@@ -280,6 +295,30 @@ class Scheduler:
         self._last_step_tokens = out.total_num_scheduled_tokens
         self._last_step_seqs = len(scheduled)
         return out
+
+    def _preempt_for(self, req: Request, scheduled: list[tuple[Request, int]], out: SchedulerOutput) -> int | None:
+        """Priority policy: waiting `req` cannot be admitted (no sequence slot or KV blocks), so
+        preempt the lowest-priority running request (latest arrival among equals) if `req`
+        outranks it. Returns the step budget it gave back (it may have been scheduled in this
+        step already), or None: nobody to preempt (always None under FCFS)."""
+        if not self.running or not self.waiting.preempts_running:
+            return None
+        victim = max(self.running, key=lambda r: (r.priority, r.arrival_time))
+        if not self.waiting.outranks(req, victim):
+            return None
+        self.running.remove(victim)
+        freed = 0
+        for k, (r, n) in enumerate(scheduled):
+            if r is victim:  # scheduled earlier in this step: take it back out of the step
+                del scheduled[k]
+                freed = n
+                rid = victim.request_id
+                out.scheduled_cached_reqs = [c for c in out.scheduled_cached_reqs if c.req_id != rid]
+                out.scheduled_new_reqs = [c for c in out.scheduled_new_reqs if c.req_id != rid]
+                out.scheduled_spec_decode_tokens.pop(rid, None)
+                break
+        self._preempt(victim)
+        return freed
 
     def _cap_prefill_chunk(self, num_new: int, shared: bool) -> int:
         t = self.long_prefill_token_threshold

@@ -68,7 +68,9 @@ def _to_api(code: grpc.StatusCode, details: str, backend: str, retry_after_s: in
     if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE):
         lowered = details.lower()
         ctx = "context length" in lowered or "max_model_len" in lowered or "too long" in lowered
-        return APIError(400, details or f"{backend} rejected the request",
+        # The scheduler's own checks of GenerateRequest fields name them first (priority, timeout_s).
+        param = next((p for p in ("priority", "timeout") if details.startswith(p)), None)
+        return APIError(400, details or f"{backend} rejected the request", param=param,
                         code="context_length_exceeded" if ctx else "invalid_value")
     if code == grpc.StatusCode.NOT_FOUND:
         return APIError(404, details or "not found", code="not_found")

@@ -2,7 +2,8 @@
 
 Every failure the gateway reports goes through `APIError`: request validation (400, naming the
 field, never echoing the input back), auth (401), unknown model / route (404), method (405), body
-size (413), a full scheduler queue (429 + Retry-After), a backend down (503). A client's mistake is
+size (413), a full scheduler queue (429 + Retry-After), a backend down (503), a request past its
+own `timeout` (504, code request_timeout: docs/scheduling.md). A client's mistake is
 never a 500: 500 only means a bug or an engine failure the scheduler could not recover from.
 `install_exception_handlers` maps FastAPI / Starlette's own exceptions onto the same shape, so even
 a 404 for an unknown route or a 405 looks like OpenAI's.
@@ -68,6 +69,15 @@ class APIError(Exception):
 # ---------------------------------------------------------------------------- constructors
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, param=param, code=code)
+
+
+def request_timed_out(detail: str) -> APIError:
+    """The request's own timeout (its `timeout`, or the scheduler's --request-timeout) passed before
+    it finished: the scheduler aborted it. 504 like any deadline; `x-should-retry: false` keeps
+    OpenAI SDKs from retrying (they retry 408 and 5xx), as a retry would only time out again."""
+    detail = detail or "request timed out"
+    return APIError(504, f"{detail[:1].upper()}{detail[1:].rstrip('.')}.", code="request_timeout",
+                    headers={"x-should-retry": "false"})
 
 
 def model_not_found(model: str) -> APIError:

@@ -35,7 +35,7 @@ from opentelemetry import trace
 
 from engine_core.sampling_params import SamplingParams
 from gateway.backend import Backend
-from gateway.errors import APIError
+from gateway.errors import APIError, request_timed_out
 from gateway.metrics import WINDOW, GatewayMetrics
 from gateway.params import to_proto
 from gateway.routing.replica import Replica
@@ -84,12 +84,13 @@ class PromptGeneration:
     """A StreamClient of the worker's StepStream (gateway/step_stream.py)."""
 
     def __init__(self, backend: Backend, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams,
-                 *, want_logprobs: bool) -> None:
+                 *, want_logprobs: bool, priority: int = 0, timeout_s: float | None = None) -> None:
         self.backend = backend
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.params = params
         self.want_logprobs = want_logprobs
+        self.priority, self.timeout_s = priority, timeout_s  # GenerateRequest.priority / timeout_s
         self.samples = [_Sample() for _ in range(params.n)]
         self._key: int | None = None
         self._replica: Replica | None = None  # where it runs (gateway/routing/)
@@ -147,7 +148,8 @@ class PromptGeneration:
             metadata = tracing.grpc_metadata()
         self._request = scheduler_pb2.GenerateRequest(request_id=self.request_id,
                                                       prompt_token_ids=self.prompt_token_ids,
-                                                      sampling_params=to_proto(self.params))
+                                                      sampling_params=to_proto(self.params), priority=self.priority,
+                                                      timeout_s=self.timeout_s)
         self._metadata = metadata
         while True:
             self._admitted = asyncio.get_running_loop().create_future()
@@ -202,8 +204,12 @@ class PromptGeneration:
         prompt = self.prompt_token_ids + produced
         del self._detok_options.prompt_token_ids[:]
         self._detok_options.prompt_token_ids.extend(prompt[-8:])
+        timeout = self.timeout_s
+        if timeout:  # the deadline does not restart: what is left of it (a moment at least)
+            timeout = max(1e-3, timeout - (time.perf_counter() - self._arrival))
         self._request = scheduler_pb2.GenerateRequest(request_id=self.request_id, prompt_token_ids=prompt,
-                                                      sampling_params=to_proto(rest))
+                                                      sampling_params=to_proto(rest), priority=self.priority,
+                                                      timeout_s=timeout)
         try:
             self._submit()
         except APIError as e:
@@ -382,6 +388,14 @@ class PromptGeneration:
             if final:
                 s.done, s.final = True, msg
             return None
+        if fr == scheduler_pb2.FINISH_REASON_ABORT and msg.error_message:
+            # The scheduler ended it itself: its timeout passed. The sample finishes as "abort" (its
+            # tokens so far were streamed already), then the request fails with the reason (a 504, or
+            # an in-band error event after that last chunk when streaming).
+            s.reason = "abort"
+            s.done, s.final = True, msg
+            self._events.put_nowait(SampleEvent(idx, "", [], None, "abort"))
+            raise request_timed_out(msg.error_message)
         if fr == scheduler_pb2.FINISH_REASON_ABORT:
             s.reason = "abort"
             raise APIError(503, "The scheduler aborted the request (is it shutting down?).",

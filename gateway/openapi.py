@@ -62,7 +62,7 @@ def install_openapi(app: FastAPI) -> None:
                 "200": {"description": "The completion (a JSON object, or text/event-stream when stream is true)",
                         "content": {"application/json": {"schema": _add_model(components, response_model)},
                                     "text/event-stream": {"schema": {"type": "string"}}}},
-                **{str(code): _ERROR for code in (400, 401, 404, 413, 429, 503)},
+                **{str(code): _ERROR for code in (400, 401, 404, 413, 429, 503, 504)},
             }
         components["CompletionRequest"]["properties"]["prompt"] = PROMPT_SCHEMA
         app.openapi_schema = spec

@@ -17,6 +17,7 @@ from services.gen.pagedserve.v1 import common_pb2
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 INT32_MAX = 2**31 - 1
+INT32_MIN = -(2**31)
 
 
 def _param_of(message: str) -> str | None:
@@ -29,6 +30,7 @@ def build_sampling_params(req: SamplingFields, facts: ModelFacts, *, max_tokens:
                           max_tokens_field: str = "max_tokens", max_n: int = 128,
                           structured_outputs: StructuredOutputsParams | None = None) -> SamplingParams:
     """Validate the request's sampling fields; raises a 400 APIError naming the bad field."""
+    check_scheduling_fields(req)
     if not 1 <= req.n <= max_n:
         raise bad_request(f"n must be an integer in [1, {max_n}], got {req.n}", param="n")
     if max_tokens is not None and not 1 <= max_tokens <= INT32_MAX:
@@ -80,6 +82,21 @@ def build_sampling_params(req: SamplingFields, facts: ModelFacts, *, max_tokens:
             msg = msg.replace("max_tokens", max_tokens_field, 1)
         raise bad_request(msg, param=param) from None
     return sp
+
+
+def check_scheduling_fields(req: SamplingFields) -> None:
+    """priority and timeout (types are checked by the protocol: an integer, a finite number). Whether
+    a priority is allowed at all depends on the scheduler's policy: it answers that (a 400 too)."""
+    if req.priority is not None and not INT32_MIN <= req.priority <= INT32_MAX:
+        raise bad_request(f"priority must fit in a signed 32-bit integer, got {req.priority}", param="priority")
+    if req.timeout is not None and req.timeout < 0:
+        raise bad_request(f"timeout must be a number of seconds >= 0 (0: no timeout), got {req.timeout}",
+                          param="timeout")
+
+
+def scheduling_kwargs(req: SamplingFields) -> dict:
+    """GenerateRequest's priority and timeout_s (None: the scheduler's --request-timeout)."""
+    return {"priority": req.priority or 0, "timeout_s": req.timeout}
 
 
 def resolve_max_tokens(sp: SamplingParams, prompt_len: int, facts: ModelFacts, *, what: str = "prompt") -> None:

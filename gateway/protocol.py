@@ -82,6 +82,10 @@ class SamplingFields(BaseModel):
     guided_regex: StrictStr | None = None
     guided_choice: list[StrictStr] | None = None
     guided_grammar: StrictStr | None = None
+    # Scheduling (docs/scheduling.md): vLLM's priority (lower first; needs --scheduling-policy
+    # priority) and a per-request timeout in seconds (queue time included; 0: none).
+    priority: StrictInt | None = None
+    timeout: Float | None = None
 
     @property
     def stop_list(self) -> list[str]:

@@ -21,7 +21,7 @@ from gateway.backend import ModelFacts
 from gateway.errors import APIError, bad_request
 from gateway.generation import PromptGeneration, merge_events
 from gateway.logprobs import chat_logprobs, token_table
-from gateway.params import build_sampling_params, resolve_max_tokens
+from gateway.params import build_sampling_params, resolve_max_tokens, scheduling_kwargs
 from gateway.protocol import (
     ChatChoice,
     ChatCompletionRequest,
@@ -122,7 +122,7 @@ class ChatServing(BaseServing):
             _, ids = await self.backend.apply_chat_template(messages, bool(req.add_generation_prompt), tools_json)
         sp = dataclasses.replace(sp)
         resolve_max_tokens(sp, len(ids), facts, what="messages")
-        gen = PromptGeneration(self.backend, rid, ids, sp, want_logprobs=k is not None)
+        gen = PromptGeneration(self.backend, rid, ids, sp, want_logprobs=k is not None, **scheduling_kwargs(req))
         await self.start([gen])
         return gen
 

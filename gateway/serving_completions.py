@@ -13,7 +13,12 @@ from gateway.backend import ModelFacts
 from gateway.errors import bad_request
 from gateway.generation import PromptGeneration, merge_events
 from gateway.logprobs import completion_logprobs, token_table
-from gateway.params import build_sampling_params, check_prompt_ids, resolve_max_tokens
+from gateway.params import (
+    build_sampling_params,
+    check_prompt_ids,
+    resolve_max_tokens,
+    scheduling_kwargs,
+)
 from gateway.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -93,7 +98,8 @@ class CompletionsServing(BaseServing):
         for i, (ids, _) in enumerate(tokenized):
             psp = dataclasses.replace(sp)
             resolve_max_tokens(psp, len(ids), facts)
-            gens.append(PromptGeneration(self.backend, f"{rid}-{i}", ids, psp, want_logprobs=req.logprobs is not None))
+            gens.append(PromptGeneration(self.backend, f"{rid}-{i}", ids, psp, want_logprobs=req.logprobs is not None,
+                                         **scheduling_kwargs(req)))
         await self.start(gens)
         return _Prepared(gens, [t for _, t in tokenized] if req.echo else ["" for _ in tokenized])
 

@@ -116,6 +116,10 @@ class _SchedulerCollector(Collector):
                       st.executor_restarts)
         yield counter("num_requests_rejected", "Generate calls refused because the waiting queue was full.",
                       st.num_requests_rejected)
+        counters = getattr(engine.core, "counters", None)
+        yield counter("num_requests_timed_out", "Requests (samples) aborted because their timeout passed "
+                      "(also counted under finished_reason=\"abort\").",
+                      getattr(counters, "requests_timed_out", 0))
         fin = CounterMetricFamily(PREFIX + "scheduler_requests_finished",
                                   "Requests (samples) finished in the scheduler, by finish reason.",
                                   labels=["model_name", "finished_reason"])

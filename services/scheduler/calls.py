@@ -2,11 +2,13 @@
 route from an engine-level sample id back to it."""
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
 from engine_core.request import Request
 from engine_core.sampling_params import SamplingParams
+from services.gen.pagedserve.v1 import scheduler_pb2
 from services.scheduler.sinks import CallSink, StreamSink
 
 
@@ -27,6 +29,8 @@ class GenerateCall:
     remaining: int = 0  # samples without a final message yet (event-loop side bookkeeping)
     span: object = None  # the request's tracing.server_span (stream requests)
     compiled_grammar: object = None  # structured output: compiled off the engine thread (xgrammar)
+    priority: int = 0  # GenerateRequest.priority (lower first; priority policy only)
+    timeout_s: float | None = None  # GenerateRequest.timeout_s (None: the server's --request-timeout)
 
     def __post_init__(self) -> None:
         self.remaining = self.params.n
@@ -38,6 +42,23 @@ class GenerateCall:
     @property
     def child_ids(self) -> list[str]:
         return child_ids(self.request_id, self.params.n)
+
+
+def scheduling_error(request: scheduler_pb2.GenerateRequest, policy: str) -> str | None:
+    """Why the request's priority / timeout_s cannot be served (an INVALID_ARGUMENT message naming
+    the field), or None. vLLM refuses a priority under FCFS rather than ignoring it silently."""
+    if request.priority != 0 and policy != "priority":
+        return (f"priority {request.priority} needs the priority scheduling policy (--scheduling-policy "
+                f"priority); this scheduler is {policy} (priority must be 0)")
+    if request.HasField("timeout_s") and not 0 <= request.timeout_s < math.inf:
+        return f"timeout_s must be a finite number of seconds >= 0 (0: none), got {request.timeout_s}"
+    return None
+
+
+def scheduling_of(request: scheduler_pb2.GenerateRequest) -> dict:
+    """GenerateCall's priority and timeout_s (None when unset: the server's --request-timeout)."""
+    return {"priority": request.priority,
+            "timeout_s": request.timeout_s if request.HasField("timeout_s") else None}
 
 
 def child_ids(request_id: str, n: int) -> list[str]:

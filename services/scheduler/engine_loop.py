@@ -207,6 +207,7 @@ class EngineLoop(ExecutorSupervision, ExecutorSwap, OutputRouting, StatsPublishi
                     if self._down_since is not None:
                         self._expire(time.monotonic())
                         if self.core is not None:
+                            self.core.expire_requests()  # request deadlines run on while it is down
                             self._route(self.core.take_pending())
                 elif self.core.has_unfinished_requests():
                     self._step()
@@ -285,7 +286,8 @@ class EngineLoop(ExecutorSupervision, ExecutorSwap, OutputRouting, StatsPublishi
                 if cid in self._routes:
                     raise ValueError(f"request_id {cid!r} is already in use")
                 req = core.add_request(cid, call.prompt_token_ids, child, arrival_time=call.submitted,
-                                       trace_context=call.trace_context, compiled_grammar=call.compiled_grammar)
+                                       trace_context=call.trace_context, compiled_grammar=call.compiled_grammar,
+                                       priority=call.priority, timeout=call.timeout_s)
                 added.append(cid)
                 self._routes[cid] = Route(call, i, req)
         except ValueError as e:

@@ -39,7 +39,8 @@ class OutputRouting:
             final = None
             if d.finished:
                 del self._routes[d.request_id]
-                final = scheduler_pb2.GenerateResponse(index=route.index, finish_reason=FINISH_REASONS[d.finish_reason])
+                final = scheduler_pb2.GenerateResponse(index=route.index, finish_reason=FINISH_REASONS[d.finish_reason],
+                                                       error_message=d.error_message or "")
                 self._finish_message(final, d, route.request, now)
             self._batch(batches, SampleDelta(route.call, route.index, d.new_token_ids, d.new_logprobs, final))
         self._deliver(batches)

@@ -33,6 +33,7 @@ from services.grpc_server import (
     configure_logging,
 )
 from services.internal_auth import InternalSecurity, security_from_args_or_log
+from services.scheduler.calls import scheduling_error, scheduling_of
 from services.scheduler.engine_loop import EngineLoop, GenerateCall
 from services.scheduler.sinks import CallFailed, CallSink, StreamSink
 
@@ -98,6 +99,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                       if request.HasField("sampling_params") else SamplingParams())
         except (ValueError, TypeError) as e:
             return CallFailed(bad, f"sampling_params: {e}")
+        why = scheduling_error(request, engine.config.scheduling_policy)
+        if why is not None:
+            return CallFailed(bad, why)
         down = engine.down_for()
         if down > engine.executor_timeout_s:
             return CallFailed(grpc.StatusCode.UNAVAILABLE,
@@ -144,7 +148,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         params, compiled = checked
         sink = CallSink(asyncio.get_running_loop())
         call = GenerateCall(request.request_id, list(request.prompt_token_ids), params, sink,
-                            compiled_grammar=compiled)
+                            compiled_grammar=compiled, **scheduling_of(request))
         try:
             self._submit(call, span)
             verdict = await sink.accepted
@@ -238,7 +242,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             return
         params, compiled = checked
         call = GenerateCall(request.request_id, list(request.prompt_token_ids), params, sink, key=add.key,
-                            span=span if span.span is not None else None, compiled_grammar=compiled)
+                            span=span if span.span is not None else None, compiled_grammar=compiled,
+                            **scheduling_of(request))
         if call.span is None:
             span.end()
         calls[add.key] = call

@@ -27,6 +27,7 @@ from services.gen.pagedserve.v1 import (
     scheduler_pb2,
     scheduler_pb2_grpc,
 )
+from services.scheduler.calls import scheduling_error
 
 ERROR_SEED = 666
 SCRIPT_TEXT = " The quick brown fox jumps over the lazy dog. Café 😀 naïve — 你好!"
@@ -36,7 +37,8 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
     def __init__(self, script: list[int], *, vocab_size: int, eos_token_id: int, max_model_len: int = 256,
                  model_name: str = "fake-model", token_delay_s: float = 0.002, max_in_flight: int = 0,
                  first_token_delay_s: float = 0.0, accepted_metadata: bool = False,
-                 ignore_abort: bool = False, max_queue_len: int = 0) -> None:
+                 ignore_abort: bool = False, max_queue_len: int = 0, scheduling_policy: str = "fcfs") -> None:
+        self.scheduling_policy = scheduling_policy  # priority / timeout_s are checked as the real one does
         self.script = script
         self.max_queue_len = max_queue_len  # reported by GetStats (the gateway's capacity check)
         self.vocab_size = vocab_size
@@ -83,6 +85,11 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
         n = sp.n if sp.HasField("n") else 1
         if len(request.prompt_token_ids) >= self.max_model_len:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt too long")
+        why = scheduling_error(request, self.scheduling_policy)
+        if why is not None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, why)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + request.timeout_s if request.HasField("timeout_s") and request.timeout_s else None
         self.requests.append(request)
         max_tokens = sp.max_tokens if sp.HasField("max_tokens") else 16
         k = sp.logprobs if sp.HasField("logprobs") else None
@@ -97,6 +104,16 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
             await asyncio.sleep(self.first_token_delay_s)
             while live:
                 await asyncio.sleep(self.token_delay_s)
+                if deadline is not None and loop.time() >= deadline:  # timed out: as the real scheduler says it
+                    for i in sorted(live):
+                        yield scheduler_pb2.GenerateResponse(
+                            index=i, finish_reason=scheduler_pb2.FINISH_REASON_ABORT,
+                            error_message=f"request timed out: timeout {request.timeout_s:g}s; "
+                                          f"{counts[i]} tokens were generated",
+                            usage=scheduler_pb2.Usage(prompt_tokens=len(request.prompt_token_ids),
+                                                      completion_tokens=counts[i]))
+                    live.clear()
+                    break
                 for i in sorted(live):
                     ab = self.aborts.get(rid)
                     if ab is not None and (ab[1] is None or i in ab[1]):

@@ -95,6 +95,16 @@ BAD_REQUESTS: list[Bad] = [
                                          "tool_choice": {"type": "function", "function": {"name": "g"}}},
         param="tool_choice", contains=("not in tools",)),
     Bad("malformed tools", CH, {"messages": U, "tools": [{"type": "function", "function": "f"}]}, param="tools"),
+    # scheduling (docs/scheduling.md): the test stacks schedule fcfs, so any priority but 0 is refused
+    Bad("priority not an integer", C, {"prompt": "x", "priority": 1.5}, param="priority"),
+    Bad("priority string", CH, {"messages": U, "priority": "high"}, param="priority"),
+    Bad("priority beyond int32", C, {"prompt": "x", "priority": 2**40}, param="priority"),
+    Bad("priority under fcfs", C, {"prompt": "x", "priority": 1}, param="priority",
+        contains=("--scheduling-policy priority",)),
+    Bad("priority under fcfs chat", CH, {"messages": U, "priority": -3}, param="priority"),
+    Bad("timeout negative", C, {"prompt": "x", "timeout": -1}, param="timeout", contains=("timeout",)),
+    Bad("timeout NaN", CH, b'{"messages": [{"role": "user", "content": "hi"}], "timeout": NaN}', param="timeout"),
+    Bad("timeout string", C, {"prompt": "x", "timeout": "5s"}, param="timeout"),
     # over-long prompt: 400 saying the numbers
     Bad("over-long prompt", C, {"prompt": LONG_PROMPT, "max_tokens": 4}, contains=("{max_len}",)),
     Bad("over-long chat", CH, {"messages": [{"role": "user", "content": LONG_PROMPT}], "max_tokens": 4},

@@ -46,6 +46,15 @@ def test_post_routes_publish_request_schemas(gateway_url):
     assert "prompt" in spec["components"]["schemas"]["CompletionRequest"]["required"]
 
 
+def _own_timeout(r) -> bool:
+    """A 504 for the request's own (generated) `timeout` running out is the documented answer to
+    that request (docs/scheduling.md), not a server failure."""
+    try:
+        return r.status_code == 504 and r.json()["error"]["code"] == "request_timeout"
+    except (ValueError, KeyError, TypeError):
+        return False
+
+
 def test_schemathesis_no_server_errors(gateway_url, record_property):
     schema = schemathesis.openapi.from_url(f"{gateway_url}/openapi.json")
     statuses: collections.Counter = collections.Counter()
@@ -64,7 +73,7 @@ def test_schemathesis_no_server_errors(gateway_url, record_property):
             def run(case) -> None:
                 r = case.call(base_url=gateway_url, session=session, timeout=30)
                 statuses[r.status_code] += 1
-                if r.status_code >= 500:
+                if r.status_code >= 500 and not _own_timeout(r):
                     failures.append(f"{case.method} {case.path} -> {r.status_code}: {r.text[:300]} "
                                     f"(body {str(case.body)[:300]})")
 

@@ -77,7 +77,8 @@ class SchedulerServicer:
         a step). Nothing is sent until the request is accepted, so validation errors are call statuses:
         INVALID_ARGUMENT    empty/missing request_id or prompt, bad sampling params, token id out of
         vocabulary, duplicate in-flight request_id, prompt too long for
-        max_model_len or for the KV cache (the message has the numbers)
+        max_model_len or for the KV cache (the message has the numbers), a
+        priority under --scheduling-policy fcfs, a negative/NaN/infinite timeout_s
         RESOURCE_EXHAUSTED  the waiting queue is full (--max-queue-len): retry later (HTTP 429)
         UNAVAILABLE         the executor has been unreachable for longer than --executor-timeout
         (also mid-stream; the message says so), or the service is shutting down
