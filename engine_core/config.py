@@ -56,8 +56,9 @@ class EngineConfig:
     quantization: str | None = field(default=None, metadata={"help": (
         "quantized linear layers. CPU, weight-only: int8 (per-channel scales) or int4 (groups of 32 "
         "with scale and min: a GGUF Q4_1 tensor keeps its exact codes). CUDA with compute capability "
-        ">= 8.9: fp8 (e4m3 weights with per-channel scales, activations quantized per token, "
-        "torch._scaled_mm). The embedding is kept as int8 rows. Default: none (the dtype's weights)")})
+        ">= 8.9: fp8 (e4m3 weights with per-channel scales; decode rows run a weight-only kernel, "
+        "prefill rows quantize activations per token for torch._scaled_mm; the LM head stays in the "
+        "model dtype). The embedding is kept as int8 rows. Default: none (the dtype's weights)")})
     kv_cache_dtype: str = field(default="auto", metadata={"help": (
         "KV cache storage. auto: the model dtype. fp8 (= fp8_e4m3): one byte per element, twice the "
         "tokens in the same memory; K/V are rounded to e4m3 with scale 1.0 (values beyond +-448 "
