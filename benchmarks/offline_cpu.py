@@ -24,9 +24,14 @@ import sys
 import time
 from collections.abc import Callable
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from engine_core.cpu_resources import set_openmp_wait_policy  # noqa: E402
+
+# Before torch loads libgomp; both engines (llama.cpp's ggml uses OpenMP too) run under it.
+OMP_POLICY = set_openmp_wait_policy()
+
+import torch  # noqa: E402
 
 from engine_core.cpu_resources import cpu_capabilities
 from engine_core.llm import LLM
@@ -174,6 +179,7 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
+    load_start = os.getloadavg()
     source = resolve_model(None)
     vocab = source.config.vocab_size
     prefill_lens = [int(x) for x in args.prefill_lens.split(",") if x]
@@ -230,6 +236,7 @@ def main() -> None:
             f"{caps.num_cpus} cores available, {args.threads} threads)",
             "command": " ".join(["python"] + sys.argv), "model": source.name, "torch": torch.__version__,
             "args": vars(args), "step_budget_tokens": {e.name: e.budget for e in ps},
+            "omp_wait_policy": OMP_POLICY, "load_average_start_end": [load_start, os.getloadavg()],
             "method": "every metric: engines run back to back in each round, best round kept; the box is "
                       "shared with other jobs, so absolute numbers vary, ratios less. TTFT ratios are "
                       "peer TTFT / ours (higher is better). Aggregate ratios are vs llama.cpp's single stream."}

@@ -15,9 +15,14 @@ import sys
 import time
 from collections import defaultdict
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from engine_core.cpu_resources import set_openmp_wait_policy  # noqa: E402
+
+# Before torch loads libgomp; both engines (llama.cpp's ggml uses OpenMP too) run under it.
+OMP_POLICY = set_openmp_wait_policy()
+
+import torch  # noqa: E402
 
 from benchmarks.offline_cpu import VARIANTS, make_prompt  # noqa: E402
 from engine_core.llm import LLM  # noqa: E402
