@@ -17,16 +17,16 @@ from collections import defaultdict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine_core.cpu_resources import set_openmp_wait_policy  # noqa: E402
+from engine_core.cpu_resources import set_openmp_wait_policy
 
 # Before torch loads libgomp; both engines (llama.cpp's ggml uses OpenMP too) run under it.
 OMP_POLICY = set_openmp_wait_policy()
 
-import torch  # noqa: E402
+import torch
 
-from benchmarks.offline_cpu import VARIANTS, make_prompt  # noqa: E402
-from engine_core.llm import LLM  # noqa: E402
-from engine_core.sampling_params import SamplingParams  # noqa: E402
+from benchmarks.offline_cpu import VARIANTS, make_prompt
+from engine_core.llm import LLM
+from engine_core.sampling_params import SamplingParams
 
 
 def find_runner(llm: LLM):
@@ -95,7 +95,7 @@ def main() -> None:
     wall = time.perf_counter() - t0
     if prof is not None:
         prof.__exit__(None, None, None)
-    per = lambda s: 1e3 * s / args.tokens  # noqa: E731
+    per = lambda s: 1e3 * s / args.tokens
     fwd, prep, samp = acc["_forward"], acc["_prepare_inputs"] + acc["prepare"], acc["_sample_step"]
     logits, smd = acc["compute_logits"], acc["_sampling_metadata"]
     print(f"{args.variant}, {args.threads} threads, {args.tokens} tokens in {steps} engine steps: "

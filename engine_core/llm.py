@@ -10,10 +10,10 @@ from engine_core.cpu_resources import set_openmp_wait_policy
 
 set_openmp_wait_policy()  # before torch is first imported (below), unless the caller already did
 
-from engine_core.config import EngineConfig  # noqa: E402
-from engine_core.llm_engine import LLMEngine  # noqa: E402
-from engine_core.outputs import RequestOutput  # noqa: E402
-from engine_core.sampling_params import SamplingParams  # noqa: E402
+from engine_core.config import EngineConfig
+from engine_core.llm_engine import LLMEngine
+from engine_core.outputs import RequestOutput
+from engine_core.sampling_params import SamplingParams
 
 Prompt = str | list[int]
 

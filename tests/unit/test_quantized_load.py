@@ -9,7 +9,11 @@ import torch
 from engine_core.layers import quantized_load
 from engine_core.layers.linear import MergedLinear, QKVLinear
 from engine_core.layers.quantization import Int4Linear, Int8Linear
-from engine_core.loader.gguf_loader import dequantize_tensor, iter_gguf_weights, open_gguf
+from engine_core.loader.gguf_loader import (
+    dequantize_tensor,
+    iter_gguf_weights,
+    open_gguf,
+)
 from engine_core.loader.gguf_q4_1 import Q4_1Weight
 from engine_core.loader.model_source import resolve_model
 
