@@ -24,9 +24,14 @@ import sys
 import time
 from collections.abc import Callable
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from engine_core.cpu_resources import set_openmp_wait_policy
+
+# Before torch loads libgomp; both engines (llama.cpp's ggml uses OpenMP too) run under it.
+OMP_POLICY = set_openmp_wait_policy()
+
+import torch
 
 from engine_core.cpu_resources import cpu_capabilities
 from engine_core.llm import LLM
@@ -146,8 +151,8 @@ def plot(report: dict, path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     panels = [(k, v) for k, v in report["metrics"].items() if v]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 4))
-    for ax, (metric, values) in zip(axes, panels):
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * max(len(panels), 2), 4), squeeze=False)
+    for ax, (metric, values) in zip(axes[0], panels):
         names = list(values)
         ax.bar(range(len(names)), [values[n] for n in names],
                color=["#999" if n.startswith("llama") else "#3b7dd8" for n in names])
@@ -171,9 +176,13 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=128, help="prompt length of the aggregate runs")
     ap.add_argument("--output-len", type=int, default=64, help="output tokens per request in the aggregate runs")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--metrics", default="decode,prefill,ttft,aggregate",
+                    help="which to measure (decode alone takes a few minutes on a busy 2-core box)")
     args = ap.parse_args()
+    wanted = set(args.metrics.split(","))
 
     torch.set_num_threads(args.threads)
+    load_start = os.getloadavg()
     source = resolve_model(None)
     vocab = source.config.vocab_size
     prefill_lens = [int(x) for x in args.prefill_lens.split(",") if x]
@@ -190,20 +199,22 @@ def main() -> None:
 
     metrics: dict[str, dict[str, float]] = {}
     decode_prompt = make_prompt(128, vocab, 1)
-    metrics["decode tok/s (1 stream)"] = best_of_rounds(engines, args.rounds,
-                                                        lambda e: e.decode(decode_prompt, args.decode_tokens))
-    print(metrics, flush=True)
+    if "decode" in wanted:
+        metrics["decode tok/s (1 stream)"] = best_of_rounds(engines, args.rounds,
+                                                            lambda e: e.decode(decode_prompt, args.decode_tokens))
+        print(metrics, flush=True)
     long_variants = {f"pagedserve {v}" for v in args.long_prefill_variants.split(",")} | {"llama.cpp"}
-    for n in prefill_lens:
+    for n in prefill_lens if "prefill" in wanted else []:
         prompt = make_prompt(n, vocab, 2)
         which = engines if n <= 2048 else [e for e in engines if e.name in long_variants]
         metrics[f"prefill tok/s ({n} tokens)"] = best_of_rounds(which, args.rounds if n <= 2048 else 1,
                                                                 lambda e, p=prompt: e.prefill(p))
         print(metrics, flush=True)
     long_p, short_p = make_prompt(args.ttft_long_len, vocab, 3), make_prompt(8, vocab, 4)
-    metrics[f"TTFT s (8 tokens behind {args.ttft_long_len})"] = best_of_rounds(
-        engines, args.rounds, lambda e: e.ttft_behind(long_p, short_p), higher_is_better=False)
-    for c in concurrency:
+    if "ttft" in wanted:
+        metrics[f"TTFT s (8 tokens behind {args.ttft_long_len})"] = best_of_rounds(
+            engines, args.rounds, lambda e: e.ttft_behind(long_p, short_p), higher_is_better=False)
+    for c in concurrency if "aggregate" in wanted else []:
         prompts = [make_prompt(args.input_len, vocab, 100 + i) for i in range(c)]
         metrics[f"aggregate out tok/s (c={c})"] = best_of_rounds(
             ps, 1, lambda e, p=prompts: e.aggregate(p, args.output_len))
@@ -212,7 +223,9 @@ def main() -> None:
     ratios: dict[str, float] = {}
     if peer:
         for metric, values in metrics.items():
-            ref = values.get(peer) or metrics["decode tok/s (1 stream)"][peer]  # aggregate: vs its single stream
+            ref = values.get(peer) or metrics.get("decode tok/s (1 stream)", {}).get(peer)  # aggregate: vs its single stream
+            if not ref:
+                continue
             for name, v in values.items():
                 if name != peer:
                     ratios[f"{metric}: {name} / {peer}"] = (ref / v) if metric.startswith("TTFT") else v / ref
@@ -230,11 +243,13 @@ def main() -> None:
             f"{caps.num_cpus} cores available, {args.threads} threads)",
             "command": " ".join(["python"] + sys.argv), "model": source.name, "torch": torch.__version__,
             "args": vars(args), "step_budget_tokens": {e.name: e.budget for e in ps},
+            "omp_wait_policy": OMP_POLICY, "load_average_start_end": [load_start, os.getloadavg()],
             "method": "every metric: engines run back to back in each round, best round kept; the box is "
                       "shared with other jobs, so absolute numbers vary, ratios less. TTFT ratios are "
                       "peer TTFT / ours (higher is better). Aggregate ratios are vs llama.cpp's single stream."}
     os.makedirs(RESULTS, exist_ok=True)
-    base = os.path.join(RESULTS, f"offline_cpu_{date}")
+    subset = "" if wanted >= {"decode", "prefill", "ttft", "aggregate"} else "_" + "-".join(sorted(wanted))
+    base = os.path.join(RESULTS, f"offline_cpu_{date}{subset}")
     report = {"meta": meta, "metrics": metrics, "ratios": ratios}
     with open(base + ".json", "w") as f:
         json.dump(report, f, indent=2)

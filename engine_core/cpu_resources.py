@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import os
+import sys
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -18,6 +20,13 @@ from functools import lru_cache
 CPU_TOKENS_PER_CORE_PER_STEP = 32
 CPU_MIN_STEP_TOKENS = 32
 CPU_MAX_STEP_TOKENS = 2048
+# OpenMP workers that spin between parallel regions (libgomp's default: ~300k spins before they
+# sleep) take the core away from the thread that still has work whenever anything else runs on it
+# (other jobs, our own gateway / detokenizer threads): on a shared 2-core box every small op then
+# waits for a descheduled worker. Measured there (load average 6-7, SmolLM2 int4, 2 threads):
+# decode 1.3 tok/s with the default, 3-4 with GOMP_SPINCOUNT=30000, 10-15 with 3000, 21-29 with
+# PASSIVE (sleep at once). llama.cpp's OpenMP pool moved the same way in the same process.
+DEFAULT_OMP_WAIT_POLICY = "PASSIVE"
 
 
 def _read(path: str) -> str | None:
@@ -86,6 +95,19 @@ class CpuCapabilities:
 
 def cpu_capabilities() -> CpuCapabilities:
     return CpuCapabilities(available_cpus(), cpu_flags())
+
+
+def set_openmp_wait_policy(environ: MutableMapping[str, str] | None = None,
+                           torch_imported: bool | None = None) -> str | None:
+    """OMP_WAIT_POLICY=PASSIVE unless the user chose one (ACTIVE suits a dedicated, idle box).
+    libgomp reads it once, when torch is imported, so this only takes effect before that: call it
+    first thing in an entry point. Returns the policy in effect (None: torch's default spinning)."""
+    env = os.environ if environ is None else environ
+    if torch_imported is None:
+        torch_imported = "torch" in sys.modules
+    if "OMP_WAIT_POLICY" not in env and "GOMP_SPINCOUNT" not in env and not torch_imported:
+        env["OMP_WAIT_POLICY"] = DEFAULT_OMP_WAIT_POLICY
+    return env.get("OMP_WAIT_POLICY") or (f"GOMP_SPINCOUNT={env['GOMP_SPINCOUNT']}" if "GOMP_SPINCOUNT" in env else None)
 
 
 def cpu_step_token_budget(num_cpus: int) -> int:

@@ -6,6 +6,10 @@ from collections.abc import Sequence
 
 from tqdm import tqdm
 
+from engine_core.cpu_resources import set_openmp_wait_policy
+
+set_openmp_wait_policy()  # before torch is first imported (below), unless the caller already did
+
 from engine_core.config import EngineConfig
 from engine_core.llm_engine import LLMEngine
 from engine_core.outputs import RequestOutput

@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from engine_core.cpu_resources import set_openmp_wait_policy
+
+    set_openmp_wait_policy()  # before torch is imported here or in the processes we start
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     # known args only: an unavailable subcommand (see _add_optional) reports why, whatever its options

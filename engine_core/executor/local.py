@@ -6,6 +6,7 @@ the other ranks (the minimum), so one block table is valid on every rank."""
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -54,8 +55,9 @@ class LocalExecutor(Executor):
         elif self.tp.world_size == 1:  # a tensor-parallel worker's threads are set by its parent
             threads = configure_cpu_threads(config.cpu_threads)
             caps = cpu_capabilities()
-            logger.info("CPU: %d threads (%d cores available), ISA %s, native bf16: %s", threads,
-                        caps.num_cpus, caps.isa, caps.native_bf16)
+            logger.info("CPU: %d threads (%d cores available), ISA %s, native bf16: %s, OpenMP wait policy %s",
+                        threads, caps.num_cpus, caps.isa, caps.native_bf16,
+                        os.environ.get("OMP_WAIT_POLICY") or os.environ.get("GOMP_SPINCOUNT") or "libgomp default (spin)")
         torch.manual_seed(config.seed)
         self.model = load_model(self.source, dtype=self.dtype, device=self.device, tp=self.tp,
                                 quantization=config.quantization)

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine_core.layers.linear import Linear, VocabEmbedding
+from engine_core.layers.linear import Linear, VocabEmbedding, _tensor
+from engine_core.loader.gguf_q4_1 import Q4_1_GROUP, Q4_1Weight
 
 QUANTIZATIONS = ("int8", "int4", "fp8")
 INT4_GROUP_SIZE = 32
@@ -89,11 +90,20 @@ class _CpuQuantLinear(nn.Module):
 
 
 class Int8Linear(_CpuQuantLinear):
-    def __init__(self, linear: Linear) -> None:
+    def __init__(self, linear: Linear, empty: bool = False) -> None:
+        """empty: buffers left unfilled, for `load_rows` (quantize while loading, quantized_load.py)."""
         super().__init__(linear)
-        q, scale = quantize_int8_per_channel(linear.weight.data)
-        self.register_buffer("qweight", q)
-        self.register_buffer("scales", scale.to(CPU_COMPUTE_DTYPE))
+        n, k = self.out_features, self.in_features
+        self.register_buffer("qweight", torch.empty(n, k, dtype=torch.int8))
+        self.register_buffer("scales", torch.empty(n, dtype=CPU_COMPUTE_DTYPE))
+        if not empty:
+            self.load_rows(0, linear.weight.data)
+
+    def load_rows(self, row: int, w) -> None:
+        """Quantize output rows [row, row + len(w)) from float weights (or anything with materialize())."""
+        q, scale = quantize_int8_per_channel(_tensor(w))
+        self.qweight[row:row + q.shape[0]] = q
+        self.scales[row:row + q.shape[0]] = scale.to(CPU_COMPUTE_DTYPE)
 
     def packed_mm(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales)
@@ -108,15 +118,30 @@ class Int8Linear(_CpuQuantLinear):
 class Int4Linear(_CpuQuantLinear):
     dense_min_rows = 64
 
-    def __init__(self, linear: Linear, group_size: int = INT4_GROUP_SIZE) -> None:
+    def __init__(self, linear: Linear, group_size: int = INT4_GROUP_SIZE, empty: bool = False) -> None:
+        """empty: buffers left unfilled, for `load_rows` (quantize while loading, quantized_load.py)."""
         super().__init__(linear)
         self.group_size = group_size
-        q, scale, lo = quantize_int4_groups(linear.weight.data, group_size)
-        self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+        n, k = self.out_features, self.in_features
+        self.register_buffer("qweight", torch.empty(n, k // 2, dtype=torch.uint8))  # the kernel's packing
         # The kernel computes (q - 8) * scale + zero, so zero = min + 8 * scale. Layout [K/G, N, 2].
-        zero = lo + 8 * scale
-        self.register_buffer("scales_and_zeros",
-                             torch.stack([scale.t(), zero.t()], dim=-1).contiguous().to(CPU_COMPUTE_DTYPE))
+        self.register_buffer("scales_and_zeros", torch.empty(k // group_size, n, 2, dtype=CPU_COMPUTE_DTYPE))
+        if not empty:
+            self.load_rows(0, linear.weight.data)
+
+    def load_rows(self, row: int, w) -> None:
+        """Fill output rows [row, row + len(w)); row and len(w) multiples of 64 (the pack's row
+        blocks are independent, so shards pack one by one). A Q4_1Weight with our group size
+        keeps its codes, scales and mins exactly; anything else is quantized here."""
+        if isinstance(w, Q4_1Weight) and self.group_size == Q4_1_GROUP:
+            q, scale, lo = w.codes.to(torch.int32), w.scale, w.min
+        else:
+            q, scale, lo = quantize_int4_groups(_tensor(w), self.group_size)
+        n = q.shape[0]
+        if row % INT4_PACK_BLOCK_N or n % INT4_PACK_BLOCK_N:
+            raise ValueError(f"int4 rows must come in blocks of {INT4_PACK_BLOCK_N}, got rows {row}..{row + n}")
+        self.qweight[row:row + n] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        self.scales_and_zeros[:, row:row + n] = torch.stack([scale.t(), (lo + 8 * scale).t()], dim=-1)
 
     @staticmethod
     def supports(linear: Linear, group_size: int = INT4_GROUP_SIZE) -> bool:

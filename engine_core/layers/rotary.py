@@ -106,8 +106,24 @@ class RotaryEmbedding(nn.Module):
         if self._rows_for is not positions:
             self._rows_for = positions
             self._rows = self.cos_sin_cache.index_select(0, positions.reshape(-1).long())
+        qk = _joined(q, k)
+        if qk is not None:  # q | k side by side in qkv: one rotation (same arithmetic, half the ops)
+            out = apply_rotary_ref(positions, qk, self.cos_sin_cache, self.head_dim, self._rows)
+            return out.split([q.shape[-1], k.shape[-1]], dim=-1)
         return (apply_rotary_ref(positions, q, self.cos_sin_cache, self.head_dim, self._rows),
                 apply_rotary_ref(positions, k, self.cos_sin_cache, self.head_dim, self._rows))
+
+
+def _joined(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """[T, Nq] and [T, Nk] views that sit side by side in one [T, >= Nq+Nk] buffer (the split of
+    the fused qkv output) -> the [T, Nq+Nk] view covering both; None otherwise. Decode rotates
+    30 layers' q and k every step, so one call instead of two saves ~10 small ops per layer."""
+    if (q.dim() != 2 or k.dim() != 2 or q.dtype != k.dtype or q.stride(1) != 1 or k.stride(1) != 1
+            or q.stride(0) != k.stride(0) or q.shape[0] != k.shape[0]
+            or q.untyped_storage().data_ptr() != k.untyped_storage().data_ptr()
+            or k.storage_offset() != q.storage_offset() + q.shape[1]):
+        return None
+    return q.as_strided((q.shape[0], q.shape[1] + k.shape[1]), q.stride(), q.storage_offset())
 
 
 def get_rope(head_dim: int, max_position: int, base: float, rope_scaling: dict | None = None) -> RotaryEmbedding:

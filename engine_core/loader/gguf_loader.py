@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from engine_core.loader.gguf_q4_1 import Q4_1_GROUP, Q4_1Weight
 from engine_core.model_config import ModelConfig
 
 _TOP_LEVEL = {
@@ -90,18 +91,35 @@ def dequantize_tensor(tensor) -> np.ndarray:
     return arr
 
 
-def iter_gguf_weights(reader_or_path, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF name, float32 CPU tensor) for every tensor in the file, one at a time."""
+def _load_tensor(tensor, keep_q4_1: bool) -> torch.Tensor | Q4_1Weight:
+    from gguf import GGMLQuantizationType
+
+    shape = tuple(int(d) for d in reversed(list(tensor.shape)))
+    if (keep_q4_1 and tensor.tensor_type == GGMLQuantizationType.Q4_1 and len(shape) == 2
+            and shape[1] % Q4_1_GROUP == 0):
+        return Q4_1Weight.from_blocks(tensor.data, shape)
+    return torch.from_numpy(dequantize_tensor(tensor))
+
+
+def iter_gguf_weights(reader_or_path, config: ModelConfig, keep_q4_1: bool = False
+                      ) -> Iterator[tuple[str, torch.Tensor | Q4_1Weight]]:
+    """Yield (HF name, float32 CPU tensor) for every tensor in the file, one at a time.
+    keep_q4_1 (--quantization int4): Q4_1 matrices come as their codes (Q4_1Weight), which int4
+    layers take as they are and any other layer dequantizes (`materialize()`)."""
     reader = open_gguf(reader_or_path) if isinstance(reader_or_path, (str, os.PathLike)) else reader_or_path
     permuted = config.architecture in _PERMUTED_ARCHS
     for tensor in reader.tensors:
         hf_name = gguf_to_hf_name(tensor.name)
         if hf_name is None:
             raise ValueError(f"GGUF tensor {tensor.name!r} has no counterpart in our {config.architecture} model")
-        w = torch.from_numpy(dequantize_tensor(tensor))
+        w = _load_tensor(tensor, keep_q4_1)
+        n_head = None
         if permuted:
             if ".self_attn.q_proj." in hf_name:
-                w = reverse_permute(w, config.num_attention_heads)
+                n_head = config.num_attention_heads
             elif ".self_attn.k_proj." in hf_name:
-                w = reverse_permute(w, config.num_key_value_heads)
+                n_head = config.num_key_value_heads
+        if n_head is not None:
+            w = (w.permute_rows(lambda t, h=n_head: reverse_permute(t, h)) if isinstance(w, Q4_1Weight)
+                 else reverse_permute(w, n_head))
         yield hf_name, w

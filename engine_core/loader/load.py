@@ -95,8 +95,14 @@ def load_model(source: ModelSource | str | os.PathLike | None, dtype: torch.dtyp
     if source.kind == "dummy":
         init_dummy_weights(model, seed=seed)
     else:
+        # int8/int4 on the CPU: quantize each tensor as it is read (the float linear weights are
+        # never materialised; Q4_1 GGUF tensors keep their codes), see quantized_load.py.
+        at_load = quantization in ("int8", "int4") and device.type == "cpu" and not sharded
+        if at_load:
+            from engine_core.layers import quantized_load
+            quantized_load.prepare(model, quantization)
         if source.kind == "gguf":
-            weights = iter_gguf_weights(source.path, config)
+            weights = iter_gguf_weights(source.path, config, keep_q4_1=at_load and quantization == "int4")
         elif source.kind == "hf":
             weights = iter_safetensors_weights(source.path, device, lazy=sharded)
         else:
@@ -105,6 +111,8 @@ def load_model(source: ModelSource | str | os.PathLike | None, dtype: torch.dtyp
         missing = sorted(set(dict(model.named_parameters())) - loaded)
         if missing:
             raise ValueError(f"{source.path}: checkpoint lacks {len(missing)} parameter(s), e.g. {missing[:5]}")
+        if at_load:
+            quantized_load.finish(model)
     if quantization:
         from engine_core.layers.quantization import quantize_model
         quantize_model(model, quantization, device, dtype)

@@ -81,3 +81,24 @@ def test_bad_values_rejected(field, value):
 def test_help_documents_cpu_defaults():
     text = EngineConfig.add_cli_args(argparse.ArgumentParser()).format_help()
     assert "cgroup cpu.max" in text and "32 per available" in text and "int4" in text
+
+
+def test_openmp_wait_policy_defaults_to_passive_before_torch_loads():
+    from engine_core.cpu_resources import set_openmp_wait_policy
+
+    env: dict[str, str] = {}
+    assert set_openmp_wait_policy(env, torch_imported=False) == "PASSIVE" and env == {"OMP_WAIT_POLICY": "PASSIVE"}
+    env = {"OMP_WAIT_POLICY": "ACTIVE"}  # the user's choice wins
+    assert set_openmp_wait_policy(env, torch_imported=False) == "ACTIVE"
+    env = {}
+    assert set_openmp_wait_policy(env, torch_imported=True) is None and env == {}  # too late: libgomp read it
+
+
+def test_openmp_wait_policy_set_by_the_offline_api_in_a_fresh_process():
+    import subprocess
+    import sys
+
+    code = ("import os; os.environ.pop('OMP_WAIT_POLICY', None); os.environ.pop('GOMP_SPINCOUNT', None)\n"
+            "import engine_core.llm, torch; print(os.environ.get('OMP_WAIT_POLICY'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "PASSIVE"
