@@ -3,14 +3,15 @@ whose answers copy spans of the prompt, against the same engine with speculation
 and, on a GPU, the cost of verifying k drafts per step.
 
     # CPU, real SmolLM2 (embedded GGUF): spec off vs ngram k=2, k=4, single stream
-    python benchmarks/spec_decode.py [--ks 2 4] [--max-tokens 96] [--num-prompts 4]
+    python benchmarks/spec_decode.py [--ks 2 4] [--max-tokens 160] [--num-prompts 4] [--cpu-threads N]
 
     # GPU, random weights: step time of verifying k = 2, 4, 8 forced drafts at batch 1 / 16 / 64
     python benchmarks/spec_decode.py --model dummy:benchmarks/configs/llama-3.1-8b-instruct.json \\
         --verify-cost --ks 2 4 8 --batch-sizes 1 16 64
 
-Copy workload: chat prompts asking to rewrite / summarise with quotes / annotate a given text, so
-the greedy answer repeats spans of the prompt (what prompt lookup is for). Every configuration
+Copy workload: chat prompts asking to annotate / edit / fix / quote a given code, JSON or text, so
+the greedy answer repeats spans of the prompt (what prompt lookup is for); answers end at EOS (or
+--max-tokens), the same length in every configuration since greedy output is identical. Every configuration
 decodes the same prompts greedily; the script checks that the tokens are identical (speculation
 must not change greedy output) and reports output tok/s (wall time of the whole request, TTFT
 included), TPOT ((end - first token) / (tokens - 1)), acceptance rate (accepted / proposed drafts)
@@ -57,12 +58,16 @@ CODE = ("def area(width, height):\n    return width * height\n\n"
         "def perimeter(width, height):\n    return 2 * (width + height)\n\n"
         "def describe(width, height):\n    print('area', area(width, height))\n"
         "    print('perimeter', perimeter(width, height))\n")
+JSON_DOC = ('{"name": "Ada Lovelace", "born": 1815, "city": "London", "languages": ["English", "French"], '
+            '"fields": ["mathematics", "computing"], "notes": "wrote the first published algorithm"}')
+BUGGY = ("def mean(values):\n    total = 0\n    for v in values:\n        total += v\n"
+         "    retrun total / len(values)\n\n"
+         "def variance(values):\n    m = mean(values)\n    return sum((v - m) ** 2 for v in values) / len(values)\n")
 COPY_PROMPTS = [
-    f"Rewrite the following text exactly as it is, sentence by sentence:\n\n{PASSAGE}",
-    f"Summarise this notice for a new member, quoting its rules word for word:\n\n{PASSAGE}",
-    f"Repeat this Python code, adding a one-line comment above each function:\n\n{CODE}",
-    "Turn this into a numbered list, keeping the wording: apples are red, bananas are yellow, "
-    "grapes are purple, lemons are yellow, limes are green, oranges are orange, plums are purple.",
+    f"Add a docstring to each function of this Python code and return the whole code:\n\n{CODE}",
+    f"Return this JSON unchanged except that \"city\" becomes \"Paris\":\n\n{JSON_DOC}",
+    f"Fix the typo in this code and return the full corrected code:\n\n{BUGGY}",
+    f"Copy the following notice exactly, word for word, then add one sentence summarising it:\n\n{PASSAGE}",
 ]
 
 
@@ -77,7 +82,7 @@ class ForcedDrafts(NgramProposer):
 def make_core(args, spec: dict | None) -> EngineCore:
     config = EngineConfig(model=args.model, device=args.device, max_model_len=args.max_model_len,
                           max_num_seqs=max(args.batch_sizes + [1]), kv_cache_memory_gb=args.kv_cache_gb,
-                          speculative_config=spec, enforce_eager=args.enforce_eager)
+                          speculative_config=spec, enforce_eager=args.enforce_eager, cpu_threads=args.cpu_threads)
     executor = make_executor(config)
     core = EngineCore(config, executor, tokenizer=load_engine_tokenizer(config, executor))
     return core
@@ -95,11 +100,11 @@ def close_core(core: EngineCore) -> None:
         pass
 
 
-def run_batch(core: EngineCore, prompts: list[list[int]], max_tokens: int) -> dict:
-    """Run prompts together to completion (greedy, exactly max_tokens each); per-request timings."""
+def run_batch(core: EngineCore, prompts: list[list[int]], max_tokens: int, ignore_eos: bool = True) -> dict:
+    """Run prompts together to completion (greedy; up to max_tokens, or exactly with ignore_eos)."""
     c0 = (core.counters.spec_decode_num_draft_tokens, core.counters.spec_decode_num_accepted_tokens,
           core.counters.spec_decode_num_drafts)
-    sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=ignore_eos)
     t0 = time.perf_counter()
     ids = []
     for i, p in enumerate(prompts):
@@ -155,7 +160,7 @@ def copy_workload(args) -> dict:
     for rep in range(args.repeats):
         for i, p in enumerate(prompts):
             for c, core in enumerate(cores):
-                r = run_batch(core, [p], args.max_tokens)  # single stream
+                r = run_batch(core, [p], args.max_tokens, ignore_eos=False)  # single stream, ends at EOS
                 per_prompt[c].append(r)
                 print(f"  [{rep}] prompt {i} {configs[c][0]:>10}: {r['output_tok_s']:6.1f} tok/s", flush=True)
     for core in cores:
@@ -235,7 +240,7 @@ def main() -> int:
     ap.add_argument("--model", default=None, help="default: the embedded SmolLM2 GGUF")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--ks", type=int, nargs="+", default=None, help="draft lengths (default 2 4; 2 4 8 with --verify-cost)")
-    ap.add_argument("--max-tokens", type=int, default=None, help="default 96 (copy), 64 (--verify-cost)")
+    ap.add_argument("--max-tokens", type=int, default=None, help="default 160 (copy), 64 (--verify-cost)")
     ap.add_argument("--num-prompts", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=1, help="rounds over the prompts (copy workload)")
     ap.add_argument("--lookup-max", type=int, default=4)
@@ -246,6 +251,7 @@ def main() -> int:
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--kv-cache-gb", type=float, default=None, help="default 0.25 on CPU, 8 on GPU")
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--cpu-threads", type=int, default=None, help="intra-op threads on CPU (default: all available)")
     ap.add_argument("--tokens-in-json", action="store_true", help="keep the generated token ids in the JSON")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -260,7 +266,7 @@ def main() -> int:
     if args.ks is None:
         args.ks = [2, 4, 8] if args.verify_cost else [2, 4]
     if args.max_tokens is None:
-        args.max_tokens = 64 if args.verify_cost else 96
+        args.max_tokens = 64 if args.verify_cost else 160
     if not args.verify_cost:
         args.batch_sizes = [1]
     result = verify_cost(args) if args.verify_cost else copy_workload(args)
