@@ -1,5 +1,5 @@
 """Speculative decoding on a GPU (skipped without CUDA): fp32 greedy tokens identical with speculation
-off (CUDA graphs + async), n-gram and a draft model (the target as its own draft, and a random draft),
+off (CUDA graphs + async), n-gram and a (random, tiny) draft model,
 sampled requests run; verification steps run eagerly next to graph-replayed decodes."""
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def test_greedy_identical_ngram_and_draft(tmp_path):
     ref, _ = _run(None, greedy)
     ngram, c = _run({"method": "ngram", "num_speculative_tokens": 4}, greedy)
     assert ngram == ref and c.spec_decode_num_draft_tokens > 0
-    # The same random weights (same seed) as its own draft: acceptance ~100 %.
+    # A tiny random draft: mostly rejections, still the target's greedy tokens.
     cfg = tmp_path / "tiny.json"
     d = json.load(open(SMOL))
     d.update(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
