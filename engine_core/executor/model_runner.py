@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from engine_core.executor.base import ExecutorError
 from engine_core.executor.cuda_graph import CudaGraphRunner
 from engine_core.executor.input_batch import InputBatch, StepInputs
 from engine_core.layers.attention_metadata import AttentionMetadata
@@ -169,6 +170,9 @@ class ModelRunner:
                 handle = _StepHandle(so.step_id, [], np.empty(0, np.int64), np.empty(0, np.int64),
                                      np.empty(0, np.int64), [], None, None, None, t0, materialized=True)
             else:
+                if so.scheduled_spec_decode_tokens and self.spec is None:
+                    raise ExecutorError(f"step {so.step_id} has draft tokens, but this executor runs "
+                                        "without --speculative-config")
                 handle = self._run_spec(so, t0) if self.spec is not None else self._run(so, t0)
                 if handle.sampled_device is not None:
                     self._unmaterialized.append(handle)
