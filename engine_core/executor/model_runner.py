@@ -34,9 +34,15 @@ from engine_core.sampling_metadata import SamplingMetadata
 from engine_core.sampling_params import GREEDY_EPS
 from engine_core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from engine_core.spec_decode.config import SpeculativeConfig
-from engine_core.spec_decode.draft_model_proposer import DraftModelProposer, DraftRequest
+from engine_core.spec_decode.draft_model_proposer import (
+    DraftModelProposer,
+    DraftRequest,
+)
 from engine_core.spec_decode.ngram_proposer import NgramProposer
-from engine_core.spec_decode.rejection_sampler import rejection_sample, target_distribution
+from engine_core.spec_decode.rejection_sampler import (
+    rejection_sample,
+    target_distribution,
+)
 from engine_core.structured_output.bitmask import BitmaskApplier
 
 

@@ -58,8 +58,8 @@ class SpeculativeConfig:
                 value = json.loads(value)
             except json.JSONDecodeError as e:
                 raise ValueError(f"speculative_config is not valid JSON ({e.msg} at char {e.pos})") from None
-        if not isinstance(value, dict):
-            raise ValueError(f"speculative_config must be a JSON object, got {type(value).__name__}")
+        if not isinstance(value, dict):  # a user's value, reported like every config error
+            raise ValueError(f"speculative_config must be a JSON object, got {type(value).__name__}")  # noqa: TRY004
         value = dict(value)
         if value.get("method") is None and value.get("model") in ("ngram", "[ngram]"):
             value["method"] = "ngram"  # vLLM's older spelling: {"model": "ngram", ...}

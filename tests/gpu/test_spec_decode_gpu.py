@@ -35,7 +35,8 @@ def test_greedy_identical_ngram_and_draft(tmp_path):
     assert ngram == ref and c.spec_decode_num_draft_tokens > 0
     # A tiny random draft: mostly rejections, still the target's greedy tokens.
     cfg = tmp_path / "tiny.json"
-    d = json.load(open(SMOL))
+    with open(SMOL) as f:
+        d = json.load(f)
     d.update(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
              num_key_value_heads=2)
     cfg.write_text(json.dumps(d))
@@ -46,5 +47,5 @@ def test_greedy_identical_ngram_and_draft(tmp_path):
 def test_sampled_requests_run():
     params = SamplingParams(temperature=0.9, top_p=0.9, top_k=40, repetition_penalty=1.1, max_tokens=32,
                             ignore_eos=True, seed=5)
-    out, c = _run({"method": "ngram", "num_speculative_tokens": 4}, params)
+    out, _ = _run({"method": "ngram", "num_speculative_tokens": 4}, params)
     assert all(len(t) == 32 for t in out)

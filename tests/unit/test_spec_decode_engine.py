@@ -94,10 +94,10 @@ def test_bad_config_fails_at_startup(spec, match):
 
 def test_draft_vocab_mismatch_fails_at_startup(tmp_path):
     spec_model = _tiny_draft_config(tmp_path)
-    path = spec_model.removeprefix("dummy:")
-    d = json.loads(open(path).read())
+    path = tmp_path / "tiny_draft.json"
+    d = json.loads(path.read_text())
     d["vocab_size"] = 32000
-    open(path, "w").write(json.dumps(d))
+    path.write_text(json.dumps(d))
     with pytest.raises(ValueError, match="vocabulary"):
         LLM(None, speculative_config={"method": "draft_model", "model": spec_model, "num_speculative_tokens": 2},
             **ENGINE)

@@ -78,7 +78,7 @@ def test_greedy_accepts_exactly_the_argmax():
 def test_seeded_requests_are_reproducible():
     probs, argmax = _target(2)
     probs, argmax = probs[:3 * 4], argmax[:3 * 4]
-    gens = lambda: [torch.Generator().manual_seed(s) for s in (7, 8, 9, 10)]  # noqa: E731
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (7, 8, 9, 10)]
     a = rejection_sample([[1, 0]] * 4, probs, argmax, [False] * 4, None, gens())
     b = rejection_sample([[1, 0]] * 4, probs, argmax, [False] * 4, None, gens())
     assert a == b
