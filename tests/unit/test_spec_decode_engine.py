@@ -101,3 +101,25 @@ def test_draft_vocab_mismatch_fails_at_startup(tmp_path):
     with pytest.raises(ValueError, match="vocabulary"):
         LLM(None, speculative_config={"method": "draft_model", "model": spec_model, "num_speculative_tokens": 2},
             **ENGINE)
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+def test_preemption_and_prefix_cache_under_speculation(gguf_path, method):
+    """A KV cache too small for every request at once: requests are preempted mid-speculation and
+    resumed from their tokens (prefix-cache hits on the shared prompt head); greedy output still
+    equals a run without speculation on the same small cache."""
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0] + " cherry, apple,"]
+    small = {"max_model_len": 128, "num_gpu_blocks_override": 10}  # 9 usable blocks of 16
+    greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    spec = {"method": "ngram", "num_speculative_tokens": 4} if method == "ngram" else \
+        {"method": "draft_model", "model": gguf_path, "num_speculative_tokens": 3}
+    out = {}
+    for name, cfg in (("off", None), ("spec", spec)):
+        llm = LLM(None, speculative_config=cfg, **small)
+        out[name] = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, greedy, use_tqdm=False)]
+        stats = llm.engine.core.stats()
+        if name == "spec":
+            assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0
+            assert llm.engine.core.counters.spec_decode_num_accepted_tokens > 0
+        assert stats.num_free_blocks == stats.num_kv_blocks  # everything freed at the end
+    assert out["spec"] == out["off"]
