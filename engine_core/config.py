@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field, fields
 
+from engine_core.spec_decode.config import SpeculativeConfig
+
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _DEVICES = ("auto", "cpu", "cuda")
 _QUANTIZATIONS = (None, "int8", "int4", "fp8")
@@ -67,6 +69,11 @@ class EngineConfig:
         "intra-op threads on CPU. Default: the cores this process may use (its affinity mask, capped "
         "by the cgroup cpu.max quota), not the host's core count")})
     max_logprobs: int = 20
+    speculative_config: str | dict | SpeculativeConfig | None = field(default=None, metadata={"help": (
+        "speculative decoding, vLLM's JSON: '{\"method\": \"ngram\", \"num_speculative_tokens\": 4, "
+        "\"prompt_lookup_max\": 4, \"prompt_lookup_min\": 1}' (prompt lookup) or '{\"method\": "
+        "\"draft_model\", \"model\": M, \"num_speculative_tokens\": 4}' (a small model with the same "
+        "vocabulary). Requests with logprobs or structured output are not speculated. Default: off")})
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -114,6 +121,9 @@ class EngineConfig:
             bad("scheduling_policy", f"must be one of {_SCHEDULING_POLICIES}")
         if not 0.0 <= self.request_timeout < float("inf"):  # also rejects NaN
             bad("request_timeout", "must be a finite number of seconds >= 0 (0: no timeout)")
+        self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
+        if self.speculative_config is not None and self.tensor_parallel_size > 1:
+            raise ValueError("speculative_config is not supported with tensor_parallel_size > 1")
 
     def resolve_admission_delay(self, executor_device: str) -> int:
         if self.max_admission_delay_steps is not None:

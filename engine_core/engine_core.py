@@ -9,7 +9,7 @@ import logging
 import math
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from engine_core.config import EngineConfig
@@ -40,6 +40,17 @@ class EngineCounters:
     spec_decode_num_draft_tokens: int = 0
     spec_decode_num_accepted_tokens: int = 0
     requests_timed_out: int = 0  # aborted at their deadline (also counted as finish reason "abort")
+    spec_decode_num_drafts: int = 0  # verifications (requests x steps with >= 1 draft token)
+    spec_decode_num_accepted_tokens_per_pos: list[int] = field(default_factory=list)
+
+    def observe_spec_decode(self, num_draft_tokens: int, num_accepted: int) -> None:
+        self.spec_decode_num_drafts += 1
+        self.spec_decode_num_draft_tokens += num_draft_tokens
+        self.spec_decode_num_accepted_tokens += num_accepted
+        per_pos = self.spec_decode_num_accepted_tokens_per_pos
+        per_pos.extend([0] * (num_draft_tokens - len(per_pos)))
+        for j in range(num_accepted):
+            per_pos[j] += 1
 
 
 class EngineCore:
@@ -64,7 +75,13 @@ class EngineCore:
             max_admission_delay_steps=config.resolve_admission_delay(self.info.device),
             long_prefill_token_threshold=config.long_prefill_token_threshold or 0,
             scheduling_policy=config.scheduling_policy,
+            num_lookahead_slots=self.info.num_speculative_tokens and self.info.num_lookahead_slots,
         )
+        spec = config.speculative_config
+        if spec is not None and spec.num_speculative_tokens != self.info.num_speculative_tokens:
+            raise ValueError(f"speculative_config asks for {spec.num_speculative_tokens} speculative tokens, the "
+                             f"executor is configured for {self.info.num_speculative_tokens}: give the executor "
+                             "the same --speculative-config")
         self.counters = EngineCounters()
         self._pending: list[RequestOutputDelta] = []  # produced outside step() (aborts)
         self._consecutive_failures = 0
@@ -73,6 +90,10 @@ class EngineCore:
         # executor can overlap: 2 in-process, 3 over gRPC).
         self._in_flight: deque[tuple[SchedulerOutput, float]] = deque()
         self.max_in_flight = executor.max_concurrent_batches if config.async_scheduling else 1
+        if self.info.num_speculative_tokens:
+            # Speculative decoding runs one step at a time: a step's drafts and its rollback need
+            # the previous step's accepted tokens (docs/speculative_decoding.md).
+            self.max_in_flight = 1
         # Structured output needs the tokenizer's vocabulary; built on first use.
         self.tokenizer = tokenizer
         self._grammar_compiler: GrammarCompiler | None = None
@@ -242,6 +263,11 @@ class EngineCore:
             self._provide_deferred_bitmasks()
             return deltas  # only told the executor to drop finished requests
         self.counters.num_steps += 1
+        if so.scheduled_spec_decode_tokens:
+            for rid, toks in zip(result.req_ids, result.sampled_token_ids):
+                drafts = so.scheduled_spec_decode_tokens.get(rid)
+                if drafts and toks:
+                    self.counters.observe_spec_decode(len(drafts), min(len(toks) - 1, len(drafts)))
         new = self.scheduler.update_from_output(so, result)
         for d in new:
             self.counters.generation_tokens += len(d.new_token_ids)

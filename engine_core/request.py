@@ -65,6 +65,8 @@ class Request:
     trace_context: dict[str, str] | None = None
     # Structured output: the grammar matcher, advanced with every kept output token (None: free).
     grammar: RequestGrammar | None = None
+    # Speculative decoding: draft tokens the executor proposed for the next step (None: none).
+    spec_token_ids: list[int] | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -84,6 +84,7 @@ class Scheduler:
         max_admission_delay_steps: int = 0,
         long_prefill_token_threshold: int = 0,
         scheduling_policy: SchedulingPolicy | str = SchedulingPolicy.FCFS,
+        num_lookahead_slots: int = 0,
     ) -> None:
         self.block_size = block_size
         self.max_model_len = max_model_len
@@ -112,6 +113,9 @@ class Scheduler:
         # Largest prefill chunk while other requests share the engine (0: no cap): a long prompt
         # then leaves room in every step for the others' decodes and for a newcomer's prefill.
         self.long_prefill_token_threshold = long_prefill_token_threshold
+        # Speculative decoding with a draft model: KV slots its k passes write past the verified
+        # positions (SpeculativeConfig.num_lookahead_slots), allocated when there is room.
+        self.num_lookahead_slots = num_lookahead_slots
 
     # ------------------------------------------------------------------ requests in / out
     def add_request(self, request: Request) -> None:
@@ -191,6 +195,7 @@ class Scheduler:
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
         req.num_output_placeholders = 0  # in-flight samples are dropped; recomputed on resumption
+        req.spec_token_ids = None  # drafts are proposed again once it runs
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(req)
@@ -214,8 +219,10 @@ class Scheduler:
             if num_new <= 0 or self._done_when_in_flight_returns(req):
                 i += 1
                 continue
+            drafts = self._drafts_to_verify(req, num_new, budget)
+            num_new += len(drafts)
             while True:
-                new_blocks = self.block_manager.allocate_slots(req, num_new)
+                new_blocks = self._allocate_with_lookahead(req, num_new)
                 if new_blocks is not None:
                     break
                 victim = self.running.pop()  # lowest priority: the latest admitted
@@ -227,6 +234,8 @@ class Scheduler:
                 break  # req itself was preempted; everything after it already was too
             out.scheduled_cached_reqs.append(
                 CachedRequestData(req.request_id, new_blocks, req.num_computed_tokens))
+            if drafts:
+                out.scheduled_spec_decode_tokens[req.request_id] = drafts
             scheduled.append((req, num_new))
             budget -= num_new
             i += 1
@@ -282,7 +291,8 @@ class Scheduler:
         for req, num_new in scheduled:
             out.num_scheduled_tokens[req.request_id] = num_new
             req.num_computed_tokens += num_new
-            if req.num_computed_tokens == req.num_tokens + req.num_output_placeholders:
+            num_drafts = len(out.scheduled_spec_decode_tokens.get(req.request_id, ()))
+            if req.num_computed_tokens == req.num_tokens + req.num_output_placeholders + num_drafts:
                 req.num_output_placeholders += 1  # this step samples the next token
                 if req.grammar is not None:
                     out.grammar_req_ids.append(req.request_id)  # bitmask: EngineCore, when its token is known
@@ -319,6 +329,30 @@ class Scheduler:
                 break
         self._preempt(victim)
         return freed
+
+    def _drafts_to_verify(self, req: Request, num_new: int, budget: int) -> list[int]:
+        """The request's proposed drafts to verify this step (and consume): only for a plain decode
+        (not a prefill chunk, nothing in flight), capped so that accepted drafts + the bonus token
+        never pass max_tokens or max_model_len, and by the step's token budget."""
+        drafts, req.spec_token_ids = req.spec_token_ids, None
+        if (not drafts or num_new != 1 or req.num_output_placeholders
+                or req.num_computed_tokens + 1 != req.num_tokens):
+            return []
+        k = min(len(drafts), budget - 1, self.max_model_len - req.num_tokens - 1)
+        mt = req.sampling_params.max_tokens
+        if mt is not None:
+            k = min(k, mt - len(req.output_token_ids) - 1)
+        return drafts[:k] if k > 0 else []
+
+    def _allocate_with_lookahead(self, req: Request, num_new: int) -> list[int] | None:
+        """allocate_slots, plus the draft model's lookahead slots when a step samples and they fit
+        (never a reason to preempt: without them the proposer just drafts fewer tokens)."""
+        la = min(self.num_lookahead_slots, self.max_model_len - req.num_computed_tokens - num_new)
+        if la > 0:
+            blocks = self.block_manager.allocate_slots(req, num_new + la)
+            if blocks is not None:
+                return blocks
+        return self.block_manager.allocate_slots(req, num_new)
 
     def _cap_prefill_chunk(self, num_new: int, shared: bool) -> int:
         t = self.long_prefill_token_threshold
@@ -375,8 +409,14 @@ class Scheduler:
         grammar_ok = accept_first_tokens([(req.grammar, toks[0]) for req, toks, _ in live
                                           if req.grammar is not None]) if self._grammar_req_ids else []
         g = 0
+        drafts_of = so.scheduled_spec_decode_tokens
+        spec_of = dict(zip(result.req_ids, result.spec_token_ids)) if result.spec_token_ids else {}
         for req, token_ids, logprobs in live:
             req.num_output_placeholders = max(0, req.num_output_placeholders - 1)
+            if drafts_of and req.request_id in drafts_of:
+                # Rejected drafts' positions were computed for nothing: roll back (their KV slots
+                # are overwritten later; blocks stay with the request).
+                req.num_computed_tokens -= len(drafts_of[req.request_id]) - (len(token_ids) - 1)
             if req.first_token_time is None:
                 req.first_token_time = now
             accepted: list[int] = []
@@ -395,6 +435,8 @@ class Scheduler:
             if status is not None:
                 self.running.remove(req)
                 self._finish(req, status)
+            else:
+                req.spec_token_ids = spec_of.get(req.request_id) or None
             deltas.append(self._delta(req, accepted, lps))
         return deltas
 

@@ -88,6 +88,9 @@ class ModelRunnerOutput:
     sampled_token_ids: list[list[int]] = field(default_factory=list)
     logprobs: list[list[TokenLogprobs] | None] = field(default_factory=list)
     execute_time_s: float = 0.0
+    # Speculative decoding: per request (same order as req_ids), the draft tokens the executor
+    # proposes for its next step (the scheduler schedules them, capped); empty: speculation off.
+    spec_token_ids: list[list[int]] = field(default_factory=list)
 
     def by_request(self) -> dict[str, tuple[list[int], list[TokenLogprobs] | None]]:
         return {r: (t, lp) for r, t, lp in zip(self.req_ids, self.sampled_token_ids, self.logprobs)}

@@ -348,7 +348,13 @@ def model_runner_output_to_proto(out: ModelRunnerOutput) -> executor_pb2.StepRes
             m.logprobs.SetInParent()
             m.logprobs.entries.extend([token_logprobs_to_proto(x) for x in lp])
         outputs.append(m)
-    return executor_pb2.StepResult(step_id=out.step_id, outputs=outputs, execute_time_s=out.execute_time_s)
+    msg = executor_pb2.StepResult(step_id=out.step_id, outputs=outputs, execute_time_s=out.execute_time_s)
+    if out.spec_token_ids:
+        if len(out.spec_token_ids) != n:
+            raise ValueError(f"ModelRunnerOutput step {out.step_id}: {n} req_ids, {len(out.spec_token_ids)} "
+                             "spec_token_ids")
+        msg.spec_token_ids.extend([executor_pb2.SpecTokens(token_ids=d) for d in out.spec_token_ids])
+    return msg
 
 
 def model_runner_output_from_proto(msg: executor_pb2.StepResult) -> ModelRunnerOutput:
@@ -360,8 +366,11 @@ def model_runner_output_from_proto(msg: executor_pb2.StepResult) -> ModelRunnerO
             logprobs.append([token_logprobs_from_proto(x) for x in o.logprobs.entries])
         else:
             logprobs.append(None)
+    if msg.spec_token_ids and len(msg.spec_token_ids) != len(req_ids):
+        raise ValueError(f"StepResult {msg.step_id}: {len(req_ids)} outputs, {len(msg.spec_token_ids)} spec_token_ids")
     return ModelRunnerOutput(step_id=msg.step_id, req_ids=req_ids, sampled_token_ids=sampled,
-                             logprobs=logprobs, execute_time_s=msg.execute_time_s)
+                             logprobs=logprobs, execute_time_s=msg.execute_time_s,
+                             spec_token_ids=[list(d.token_ids) for d in msg.spec_token_ids])
 
 
 # ---------------------------------------------------------------------------- ExecutorInfo

@@ -579,6 +579,12 @@ class Stack:
 def _cmd_serve(args: argparse.Namespace) -> int:
     if args.model_flag:
         args.model = args.model_flag
+    from engine_core.spec_decode.config import SpeculativeConfig
+    try:  # a bad --speculative-config fails here, not in every child
+        SpeculativeConfig.parse(getattr(args, "speculative_config", None))
+    except ValueError as e:
+        print(f"pagedserve serve: {e}", file=sys.stderr)
+        return 2
     try:
         stack = Stack(args)
     except SystemExit as e:

@@ -135,6 +135,18 @@ class _SchedulerCollector(Collector):
             yield counter("spec_decode_num_accepted_tokens", "Speculative draft tokens accepted.", accepted)
             yield gauge("spec_decode_draft_acceptance_rate", "Accepted / proposed draft tokens (cumulative).",
                         accepted / drafts)
+            num_drafts = getattr(counters, "spec_decode_num_drafts", 0)
+            yield counter("spec_decode_num_drafts", "Draft verifications (requests x steps with drafts).", num_drafts)
+            if num_drafts:
+                yield gauge("spec_decode_mean_acceptance_length",
+                            "Tokens emitted per verification: 1 + accepted drafts (cumulative mean).",
+                            1 + accepted / num_drafts)
+            per_pos = CounterMetricFamily(PREFIX + "spec_decode_num_accepted_tokens_per_pos",
+                                          "Accepted draft tokens by position in the draft.",
+                                          labels=["model_name", "position"])
+            for pos, n in enumerate(getattr(counters, "spec_decode_num_accepted_tokens_per_pos", [])):
+                per_pos.add_metric([model, str(pos)], float(n))
+            yield per_pos
 
 
 class SchedulerMetrics:

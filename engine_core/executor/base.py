@@ -30,6 +30,9 @@ class ExecutorInfo:
     head_dim: int
     kv_cache_bytes: int
     eos_token_ids: list[int] = field(default_factory=list)
+    # Speculative decoding as configured in the executor (0: off); the scheduler follows it.
+    num_speculative_tokens: int = 0
+    num_lookahead_slots: int = 0  # KV slots past the verified positions the proposer writes
 
 
 class ExecutorError(RuntimeError):

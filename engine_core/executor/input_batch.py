@@ -40,6 +40,9 @@ class StepInputs:
     pending_flat: np.ndarray  # [P] int64 flat token indices whose input id is still on the device
     pending_src: np.ndarray  # [P] int64 index into the previous step's sampled-token tensor
     num_pending: np.ndarray  # [S] int64 pending (not yet host-known) output tokens per sampling request
+    # [S] int64 speculative draft tokens each sampling request verifies (its last num_spec + 1 rows
+    # all get logits); None when the step has none.
+    num_spec: np.ndarray | None = None
 
 
 def _grow(a: np.ndarray, rows: int | None = None, cols: int | None = None, fill: int = 0) -> np.ndarray:
@@ -186,6 +189,10 @@ class InputBatch:
         else:
             ahead = np.zeros(len(rows), dtype=bool)
             limit = known
+        spec = self._write_drafts(so.scheduled_spec_decode_tokens, req_ids, rows, known, end) \
+            if so.scheduled_spec_decode_tokens else None
+        if spec is not None:
+            limit = limit + spec  # drafts are scheduled positions whose ids the step itself brings
         bad = np.flatnonzero(end > limit)
         if bad.size:
             i = int(bad[0])
@@ -203,7 +210,7 @@ class InputBatch:
         np.cumsum(q, out=qsl[1:])
         tok_row = np.repeat(rows, q)
         positions = np.arange(T, dtype=np.int64) - np.repeat(qsl[:-1] - start, q)
-        is_pending = positions >= np.repeat(known, q)
+        is_pending = positions >= np.repeat(known if spec is None else known + spec, q)
         input_ids = self.token_ids[tok_row, np.minimum(positions, self.token_ids.shape[1] - 1)]
         pending_flat = np.flatnonzero(is_pending)
         if pending_flat.size:
@@ -228,4 +235,34 @@ class InputBatch:
             block_tables=block_tables.astype(np.int32, copy=False), num_decodes=num_decodes,
             sample_idx=sample_idx, logits_rows=qsl[1:][sample_idx] - 1, pending_flat=pending_flat,
             pending_src=pending_src, num_pending=ahead[sample_idx].astype(np.int64),
+            num_spec=None if spec is None else spec[sample_idx],
         )
+
+    def _write_drafts(self, spec: dict[str, list[int]], req_ids: list[str], rows: np.ndarray,
+                      known: np.ndarray, end: np.ndarray) -> np.ndarray:
+        """Put each request's draft tokens right after its known tokens (num_tokens is not advanced:
+        only the accepted ones become the request's tokens, see append_tokens). Drafts must be the
+        step's last scheduled positions, so a verifying request always samples."""
+        n = np.zeros(len(rows), dtype=np.int64)
+        for i, rid in enumerate(req_ids):
+            d = spec.get(rid)
+            if not d:
+                continue
+            row, k = int(rows[i]), len(d)
+            if int(end[i]) != int(known[i]) + k:
+                raise ExecutorError(f"request {rid!r}: {k} draft tokens must be the last scheduled positions "
+                                    f"({int(known[i])} known tokens, computing up to {int(end[i])})")
+            self._ensure_width(int(known[i]) + k + 1)
+            self.token_ids[row, int(known[i]): int(known[i]) + k] = d
+            n[i] = k
+        return n
+
+    def append_tokens(self, row: int, tokens: list[int], num_rejected: int) -> None:
+        """A verifying step's result: the accepted drafts + one sampled token become the row's
+        tokens, and the rejected drafts' positions count as not computed (their KV slots are
+        overwritten by later steps)."""
+        n = int(self.num_tokens[row])
+        self._ensure_width(n + len(tokens) + 1)
+        self.token_ids[row, n: n + len(tokens)] = tokens
+        self.num_tokens[row] = n + len(tokens)
+        self.num_computed[row] -= num_rejected

@@ -19,6 +19,7 @@ from engine_core.layers.quantization import model_resident_bytes
 from engine_core.loader import load_model
 from engine_core.loader.load import resolve_device, resolve_dtype, resolve_kv_cache_dtype
 from engine_core.loader.model_source import resolve_model
+from engine_core.model_config import ModelConfig
 from engine_core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class LocalExecutor(Executor):
                                 quantization=config.quantization)
         self.weight_bytes = model_resident_bytes(self.model)
         self.model.eval()
+        self.draft_model, self.draft_config = self._load_draft_model(mc)
         self.num_blocks = self.tp.min_int(self._num_kv_blocks())  # every rank: the same block count
         capacity = (self.num_blocks - 1) * config.block_size
         if capacity < config.max_model_len:
@@ -73,7 +75,8 @@ class LocalExecutor(Executor):
                                   block_size=config.block_size, num_blocks=self.num_blocks, seed=config.seed,
                                   cuda_graphs=not config.enforce_eager, max_num_seqs=config.max_num_seqs,
                                   max_model_len=config.max_model_len, num_kv_heads=self.num_kv_heads,
-                                  kv_dtype=self.kv_dtype)
+                                  kv_dtype=self.kv_dtype, speculative_config=config.speculative_config,
+                                  draft_model=self.draft_model, draft_model_config=self.draft_config)
         if self.tp.is_driver:
             logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB%s); max concurrency at "
                         "max_model_len=%d: %.1fx", self.num_blocks, config.block_size, capacity,
@@ -85,9 +88,33 @@ class LocalExecutor(Executor):
                         f", {config.quantization}" if config.quantization else "",
                         self.num_blocks * self._block_bytes() / 2**20, config.max_num_batched_tokens)
 
+    def _load_draft_model(self, target: ModelConfig):
+        """The draft model of speculative_config (method draft_model): same vocabulary as the target
+        (its tokens are verified by id), loaded next to the target, KV cache alongside (ModelRunner)."""
+        spec = self.config.speculative_config
+        if spec is None or spec.method != "draft_model":
+            return None, None
+        source = resolve_model(spec.model)
+        dc = source.config
+        if dc.vocab_size != target.vocab_size:
+            raise ValueError(f"speculative_config.model {spec.model!r} has vocab_size {dc.vocab_size}, the target "
+                             f"{target.vocab_size}: a draft model must share the target's vocabulary")
+        if dc.max_model_len_limit < self.config.max_model_len:
+            raise ValueError(f"speculative_config.model {spec.model!r} has a context of {dc.max_model_len_limit} "
+                             f"tokens, less than max_model_len={self.config.max_model_len}")
+        model = load_model(source, dtype=self.dtype, device=self.device, tp=self.tp,
+                           quantization=self.config.quantization)
+        self.weight_bytes += model_resident_bytes(model)
+        logger.info("speculative decoding: draft model %s (%d layers), k=%d", source.name,
+                    dc.num_hidden_layers, spec.num_speculative_tokens)
+        return model.eval(), dc
+
     def _block_bytes(self) -> int:
-        return ModelRunner.kv_bytes_per_block(self.source.config, self.config.block_size, self.kv_dtype,
-                                              self.num_kv_heads)
+        per_block = ModelRunner.kv_bytes_per_block(self.source.config, self.config.block_size, self.kv_dtype,
+                                                   self.num_kv_heads)
+        if self.draft_config is not None:  # the draft's KV cache has the same blocks
+            per_block += ModelRunner.kv_bytes_per_block(self.draft_config, self.config.block_size, self.kv_dtype)
+        return per_block
 
     def _num_kv_blocks(self) -> int:
         cfg = self.config
@@ -127,6 +154,8 @@ class LocalExecutor(Executor):
             head_dim=mc.head_dim,
             kv_cache_bytes=self.num_blocks * self._block_bytes(),
             eos_token_ids=list(mc.eos_token_ids),
+            num_speculative_tokens=spec.num_speculative_tokens if (spec := self.config.speculative_config) else 0,
+            num_lookahead_slots=spec.num_lookahead_slots if spec else 0,
         )
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:

@@ -14,6 +14,7 @@ serialises their host-state updates, never a device wait.
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections import deque
@@ -23,13 +24,25 @@ import numpy as np
 import torch
 from torch import nn
 
+from engine_core.executor.base import ExecutorError
 from engine_core.executor.cuda_graph import CudaGraphRunner
 from engine_core.executor.input_batch import InputBatch, StepInputs
 from engine_core.layers.attention_metadata import AttentionMetadata
 from engine_core.layers.sampler import Sampler, SamplerOutput, make_generator
 from engine_core.model_config import ModelConfig
 from engine_core.sampling_metadata import SamplingMetadata
+from engine_core.sampling_params import GREEDY_EPS
 from engine_core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from engine_core.spec_decode.config import SpeculativeConfig
+from engine_core.spec_decode.draft_model_proposer import (
+    DraftModelProposer,
+    DraftRequest,
+)
+from engine_core.spec_decode.ngram_proposer import NgramProposer
+from engine_core.spec_decode.rejection_sampler import (
+    rejection_sample,
+    target_distribution,
+)
 from engine_core.structured_output.bitmask import BitmaskApplier
 
 
@@ -62,6 +75,11 @@ class _StepHandle:
     # Forward pass done, sampling waits for the grammar bitmasks (SchedulerOutput.bitmasks_deferred).
     awaiting_bitmasks: tuple | None = None
     sampled: threading.Event = field(default_factory=threading.Event)  # set once a deferred step sampled
+    # Speculative decoding (synchronous steps): per sampling request its emitted tokens, their
+    # logprobs and the drafts proposed for the next step.
+    token_lists: list[list[int]] | None = None
+    logprob_lists: list[list | None] | None = None
+    draft_lists: list[list[int]] | None = None
 
     def wait(self) -> None:
         if self.event is not None:
@@ -80,7 +98,9 @@ class ModelRunner:
     def __init__(self, model: nn.Module, model_config: ModelConfig, *, device: torch.device,
                  dtype: torch.dtype, block_size: int, num_blocks: int, seed: int = 0,
                  cuda_graphs: bool = False, max_num_seqs: int = 256, max_model_len: int = 8192,
-                 num_kv_heads: int | None = None, kv_dtype: torch.dtype | None = None) -> None:
+                 num_kv_heads: int | None = None, kv_dtype: torch.dtype | None = None,
+                 speculative_config: SpeculativeConfig | None = None,
+                 draft_model: nn.Module | None = None, draft_model_config: ModelConfig | None = None) -> None:
         self.model = model
         self.model_config = model_config
         self.device = device
@@ -119,6 +139,22 @@ class ModelRunner:
         # are unchanged and nothing in it depends on the output so far (no penalties / seeds / min_tokens).
         self._md_cache: tuple[tuple[bytes, bytes], SamplingMetadata] | None = None
         self.stats = RunnerStats()
+        # Speculative decoding: steps run synchronously (EngineCore keeps one in flight), the
+        # proposer drafts on the host's tokens after each step. Draft distributions of the drafts
+        # handed out last step, per request (draft model, sampled requests only).
+        self.spec = speculative_config
+        self.ngram: NgramProposer | None = None
+        self.drafter: DraftModelProposer | None = None
+        self._draft_q: dict[str, tuple[list[int], torch.Tensor]] = {}
+        if self.spec is not None and self.spec.method == "ngram":
+            self.ngram = NgramProposer(self.spec.num_speculative_tokens, self.spec.prompt_lookup_min,
+                                       self.spec.prompt_lookup_max)
+        elif self.spec is not None:
+            dc = draft_model_config
+            draft_kv = [torch.zeros(2, num_blocks, block_size, dc.num_key_value_heads, dc.head_dim,
+                                    dtype=kv_dtype or dtype, device=device) for _ in range(dc.num_hidden_layers)]
+            self.drafter = DraftModelProposer(draft_model, draft_kv, block_size, self.spec.num_speculative_tokens,
+                                              device, self.generator)
 
     @staticmethod
     def kv_bytes_per_block(mc: ModelConfig, block_size: int, dtype: torch.dtype, num_kv_heads: int | None = None) -> int:
@@ -142,7 +178,10 @@ class ModelRunner:
                 handle = _StepHandle(so.step_id, [], np.empty(0, np.int64), np.empty(0, np.int64),
                                      np.empty(0, np.int64), [], None, None, None, t0, materialized=True)
             else:
-                handle = self._run(so, t0)
+                if so.scheduled_spec_decode_tokens and self.spec is None:
+                    raise ExecutorError(f"step {so.step_id} has draft tokens, but this executor runs "
+                                        "without --speculative-config")
+                handle = self._run_spec(so, t0) if self.spec is not None else self._run(so, t0)
                 if handle.sampled_device is not None:
                     self._unmaterialized.append(handle)
                 elif handle.awaiting_bitmasks is not None:
@@ -201,12 +240,14 @@ class ModelRunner:
         with self._lock:
             self.batch = InputBatch(self.block_size, self.batch.max_model_len, initial_rows=len(self.batch.params))
             self._md_cache = None
+            self._draft_q.clear()
 
     # ------------------------------------------------------------------ state from deltas
     def _apply_deltas(self, so: SchedulerOutput) -> None:
         b = self.batch
         for rid in so.finished_req_ids:
             b.remove(rid)
+            self._draft_q.pop(rid, None)
         for src, dst in so.block_copies:
             for kv in self.kv_caches:
                 raw = kv.view(torch.uint8) if kv.element_size() == 1 else kv  # CPU fp8 has no indexing kernels
@@ -342,6 +383,126 @@ class ModelRunner:
         self._md_cache = (key, md) if stateless else None
         return md
 
+    # ------------------------------------------------------------------ speculative decoding
+    def _run_spec(self, so: SchedulerOutput, t0: float) -> _StepHandle:
+        """A step with speculative decoding on, run to the end here (the host needs the accepted
+        tokens to roll back rejected positions and to draft the next step). Requests that verify
+        drafts go through the rejection sampler; the others (no draft this step, logprobs,
+        structured output) through the normal sampler, exactly as without speculation."""
+        inputs = self.batch.prepare(so, None, None)
+        ids, pos, md_attn, logits_rows = self._prepare_inputs(inputs, None)
+        hidden = self._forward(ids, pos, md_attn)
+        if self.drafter is not None:
+            self.drafter.mirror(ids, pos, md_attn)
+        b = self.batch
+        rows = inputs.rows[inputs.sample_idx]
+        num_lp = [b.params[r].logprobs for r in rows.tolist()]
+        handle = _StepHandle(so.step_id, inputs.req_ids, inputs.sample_idx, rows, b.generation[rows].copy(),
+                             num_lp, None, None, None, t0)
+        S = len(rows)
+        if not S:
+            return handle
+        nspec = inputs.num_spec if inputs.num_spec is not None else np.zeros(S, dtype=np.int64)
+        tokens: list[list[int]] = [[] for _ in range(S)]
+        logprobs: list[list | None] = [None] * S
+        plain = np.flatnonzero(nspec == 0)
+        if plain.size:
+            lr = logits_rows.index_select(0, torch.from_numpy(plain).to(self.device))
+            logits = self.model.compute_logits(hidden.index_select(0, lr))
+            x = dataclasses.replace(inputs, num_pending=np.zeros(plain.size, dtype=np.int64))
+            md = self._sampling_metadata(x, rows[plain], ids, lr)
+            if so.grammar_bitmasks:
+                masked = [(i, so.grammar_bitmasks[inputs.req_ids[inputs.sample_idx[s]]])
+                          for i, s in enumerate(plain.tolist()) if inputs.req_ids[inputs.sample_idx[s]] in so.grammar_bitmasks]
+                if masked:
+                    self._bitmasks.apply(logits, np.stack([m for _, m in masked]), [i for i, _ in masked])
+            res = self.sampler(logits, md).cpu()
+            lps = res.to_token_logprobs([num_lp[s] for s in plain.tolist()])
+            for i, (s, tok) in enumerate(zip(plain.tolist(), res.sampled_token_ids.tolist())):
+                tokens[s] = [tok]
+                logprobs[s] = None if lps[i] is None else [lps[i]]
+        verify = np.flatnonzero(nspec > 0)
+        if verify.size:
+            for s, toks in zip(verify.tolist(), self._verify(inputs, hidden, rows[verify], nspec[verify],
+                                                             verify)):
+                tokens[s] = toks
+        for s in range(S):
+            b.append_tokens(int(rows[s]), tokens[s], int(nspec[s]) - (len(tokens[s]) - 1))
+        handle.tokens = [t[-1] for t in tokens]
+        handle.token_lists, handle.logprob_lists = tokens, logprobs
+        handle.draft_lists = self._propose([inputs.req_ids[i] for i in inputs.sample_idx.tolist()], rows)
+        return handle
+
+    def _verify(self, x: StepInputs, hidden: torch.Tensor, rows: np.ndarray, nspec: np.ndarray,
+                sample_pos: np.ndarray) -> list[list[int]]:
+        """Target distributions at each verifying request's k+1 positions (the sampling params
+        apply per position, penalties counting the earlier drafts as output), then rejection sampling."""
+        b = self.batch
+        last = x.logits_rows[sample_pos]
+        flat = np.concatenate([np.arange(e - k, e + 1) for e, k in zip(last.tolist(), nspec.tolist())])
+        logits = self.model.compute_logits(hidden.index_select(0, torch.from_numpy(flat).to(self.device)))
+        params, outs, prompts, num_out, drafts, greedy, gens, qs = [], [], [], [], [], [], [], []
+        req_ids = [x.req_ids[x.sample_idx[s]] for s in sample_pos.tolist()]
+        for rid, row, k in zip(req_ids, rows.tolist(), nspec.tolist()):
+            p = b.params[row]
+            out = b.output_token_ids(row)
+            n = int(b.num_tokens[row])
+            d = b.token_ids[row, n: n + k].tolist()
+            drafts.append(d)
+            greedy.append(p.temperature < GREEDY_EPS)
+            gens.append(None if p.seed is None else make_generator(p.seed, len(out), self.device))
+            stored = self._draft_q.pop(rid, None)
+            qs.append(stored[1] if stored is not None and stored[0][:k] == d else None)
+            for j in range(k + 1):
+                params.append(p)
+                outs.append(np.concatenate([out, np.asarray(d[:j], dtype=out.dtype)]) if j else out)
+                prompts.append(b.prompt_token_ids(row))
+                num_out.append(len(out) + j)
+        md = SamplingMetadata.build(params=params, output_token_ids=outs, prompt_token_ids=prompts,
+                                    generators=[None] * len(params), vocab_size=self.vocab_size,
+                                    device=self.device, eos_token_ids=self.eos_token_ids,
+                                    default_generator=self.generator, num_output_tokens=num_out)
+        probs, argmax = target_distribution(logits, md)
+        return rejection_sample(drafts, probs, argmax, greedy, qs if self.drafter is not None else None,
+                                gens, self.generator)
+
+    def _propose(self, req_ids: list[str], rows: np.ndarray) -> list[list[int]]:
+        """Drafts for each sampling request's next step: none for logprobs / structured-output
+        requests (documented), at most k, and never more than max_tokens / max_model_len leave
+        room for (the scheduler caps again with what it knows: budget, stop)."""
+        b, k = self.batch, self.spec.num_speculative_tokens
+        drafts: list[list[int]] = [[] for _ in rows]
+        todo: list[tuple[int, str, int, int]] = []
+        for s, (rid, row) in enumerate(zip(req_ids, rows.tolist())):
+            p = b.params[row]
+            if p is None or p.logprobs is not None or p.structured_outputs is not None:
+                continue
+            n = int(b.num_tokens[row])
+            n_out = n - int(b.prompt_len[row])
+            cap = min(k, self.batch.max_model_len - n - 1)
+            if p.max_tokens is not None:
+                cap = min(cap, p.max_tokens - n_out - 1)
+            if self.drafter is not None:  # the draft passes write KV at positions n-1 .. n-2+cap
+                cap = min(cap, int(b.num_blocks[row]) * self.block_size - (n - 1))
+            if cap > 0:
+                todo.append((s, rid, row, cap))
+        if self.ngram is not None:
+            for s, _, row, cap in todo:
+                drafts[s] = self.ngram.propose(b.token_ids[row, : int(b.num_tokens[row])], cap)
+        elif todo:
+            reqs = [DraftRequest(last_token=int(b.token_ids[row, int(b.num_tokens[row]) - 1]),
+                                 position=int(b.num_tokens[row]) - 1,
+                                 block_table=b.block_table[row, : int(b.num_blocks[row])],
+                                 num_drafts=cap, params=b.params[row],
+                                 num_output_tokens=int(b.num_tokens[row] - b.prompt_len[row]))
+                    for _, _, row, cap in todo]
+            out, qs = self.drafter.propose(reqs)
+            for (s, rid, _, _), d, q in zip(todo, out, qs):
+                drafts[s] = d
+                if q is not None:
+                    self._draft_q[rid] = (d, q)
+        return drafts
+
     # ------------------------------------------------------------------ results
     def _materialize(self, handle: _StepHandle) -> None:
         """Put a finished step's sampled ids into the input batch (host)."""
@@ -357,7 +518,13 @@ class ModelRunner:
         n = len(handle.req_ids)
         out.sampled_token_ids = [[] for _ in range(n)]
         out.logprobs = [None] * n
-        if handle.host is not None:
+        if handle.token_lists is not None:
+            out.spec_token_ids = [[] for _ in range(n)]
+            for s, i in enumerate(handle.sample_idx.tolist()):
+                out.sampled_token_ids[i] = handle.token_lists[s]
+                out.logprobs[i] = handle.logprob_lists[s]
+                out.spec_token_ids[i] = handle.draft_lists[s]
+        elif handle.host is not None:
             lps = handle.host.to_token_logprobs(handle.num_logprobs)
             for i, tok, lp in zip(handle.sample_idx.tolist(), handle.tokens, lps):
                 out.sampled_token_ids[i] = [tok]

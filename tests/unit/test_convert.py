@@ -260,3 +260,13 @@ def _names(dc) -> set[str]:
 def test_every_dataclass_field_has_a_proto_field(dc, msg, extra):
     """A field added to an engine dataclass must be added to the proto (and services/convert.py)."""
     assert set(msg.DESCRIPTOR.fields_by_name) == _names(dc) | extra
+
+
+def test_spec_decode_fields_round_trip():
+    """Speculative decoding: per-request drafts in StepResult, k and lookahead in ExecutorInfo."""
+    out = ModelRunnerOutput(step_id=3, req_ids=["a", "b"], sampled_token_ids=[[1, 2, 3], [4]],
+                            logprobs=[None, None], spec_token_ids=[[5, 6], []])
+    back = convert.model_runner_output_from_proto(convert.model_runner_output_to_proto(out))
+    assert back.spec_token_ids == [[5, 6], []] and back.sampled_token_ids == [[1, 2, 3], [4]]
+    plain = ModelRunnerOutput(step_id=3, req_ids=["a"], sampled_token_ids=[[1]], logprobs=[None])
+    assert convert.model_runner_output_from_proto(convert.model_runner_output_to_proto(plain)).spec_token_ids == []

@@ -115,6 +115,14 @@ def test_scheduler_collector_names():
     counters.spec_decode_num_draft_tokens, counters.spec_decode_num_accepted_tokens = 10, 7
     samples = {s.name: s for f in text_string_to_metric_families(generate_latest(reg).decode()) for s in f.samples}
     assert samples["pagedserve:spec_decode_draft_acceptance_rate"].value == 0.7
+    counters.spec_decode_num_drafts, counters.spec_decode_num_accepted_tokens_per_pos = 4, [4, 2, 1, 0]
+    samples = [s for f in text_string_to_metric_families(generate_latest(reg).decode()) for s in f.samples]
+    by_name = {s.name: s for s in samples}
+    assert by_name["pagedserve:spec_decode_num_drafts_total"].value == 4
+    assert by_name["pagedserve:spec_decode_mean_acceptance_length"].value == 1 + 7 / 4
+    per_pos = {s.labels["position"]: s.value for s in samples
+               if s.name == "pagedserve:spec_decode_num_accepted_tokens_per_pos_total"}
+    assert per_pos == {"0": 4, "1": 2, "2": 1, "3": 0}
 
 
 # ---------------------------------------------------------------------------- gateway workers

@@ -13,7 +13,7 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ExecutorInfo(_message.Message):
-    __slots__ = ("model_name", "architecture", "vocab_size", "max_model_len", "num_kv_blocks", "block_size", "dtype", "device", "num_layers", "num_kv_heads", "head_dim", "kv_cache_bytes", "eos_token_ids")
+    __slots__ = ("model_name", "architecture", "vocab_size", "max_model_len", "num_kv_blocks", "block_size", "dtype", "device", "num_layers", "num_kv_heads", "head_dim", "kv_cache_bytes", "eos_token_ids", "num_speculative_tokens", "num_lookahead_slots")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -27,6 +27,8 @@ class ExecutorInfo(_message.Message):
     HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    NUM_SPECULATIVE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_LOOKAHEAD_SLOTS_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     architecture: str
     vocab_size: int
@@ -40,7 +42,9 @@ class ExecutorInfo(_message.Message):
     head_dim: int
     kv_cache_bytes: int
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    num_speculative_tokens: int
+    num_lookahead_slots: int
+    def __init__(self, model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., num_speculative_tokens: _Optional[int] = ..., num_lookahead_slots: _Optional[int] = ...) -> None: ...
 
 class NewRequestData(_message.Message):
     __slots__ = ("req_id", "prompt_token_ids", "sampling_params", "block_ids", "num_computed_tokens", "output_token_ids", "num_scheduled_tokens", "spec_token_ids", "trace_context", "grammar_bitmask")
@@ -143,15 +147,23 @@ class SampledTokens(_message.Message):
     logprobs: TokenLogprobsList
     def __init__(self, req_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Union[TokenLogprobsList, _Mapping]] = ...) -> None: ...
 
+class SpecTokens(_message.Message):
+    __slots__ = ("token_ids",)
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
 class StepResult(_message.Message):
-    __slots__ = ("step_id", "outputs", "execute_time_s")
+    __slots__ = ("step_id", "outputs", "execute_time_s", "spec_token_ids")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     EXECUTE_TIME_S_FIELD_NUMBER: _ClassVar[int]
+    SPEC_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     outputs: _containers.RepeatedCompositeFieldContainer[SampledTokens]
     execute_time_s: float
-    def __init__(self, step_id: _Optional[int] = ..., outputs: _Optional[_Iterable[_Union[SampledTokens, _Mapping]]] = ..., execute_time_s: _Optional[float] = ...) -> None: ...
+    spec_token_ids: _containers.RepeatedCompositeFieldContainer[SpecTokens]
+    def __init__(self, step_id: _Optional[int] = ..., outputs: _Optional[_Iterable[_Union[SampledTokens, _Mapping]]] = ..., execute_time_s: _Optional[float] = ..., spec_token_ids: _Optional[_Iterable[_Union[SpecTokens, _Mapping]]] = ...) -> None: ...
 
 class ResetRequest(_message.Message):
     __slots__ = ()
