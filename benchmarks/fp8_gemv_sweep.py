@@ -23,9 +23,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine_core.kernels.fp8_gemv import fp8_w8a16, pick_config  # noqa: E402
-from engine_core.kernels.fp8_quant import per_token_quant_fp8  # noqa: E402
-from engine_core.layers.fp8_linear import fp8_weight_only_ref, quantize_fp8_per_channel  # noqa: E402
+from engine_core.kernels.fp8_gemv import fp8_w8a16, pick_config
+from engine_core.kernels.fp8_quant import per_token_quant_fp8
+from engine_core.layers.fp8_linear import fp8_weight_only_ref, quantize_fp8_per_channel
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 # (name, N, K) of Llama-3.1-8B's linears (qkv and gate_up fused as the engine fuses them).
@@ -78,13 +78,13 @@ def main() -> None:
             ref = fp8_weight_only_ref(x, qw[0], qs[0], None)
             got = fp8_w8a16(x, qw[0], qs[0], None)
             err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
-            t_bf16 = time_graph([lambda w=w: F.linear(x, w) for w in w16])
+            t_bf16 = time_graph([lambda w=w, x=x: F.linear(x, w) for w in w16])
 
-            def scaled(i):
+            def scaled(x, wt, s):
                 xq, xs = per_token_quant_fp8(x)
-                return torch._scaled_mm(xq, qwt[i], scale_a=xs, scale_b=qs[i][None, :], out_dtype=torch.bfloat16)
-            t_sm = time_graph([lambda i=i: scaled(i) for i in range(copies)])
-            t_fp8 = time_graph([lambda i=i: fp8_w8a16(x, qw[i], qs[i], None) for i in range(copies)])
+                return torch._scaled_mm(xq, wt, scale_a=xs, scale_b=s[None, :], out_dtype=torch.bfloat16)
+            t_sm = time_graph([lambda x=x, wt=wt, s=s: scaled(x, wt, s) for wt, s in zip(qwt, qs)])
+            t_fp8 = time_graph([lambda x=x, w=w, s=s: fp8_w8a16(x, w, s, None) for w, s in zip(qw, qs)])
             row = {"layer": name, "N": N, "K": K, "M": M, "config": list(pick_config(M, N, K, sms)),
                    "bf16_us": t_bf16 * 1e6, "scaled_mm_us": t_sm * 1e6, "w8a16_us": t_fp8 * 1e6,
                    "w8a16_weight_GBps": N * K / t_fp8 / 1e9, "bf16_weight_GBps": 2 * N * K / t_bf16 / 1e9,
@@ -100,15 +100,18 @@ def main() -> None:
                         continue
                     cfg = (bm, bn, bk, sk, nw, ns)
                     try:
-                        t = time_graph([lambda i=i: fp8_w8a16(x, qw[i], qs[i], None, cfg) for i in range(copies)], 5)
-                    except Exception as e:  # noqa: BLE001 - out of shared memory etc.
+                        t = time_graph([lambda x=x, w=w, s=s, cfg=cfg: fp8_w8a16(x, w, s, None, cfg)
+                                        for w, s in zip(qw, qs)], 5)
+                    except Exception as e:  # noqa: BLE001 - a config that does not fit (shared memory, registers)
+                        print(f"config {cfg} skipped: {type(e).__name__}", flush=True)
                         continue
                     if best is None or t < best[0]:
                         best = (t, cfg)
                 row["sweep_best_us"], row["sweep_best_config"] = best[0] * 1e6, list(best[1])
             print(json.dumps(row), flush=True)
             out.append(row)
-        del w16, q, qw, qs, qwt
+        w16.clear()
+        q.clear()
         torch.cuda.empty_cache()
     date = dt.date.today().isoformat()
     name = torch.cuda.get_device_name().replace(" ", "-").lower()

@@ -17,7 +17,11 @@ from engine_core.executor.base import Executor, ExecutorInfo
 from engine_core.executor.model_runner import ModelRunner
 from engine_core.layers.quantization import model_resident_bytes
 from engine_core.loader import load_model
-from engine_core.loader.load import resolve_device, resolve_dtype, resolve_kv_cache_dtype
+from engine_core.loader.load import (
+    resolve_device,
+    resolve_dtype,
+    resolve_kv_cache_dtype,
+)
 from engine_core.loader.model_source import resolve_model
 from engine_core.model_config import ModelConfig
 from engine_core.scheduler_output import ModelRunnerOutput, SchedulerOutput

@@ -60,9 +60,8 @@ def _fp8_w8a16_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, str
     scale = tl.load(s_ptr + rn, mask=n_mask, other=0.0)
     if BLOCK_M == 1:
         out = acc * scale
-        if HAS_BIAS:
-            if pid_k == 0:
-                out += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+        if HAS_BIAS and pid_k == 0:
+            out += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
         y = y_ptr + pid_m * stride_ym + rn
         if SPLIT_K == 1:
             tl.store(y, out.to(y_ptr.dtype.element_ty), mask=n_mask & (pid_m < M))
@@ -70,9 +69,8 @@ def _fp8_w8a16_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, str
             tl.atomic_add(y, out, mask=n_mask & (pid_m < M))
     else:
         out = acc * scale[None, :]
-        if HAS_BIAS:
-            if pid_k == 0:
-                out += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if HAS_BIAS and pid_k == 0:
+            out += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         y = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
         mask = m_mask[:, None] & n_mask[None, :]
         if SPLIT_K == 1:

@@ -21,7 +21,6 @@ from torch import nn
 from engine_core.kernels import triton_available
 from engine_core.layers.attention_metadata import AttentionMetadata
 
-
 FP8_KV_MAX = 448.0  # largest finite float8_e4m3fn
 
 

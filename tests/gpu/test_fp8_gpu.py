@@ -60,7 +60,10 @@ def test_triton_per_token_quant_matches_torch_twin(shape):
 def test_weight_only_kernel_matches_torch_twin(rows, n, k):
     """The decode path (engine_core/kernels/fp8_gemv.py) at real shapes, split-K included."""
     from engine_core.kernels.fp8_gemv import fp8_w8a16
-    from engine_core.layers.fp8_linear import fp8_weight_only_ref, quantize_fp8_per_channel
+    from engine_core.layers.fp8_linear import (
+        fp8_weight_only_ref,
+        quantize_fp8_per_channel,
+    )
 
     torch.manual_seed(rows)
     q, s = quantize_fp8_per_channel(torch.randn(n, k, device="cuda") * 0.02)

@@ -381,7 +381,10 @@ def test_silu_and_mul(K, dtype, d):
 ])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_fp8_weight_only_gemm(K, m, n, k, config, dtype, with_bias):
-    from engine_core.layers.fp8_linear import fp8_weight_only_ref, quantize_fp8_per_channel
+    from engine_core.layers.fp8_linear import (
+        fp8_weight_only_ref,
+        quantize_fp8_per_channel,
+    )
     gen = torch.Generator().manual_seed(m * 1000 + n)
     q, scale = quantize_fp8_per_channel(torch.randn(n, k, generator=gen) * 0.1)
     x = torch.randn(m, k, generator=gen).to(dtype)

@@ -57,7 +57,7 @@ def test_fp8_cache_write_saturates_and_attention_reads_rounded_values():
     cache8 = torch.zeros(2, nblocks, 4, hkv, d, dtype=FP8)
     cache32 = torch.zeros(2, nblocks, 4, hkv, d)
     # the decodes' earlier context is already cached
-    prior = [(0, list(range(0, 6))), (1, list(range(0, 2)))]
+    prior = [(0, list(range(6))), (1, list(range(2)))]
     for req, positions in prior:
         pos = torch.tensor(positions)
         slot = md.block_tables[req, pos // 4].long() * 4 + pos % 4
