@@ -17,6 +17,8 @@ from engine_core.request import Request, RequestStatus
 from engine_core.sampling_params import SamplingParams
 from engine_core.scheduler import RequestOutputDelta, Scheduler, SchedulerStats
 from engine_core.scheduler_output import SchedulerOutput
+from engine_core.beam_search import BeamSearchParams, BeamSearchState
+from engine_core.sequence_group import SequenceGroup, _Held, child_sampling_params
 from engine_core.structured_output.compiler import GrammarCompiler
 from engine_core.structured_output.request_grammar import RequestGrammar
 
@@ -121,6 +123,14 @@ class EngineCore:
                     compiled_grammar: Any | None = None) -> Request:
         """compiled_grammar: from compile_grammar (done earlier, off the step thread); compiled here
         when the params have structured_outputs and none is given."""
+        req = self._make_request(request_id, prompt_token_ids, params, arrival_time, trace_context, compiled_grammar)
+        self.scheduler.add_request(req)
+        self.counters.requests_added += 1
+        return req
+
+    def _make_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                      arrival_time: float | None = None, trace_context: dict[str, str] | None = None,
+                      compiled_grammar: Any | None = None) -> Request:
         self.validate_request(prompt_token_ids, params)
         grammar = None
         if params.structured_outputs is not None:
@@ -135,9 +145,69 @@ class EngineCore:
             trace_context=trace_context,
             grammar=grammar,
         )
-        self.scheduler.add_request(req)
-        self.counters.requests_added += 1
         return req
+
+    # ------------------------------------------------------------------ sequence groups
+    def add_parallel_sampling(self, group_id: str, output_ids: list[str], prompt_token_ids: list[int],
+                              params: SamplingParams, arrival_time: float | None = None,
+                              trace_context: dict[str, str] | None = None,
+                              compiled_grammar: Any | None = None) -> list[Request]:
+        """n > 1 / best_of: the prompt is prefilled once and the samples fork its block table
+        (engine_core/sequence_group.py). All or nothing: a bad child rejects the whole request."""
+        if len(output_ids) != params.n:
+            raise ValueError(f"{len(output_ids)} output ids for n={params.n}")
+        num = params.best_of or params.n
+        best_of = num > params.n
+        ids = [f"{group_id}~b{i}" for i in range(num)] if best_of else list(output_ids)
+        taken = [i for i in ids + output_ids if i in self.scheduler.requests or i in self.scheduler.groups.by_output_id]
+        if taken:
+            raise ValueError(f"request_id {taken[0]!r} is already in use")
+        if best_of and params.structured_outputs is not None:
+            raise ValueError("best_of does not support structured output")
+        at = arrival_time if arrival_time is not None else time.monotonic()
+        children = [self._make_request(cid, prompt_token_ids, child_sampling_params(params, i), at, trace_context,
+                                       compiled_grammar) for i, cid in enumerate(ids)]
+        group = SequenceGroup(group_id, list(output_ids), list(prompt_token_ids), params, arrival_time=at,
+                              held={c.request_id: _Held() for c in children} if best_of else {})
+        prefill = None
+        if len(prompt_token_ids) > 1:
+            prefill = Request(f"{group_id}~prefill", list(prompt_token_ids[:-1]),
+                              SamplingParams(temperature=0.0, max_tokens=1), arrival_time=at,
+                              trace_context=trace_context)
+        self.scheduler.groups.add_parallel(self.scheduler, group, children, prefill)
+        self.counters.requests_added += len(children)
+        return children
+
+    def validate_beam_search(self, prompt_token_ids: list[int], params: BeamSearchParams) -> SamplingParams:
+        beam_params = params.beam_sampling_params(len(self.info.eos_token_ids))
+        keep = beam_params.logprobs
+        if keep > self.config.max_logprobs:
+            raise ValueError(f"beam_width {params.beam_width} needs the top {keep} logprobs per step, over this "
+                             f"engine's max_logprobs {self.config.max_logprobs}: use beam_width <= "
+                             f"{self.config.max_logprobs // (keep // params.beam_width)}")
+        if params.beam_width > self.config.max_num_seqs:
+            raise ValueError(f"beam_width {params.beam_width} exceeds max_num_seqs {self.config.max_num_seqs}")
+        self.validate_request(prompt_token_ids, beam_params)
+        return beam_params
+
+    def add_beam_search(self, group_id: str, output_ids: list[str], prompt_token_ids: list[int],
+                        params: BeamSearchParams, arrival_time: float | None = None,
+                        trace_context: dict[str, str] | None = None) -> None:
+        """Beam search on forked block tables; outputs (best first) come under output_ids when the
+        search ends (engine_core/beam_search.py has HF's rules)."""
+        if len(output_ids) != params.beam_width:
+            raise ValueError(f"{len(output_ids)} output ids for beam_width={params.beam_width}")
+        taken = [i for i in output_ids if i in self.scheduler.requests or i in self.scheduler.groups.by_output_id]
+        if taken:
+            raise ValueError(f"request_id {taken[0]!r} is already in use")
+        beam_params = self.validate_beam_search(prompt_token_ids, params)
+        at = arrival_time if arrival_time is not None else time.monotonic()
+        group = SequenceGroup(group_id, list(output_ids), list(prompt_token_ids), beam_params, arrival_time=at,
+                              beam=BeamSearchState(params, tuple(self.info.eos_token_ids)),
+                              beam_params=beam_params, max_model_len=self.max_model_len)
+        first = self._make_request(group.next_id(), prompt_token_ids, beam_params, at, trace_context)
+        self.scheduler.groups.add_beam_search(self.scheduler, group, first)
+        self.counters.requests_added += 1
 
     def abort_requests(self, request_ids: list[str]) -> None:
         for req in self.scheduler.finish_requests(list(request_ids), RequestStatus.FINISHED_ABORTED):

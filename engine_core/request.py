@@ -61,6 +61,10 @@ class Request:
     trace_context: dict[str, str] | None = None
     # Structured output: the grammar matcher, advanced with every kept output token (None: free).
     grammar: RequestGrammar | None = None
+    # Sequence groups (engine_core/sequence_group.py): the group of an n>1 prefill request or a
+    # beam; fork_pending: forked, holding shared blocks, not admitted yet.
+    group: object | None = None
+    fork_pending: bool = False
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -32,6 +32,8 @@ class SamplingParams:
     skip_special_tokens: bool = True
     # Token-level constraint on the output (JSON schema, regex, choice, grammar); None: free text.
     structured_outputs: StructuredOutputsParams | None = None
+    # Generate best_of samples, return the n with the highest cumulative logprob (None: n).
+    best_of: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.structured_outputs, dict):
@@ -51,6 +53,8 @@ class SamplingParams:
 
         if not isinstance(self.n, int) or self.n < 1:
             bad("n", "must be an integer >= 1")
+        if self.best_of is not None and (not isinstance(self.best_of, int) or self.best_of < self.n):
+            bad("best_of", f"must be an integer >= n ({self.n})")
         if self.temperature < 0.0:
             bad("temperature", "must be non-negative")
         if not 0.0 < self.top_p <= 1.0:
