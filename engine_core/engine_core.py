@@ -148,6 +148,25 @@ class EngineCore:
         return req
 
     # ------------------------------------------------------------------ sequence groups
+    def add_generation(self, request_id: str, output_ids: list[str], prompt_token_ids: list[int],
+                       params: SamplingParams, arrival_time: float | None = None,
+                       trace_context: dict[str, str] | None = None, compiled_grammar: Any | None = None) -> list[Request]:
+        """One client request, whatever its shape: a single sequence, n>1 / best_of samples or beam
+        search (output_ids: one per returned sequence). Returns the requests to report metrics from."""
+        if params.use_beam_search:
+            if params.structured_outputs is not None:
+                raise ValueError("beam search does not support structured output")
+            self.add_beam_search(request_id, output_ids, prompt_token_ids, params.beam_search_params(),
+                                 arrival_time, trace_context)
+            group = self.scheduler.groups.by_output_id[output_ids[0]]
+            return [self.scheduler.groups._carrier(group, oid) for oid in output_ids]
+        if params.n > 1 or (params.best_of or 1) > params.n:
+            children = self.add_parallel_sampling(request_id, output_ids, prompt_token_ids, params, arrival_time,
+                                                  trace_context, compiled_grammar)
+            return children[: len(output_ids)]
+        return [self.add_request(output_ids[0], prompt_token_ids, params, arrival_time, trace_context,
+                                 compiled_grammar)]
+
     def add_parallel_sampling(self, group_id: str, output_ids: list[str], prompt_token_ids: list[int],
                               params: SamplingParams, arrival_time: float | None = None,
                               trace_context: dict[str, str] | None = None,
@@ -179,14 +198,14 @@ class EngineCore:
         return children
 
     def validate_beam_search(self, prompt_token_ids: list[int], params: BeamSearchParams) -> SamplingParams:
-        beam_params = params.beam_sampling_params(len(self.info.eos_token_ids))
-        keep = beam_params.logprobs
-        if keep > self.config.max_logprobs:
+        keep = params.beams_to_keep(len(self.info.eos_token_ids))
+        limit = min(self.config.max_logprobs, 20)
+        if keep > limit:  # each beam returns its top `keep` logprobs per step
             raise ValueError(f"beam_width {params.beam_width} needs the top {keep} logprobs per step, over this "
-                             f"engine's max_logprobs {self.config.max_logprobs}: use beam_width <= "
-                             f"{self.config.max_logprobs // (keep // params.beam_width)}")
+                             f"engine's max_logprobs {limit}: use beam_width <= {limit // (keep // params.beam_width)}")
         if params.beam_width > self.config.max_num_seqs:
             raise ValueError(f"beam_width {params.beam_width} exceeds max_num_seqs {self.config.max_num_seqs}")
+        beam_params = params.beam_sampling_params(len(self.info.eos_token_ids))
         self.validate_request(prompt_token_ids, beam_params)
         return beam_params
 

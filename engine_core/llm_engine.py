@@ -58,12 +58,10 @@ class LLMEngine:
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         text, token_ids = self.encode_prompt(prompt)
-        grouped = params.n > 1 or (params.best_of or 1) > params.n
+        grouped = params.n > 1 or (params.best_of or 1) > params.n or params.use_beam_search
         child_ids = [f"{request_id}-{i}" for i in range(params.n)] if grouped else [request_id]
-        if grouped:  # one prefill, forked block tables (engine_core/sequence_group.py); all or nothing
-            self.core.add_parallel_sampling(request_id, child_ids, token_ids, params)
-        else:
-            self.core.add_request(request_id, token_ids, params)
+        # n>1 / best_of / beam search: one prefill, forked block tables (engine_core/sequence_group.py)
+        self.core.add_generation(request_id, child_ids, token_ids, params)
         self._track(request_id, text, token_ids, child_ids, params.logprobs is not None, params.skip_special_tokens,
                     params.stop, params.include_stop_str_in_output)
 

@@ -48,7 +48,8 @@ _SP_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SamplingParams)
                 if f.default is not dataclasses.MISSING}
 _SP_SCALARS = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
                "frequency_penalty", "repetition_penalty", "max_tokens", "min_tokens",
-               "include_stop_str_in_output", "ignore_eos", "logprobs", "skip_special_tokens")
+               "include_stop_str_in_output", "ignore_eos", "logprobs", "skip_special_tokens",
+               "best_of", "use_beam_search", "length_penalty", "early_stopping")
 _SP_UNLIMITED_MAX_TOKENS = 0
 
 
