@@ -82,6 +82,11 @@ class SamplingFields(BaseModel):
     guided_regex: StrictStr | None = None
     guided_choice: list[StrictStr] | None = None
     guided_grammar: StrictStr | None = None
+    # Beam search (vLLM's extra params; n is the beam width, beam_width an alias); non-streaming.
+    use_beam_search: StrictBool | None = False
+    beam_width: StrictInt | None = None
+    length_penalty: Float | None = None
+    early_stopping: StrictBool | None = None
 
     @property
     def stop_list(self) -> list[str]:
