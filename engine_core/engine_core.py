@@ -157,7 +157,7 @@ class EngineCore:
             if params.structured_outputs is not None:
                 raise ValueError("beam search does not support structured output")
             self.add_beam_search(request_id, output_ids, prompt_token_ids, params.beam_search_params(),
-                                 arrival_time, trace_context)
+                                 arrival_time, trace_context, stop_token_ids=params.stop_token_ids)
             group = self.scheduler.groups.by_output_id[output_ids[0]]
             return [self.scheduler.groups._carrier(group, oid) for oid in output_ids]
         if params.n > 1 or (params.best_of or 1) > params.n:
@@ -197,21 +197,27 @@ class EngineCore:
         self.counters.requests_added += len(children)
         return children
 
-    def validate_beam_search(self, prompt_token_ids: list[int], params: BeamSearchParams) -> SamplingParams:
-        keep = params.beams_to_keep(len(self.info.eos_token_ids))
+    def beam_eos_ids(self, stop_token_ids: list[int] | None = None) -> tuple[int, ...]:
+        """Tokens that end a beam: the model's EOS and the request's stop token ids (HF: eos_token_id list)."""
+        eos = list(self.info.eos_token_ids)
+        return tuple(eos + [t for t in stop_token_ids or () if t not in eos])
+
+    def validate_beam_search(self, prompt_token_ids: list[int], params: BeamSearchParams,
+                             eos: tuple[int, ...] = ()) -> SamplingParams:
+        keep = params.beams_to_keep(len(eos))
         limit = min(self.config.max_logprobs, 20)
         if keep > limit:  # each beam returns its top `keep` logprobs per step
             raise ValueError(f"beam_width {params.beam_width} needs the top {keep} logprobs per step, over this "
                              f"engine's max_logprobs {limit}: use beam_width <= {limit // (keep // params.beam_width)}")
         if params.beam_width > self.config.max_num_seqs:
             raise ValueError(f"beam_width {params.beam_width} exceeds max_num_seqs {self.config.max_num_seqs}")
-        beam_params = params.beam_sampling_params(len(self.info.eos_token_ids))
+        beam_params = params.beam_sampling_params(len(eos))
         self.validate_request(prompt_token_ids, beam_params)
         return beam_params
 
     def add_beam_search(self, group_id: str, output_ids: list[str], prompt_token_ids: list[int],
                         params: BeamSearchParams, arrival_time: float | None = None,
-                        trace_context: dict[str, str] | None = None) -> None:
+                        trace_context: dict[str, str] | None = None, stop_token_ids: list[int] | None = None) -> None:
         """Beam search on forked block tables; outputs (best first) come under output_ids when the
         search ends (engine_core/beam_search.py has HF's rules)."""
         if len(output_ids) != params.beam_width:
@@ -219,10 +225,11 @@ class EngineCore:
         taken = [i for i in output_ids if i in self.scheduler.requests or i in self.scheduler.groups.by_output_id]
         if taken:
             raise ValueError(f"request_id {taken[0]!r} is already in use")
-        beam_params = self.validate_beam_search(prompt_token_ids, params)
+        eos = self.beam_eos_ids(stop_token_ids)
+        beam_params = self.validate_beam_search(prompt_token_ids, params, eos)
         at = arrival_time if arrival_time is not None else time.monotonic()
         group = SequenceGroup(group_id, list(output_ids), list(prompt_token_ids), beam_params, arrival_time=at,
-                              beam=BeamSearchState(params, tuple(self.info.eos_token_ids)),
+                              beam=BeamSearchState(params, eos),
                               beam_params=beam_params, max_model_len=self.max_model_len)
         first = self._make_request(group.next_id(), prompt_token_ids, beam_params, at, trace_context)
         self.scheduler.groups.add_beam_search(self.scheduler, group, first)
