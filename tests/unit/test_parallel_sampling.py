@@ -155,3 +155,17 @@ def test_prefix_caching_on_shares_too():
     out = llm.generate([prompt], _params(), use_tqdm=False)[0]
     assert out.num_cached_tokens >= (PROMPT_LEN // BS - 1) * BS
     assert [c.token_ids for c in out.outputs] == got
+
+
+def test_fork_contract_round_trips_through_the_step_proto():
+    """CoW copies and block-table replacements reach a remote executor unchanged; group params too."""
+    from engine_core.scheduler_output import CachedRequestData, SchedulerOutput
+    from services import convert
+
+    so = SchedulerOutput(step_id=3, scheduled_cached_reqs=[CachedRequestData("a", [9], 17, [(1, 12)])],
+                         num_scheduled_tokens={"a": 1}, total_num_scheduled_tokens=1, block_copies=[(5, 12)])
+    back = convert.scheduler_output_from_proto(convert.scheduler_output_to_proto(so))
+    assert back.block_copies == [(5, 12)]
+    assert back.scheduled_cached_reqs[0].replaced_blocks == [(1, 12)]
+    sp = SamplingParams(n=3, best_of=5, use_beam_search=False, length_penalty=0.5, early_stopping=True)
+    assert convert.sampling_params_from_proto(convert.sampling_params_to_proto(sp)) == sp
