@@ -267,6 +267,9 @@ class Scheduler:
         admit = (self._admit_now() or bool(self.waiting and self.waiting[0].fork_pending)) and not preempted_any
         while admit and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
+            if req.group is not None and self.groups.park(req):
+                self.waiting.popleft()  # a preempted beam with its result: nothing to compute until its group steps
+                continue
             if req.fork_pending:  # forked: it holds its group's blocks, computes only what follows
                 computed_ids, num_computed = [], req.num_computed_tokens
             else:
@@ -280,6 +283,10 @@ class Scheduler:
                     break
                 num_new = budget
             new_blocks = self.block_manager.allocate_slots(req, num_new, computed_ids)
+            if new_blocks is None and (req.fork_pending or req.group is not None):
+                if self._make_room_for_group(req, {r.request_id for r, _ in scheduled}):
+                    preempted_any = True
+                    continue  # look it up and allocate again
             if new_blocks is None:
                 break
             if not req.fork_pending:
@@ -323,6 +330,18 @@ class Scheduler:
         self._last_step_tokens = out.total_num_scheduled_tokens
         self._last_step_seqs = len(scheduled)
         return out
+
+    def _make_room_for_group(self, req: Request, scheduled: set[str]) -> bool:
+        """A forked sequence or a beam its group waits for must not wait behind parked beams (that
+        would deadlock): preempt the latest running request that is neither scheduled this step nor
+        has a sample in flight (a parked beam keeps its reported result). False: none to preempt."""
+        victim = next((r for r in reversed(self.running)
+                       if r.request_id not in scheduled and r.num_output_placeholders == 0), None)
+        if victim is None:
+            return False
+        self.running.remove(victim)
+        self._preempt(victim)
+        return True
 
     def _cap_prefill_chunk(self, num_new: int, shared: bool) -> int:
         t = self.long_prefill_token_threshold

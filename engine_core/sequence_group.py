@@ -79,6 +79,7 @@ class SequenceGroup:
     beams: list[Request] = field(default_factory=list)  # running, best first
     beam_scores: dict[str, tuple[float, list[float]]] = field(default_factory=dict)  # id -> (score, logprobs)
     beam_results: dict[str, TokenLogprobs] = field(default_factory=dict)
+    parked: set[str] = field(default_factory=set)  # preempted beams out of the queues (see park)
     arrival_time: float = 0.0
     num_cached_tokens: int = 0
     _ids: itertools.count = field(default_factory=itertools.count)
@@ -166,6 +167,16 @@ class SequenceGroups:
             child.num_cached_tokens = max(parent.num_cached_tokens, 0)
         sched.add_request(child, front=True)
 
+    def park(self, req: Request) -> bool:
+        """A preempted beam whose step result its group already holds leaves the waiting queue
+        (recomputing it now would only be preempted again); the group's next step re-queues it if
+        it continues in place."""
+        group = self.by_member.get(req.request_id)
+        if group is None or group.beam is None or req.request_id not in group.beam_results or req.fork_pending:
+            return False
+        group.parked.add(req.request_id)
+        return True
+
     # ------------------------------------------------------------------ results
     def on_result(self, req: Request, token_ids: list[int], logprobs: list[TokenLogprobs] | None) -> bool:
         """Take a beam's step result (True: the scheduler must not treat it as a token)."""
@@ -212,6 +223,9 @@ class SequenceGroups:
             if c.parent not in used and c.token_id == sampled[c.parent] and parent.num_output_placeholders == 0:
                 used.add(c.parent)
                 parent.output_token_ids.append(c.token_id)  # the executor holds the same argmax
+                if parent.request_id in group.parked:  # preempted meanwhile: recomputed from its tokens
+                    group.parked.discard(parent.request_id)
+                    sched.waiting.appendleft(parent)
                 group.beam_scores[parent.request_id] = (c.score, lps + [c.logprob])
                 new_beams.append(parent)
                 continue
@@ -231,6 +245,7 @@ class SequenceGroups:
         return []
 
     def _drop_beam(self, sched: Scheduler, group: SequenceGroup, b: Request) -> None:
+        group.parked.discard(b.request_id)
         sched._drop(b)
         self.by_member.pop(b.request_id, None)
         group.beam_scores.pop(b.request_id, None)

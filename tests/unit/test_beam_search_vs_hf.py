@@ -63,3 +63,27 @@ def test_beam_search_ignore_eos_equals_hf(llm, hf_model, prompt_ids):
     for ids, res in zip(prompt_ids[:2], got):
         want = hf_beam_search(hf_model, ids, 3, 8, eos=False)
         assert [s.output_token_ids for s in res.sequences] == [w[0] for w in want]
+
+
+def test_beam_search_under_preemption_and_abort_leaks_nothing(llm, prompt_ids):
+    params = BeamSearchParams(beam_width=BEAMS, max_tokens=MAX_NEW)
+    want = [s.output_token_ids for s in llm.beam_search([prompt_ids[4]], params)[0].sequences]
+    # 4 usable blocks of 16 tokens for 4 beams of up to 17 tokens that fork every step: beams are
+    # preempted (recomputed) and forks happen from preempted beams too.
+    small = LLM(max_model_len=64, num_gpu_blocks_override=5)
+    got = [s.output_token_ids for s in small.beam_search([prompt_ids[4]], params)[0].sequences]
+    sched = small.engine.core.scheduler
+    assert sched.num_preemptions > 0
+    assert got == want
+    assert sched.block_manager.num_used_blocks == 0
+    eng = llm.engine
+    eng.add_beam_search_request("abort-me", prompt_ids[1], params)
+    for _ in range(4):
+        eng.step()
+    assert eng.core.scheduler.block_manager.num_used_blocks > 0
+    eng.abort_request("abort-me")
+    outs = []
+    while eng.has_unfinished_requests():
+        outs += eng.step()
+    assert eng.core.scheduler.block_manager.num_used_blocks == 0 and not eng.core.scheduler.groups
+    assert {o.finish_reason for o in outs[-1].outputs} == {"abort"}
