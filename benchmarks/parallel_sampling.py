@@ -74,9 +74,9 @@ def main() -> None:
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
 
-    common = dict(model=args.model, device=args.device, max_model_len=args.prompt_len + args.max_tokens + 16,
-                  kv_cache_memory_gb=args.kv_cache_memory_gb, block_size=args.block_size,
-                  max_num_batched_tokens=args.max_num_batched_tokens)
+    common = {"model": args.model, "device": args.device, "max_model_len": args.prompt_len + args.max_tokens + 16,
+                  "kv_cache_memory_gb": args.kv_cache_memory_gb, "block_size": args.block_size,
+                  "max_num_batched_tokens": args.max_num_batched_tokens}
     params = SamplingParams(n=args.n, temperature=0.8, seed=2026, max_tokens=args.max_tokens, ignore_eos=True)
     results: dict[str, dict] = {}
     for caching in (False, True):

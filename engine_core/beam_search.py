@@ -42,7 +42,7 @@ class BeamSearchParams:
         if self.temperature != 0.0:
             raise ValueError(f"beam search is deterministic: temperature must be 0, got {self.temperature!r}")
         if not isinstance(self.early_stopping, bool):
-            raise ValueError(f"early_stopping must be a boolean, got {self.early_stopping!r}")
+            raise ValueError(f"early_stopping must be a boolean, got {self.early_stopping!r}")  # noqa: TRY004 (400, not 500)
 
     def beams_to_keep(self, num_eos: int) -> int:
         """Continuations kept per step (and top logprobs each beam needs): HF's rule."""

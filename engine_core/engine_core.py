@@ -11,13 +11,13 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+from engine_core.beam_search import BeamSearchParams, BeamSearchState
 from engine_core.config import EngineConfig
 from engine_core.executor.base import Executor, ExecutorError, ExecutorInfo
 from engine_core.request import Request, RequestStatus
 from engine_core.sampling_params import SamplingParams
 from engine_core.scheduler import RequestOutputDelta, Scheduler, SchedulerStats
 from engine_core.scheduler_output import SchedulerOutput
-from engine_core.beam_search import BeamSearchParams, BeamSearchState
 from engine_core.sequence_group import SequenceGroup, _Held, child_sampling_params
 from engine_core.structured_output.compiler import GrammarCompiler
 from engine_core.structured_output.request_grammar import RequestGrammar

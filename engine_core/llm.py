@@ -6,9 +6,9 @@ from collections.abc import Sequence
 
 from tqdm import tqdm
 
+from engine_core.beam_search import BeamSearchParams
 from engine_core.config import EngineConfig
 from engine_core.llm_engine import LLMEngine
-from engine_core.beam_search import BeamSearchParams
 from engine_core.outputs import BeamSearchOutput, BeamSearchSequence, RequestOutput
 from engine_core.sampling_params import SamplingParams
 

@@ -21,7 +21,6 @@ import numpy as np
 
 from engine_core.block_manager import BlockManager
 from engine_core.request import Request, RequestStatus
-from engine_core.sequence_group import SequenceGroups
 from engine_core.scheduler_output import (
     CachedRequestData,
     ModelRunnerOutput,
@@ -29,6 +28,7 @@ from engine_core.scheduler_output import (
     SchedulerOutput,
     TokenLogprobs,
 )
+from engine_core.sequence_group import SequenceGroups
 from engine_core.structured_output.request_grammar import (
     BitmaskFiller,
     accept_first_tokens,
@@ -283,10 +283,10 @@ class Scheduler:
                     break
                 num_new = budget
             new_blocks = self.block_manager.allocate_slots(req, num_new, computed_ids)
-            if new_blocks is None and (req.fork_pending or req.group is not None):
-                if self._make_room_for_group(req, {r.request_id for r, _ in scheduled}):
-                    preempted_any = True
-                    continue  # look it up and allocate again
+            if (new_blocks is None and (req.fork_pending or req.group is not None)
+                    and self._make_room_for_group(req, {r.request_id for r, _ in scheduled})):
+                preempted_any = True
+                continue  # look it up and allocate again
             if new_blocks is None:
                 break
             if not req.fork_pending:

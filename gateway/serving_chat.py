@@ -21,7 +21,11 @@ from gateway.backend import ModelFacts
 from gateway.errors import APIError, bad_request
 from gateway.generation import PromptGeneration, merge_events
 from gateway.logprobs import chat_logprobs, token_table
-from gateway.params import build_sampling_params, check_sequence_group_fields, resolve_max_tokens
+from gateway.params import (
+    build_sampling_params,
+    check_sequence_group_fields,
+    resolve_max_tokens,
+)
 from gateway.protocol import (
     ChatChoice,
     ChatCompletionRequest,

@@ -13,7 +13,12 @@ from gateway.backend import ModelFacts
 from gateway.errors import bad_request
 from gateway.generation import PromptGeneration, merge_events
 from gateway.logprobs import completion_logprobs, token_table
-from gateway.params import build_sampling_params, check_prompt_ids, check_sequence_group_fields, resolve_max_tokens
+from gateway.params import (
+    build_sampling_params,
+    check_prompt_ids,
+    check_sequence_group_fields,
+    resolve_max_tokens,
+)
 from gateway.protocol import (
     CompletionChoice,
     CompletionLogprobs,

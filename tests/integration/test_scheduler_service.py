@@ -526,7 +526,7 @@ def test_best_of_and_beam_search_through_the_service(sched):
 
 
 def test_bad_group_params_are_invalid_argument(sched):
-    for sp, field in ((dict(n=3, best_of=2), "best_of"), (dict(n=11, use_beam_search=True), "beam_width")):
+    for sp, field in (({"n": 3, "best_of": 2}, "best_of"), ({"n": 11, "use_beam_search": True}, "beam_width")):
         with pytest.raises(grpc.RpcError) as e:
             list(sched.stub.Generate(gen_req("bad", **sp), timeout=5))
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in e.value.details()
@@ -534,7 +534,7 @@ def test_bad_group_params_are_invalid_argument(sched):
 
 
 def test_cancel_beam_search_and_best_of_frees_blocks(sched):
-    for sp in (dict(n=4, use_beam_search=True), dict(n=2, best_of=3)):
+    for sp in ({"n": 4, "use_beam_search": True}, {"n": 2, "best_of": 3}):
         call = sched.stub.Generate(gen_req("c", list(range(1, 40)), max_tokens=400, **sp), timeout=20)
         deadline = time.monotonic() + 5
         while sched.stats().kv_cache_usage == 0 and time.monotonic() < deadline:

@@ -95,7 +95,7 @@ def test_preemption_leaks_nothing_and_keeps_tokens(llm):
     want = _independent(llm, prompt, _params(max_tokens=40))
     # 12 full prompt blocks + 4 x 3 private blocks > 20: children get preempted (and recomputed).
     small = LLM(max_model_len=256, num_gpu_blocks_override=21, enable_prefix_caching=False)
-    got, peak = _run_tracking_peak(small, prompt, _params(max_tokens=40))
+    got, _peak = _run_tracking_peak(small, prompt, _params(max_tokens=40))
     sched = small.engine.core.scheduler
     assert sched.num_preemptions > 0
     assert got == want
