@@ -309,11 +309,13 @@ class BlockManager:
         blocks = self._req_blocks.get(parent.request_id)
         if not blocks:
             return
+        # Only the blocks holding the child's computed tokens (a parent may already own more).
+        blocks = blocks[: _cdiv(child.num_computed_tokens, self.block_size)]
         for block in blocks:
             block.ref_cnt += 1
         self._req_blocks[child.request_id] = list(blocks)
         num_cached = self._num_cached_blocks.get(parent.request_id, 0)
-        self._num_cached_blocks[child.request_id] = num_cached
+        self._num_cached_blocks[child.request_id] = min(num_cached, len(blocks))
         if not child.block_hashes:
             child.block_hashes = list(parent.block_hashes)
 

@@ -12,6 +12,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine_core.beam_search import BeamSearchParams, BeamSearchState
 from engine_core.config import EngineConfig
 from engine_core.executor.base import Executor, ExecutorError, ExecutorInfo
 from engine_core.request import Request, RequestStatus
@@ -19,6 +20,7 @@ from engine_core.request_deadlines import RequestDeadlines
 from engine_core.sampling_params import SamplingParams
 from engine_core.scheduler import RequestOutputDelta, Scheduler, SchedulerStats
 from engine_core.scheduler_output import SchedulerOutput
+from engine_core.sequence_group import SequenceGroup, _Held, child_sampling_params
 from engine_core.structured_output.compiler import GrammarCompiler
 from engine_core.structured_output.request_grammar import RequestGrammar
 
@@ -164,13 +166,24 @@ class EngineCore:
         when the params have structured_outputs and none is given. priority: lower is served first
         (priority policy only). timeout: seconds from arrival (queue time counts) after which the
         request is aborted with its tokens so far; None: the server's --request-timeout; 0: none."""
-        self.validate_request(prompt_token_ids, params)
         self.validate_scheduling(priority, timeout)
+        req = self._make_request(request_id, prompt_token_ids, params, arrival_time, trace_context,
+                                 compiled_grammar, priority)
+        req.deadline = self._deadline(req.arrival_time, timeout)
+        self.scheduler.add_request(req)
+        self.deadlines.add(req)
+        self.counters.requests_added += 1
+        return req
+
+    def _make_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                      arrival_time: float | None = None, trace_context: dict[str, str] | None = None,
+                      compiled_grammar: Any | None = None, priority: int = 0) -> Request:
+        self.validate_request(prompt_token_ids, params)
         grammar = None
         if params.structured_outputs is not None:
             compiled = compiled_grammar if compiled_grammar is not None else self.compile_grammar(params)
             grammar = RequestGrammar(self.grammar_compiler.matcher(compiled), self.info.vocab_size)
-        req = Request(
+        return Request(
             request_id=request_id,
             prompt_token_ids=list(prompt_token_ids),
             sampling_params=params,
@@ -180,14 +193,36 @@ class EngineCore:
             grammar=grammar,
             priority=priority,
         )
+
+    def _deadline(self, arrival_time: float, timeout: float | None) -> float | None:
         if timeout is None:
             timeout = self.config.request_timeout
-        if timeout > 0:
-            req.deadline = req.arrival_time + timeout
-        self.scheduler.add_request(req)
-        self.deadlines.add(req)
-        self.counters.requests_added += 1
-        return req
+        return arrival_time + timeout if timeout > 0 else None
+
+    def _add_group_deadlines(self, output_ids: list[str], prompt_token_ids: list[int], params: SamplingParams,
+                             arrival_time: float, timeout: float | None) -> None:
+        """n>1 / best_of / beam search: the deadline belongs to the client's output ids (the group's
+        internal requests come and go: a hidden prefill, held best_of samples, forked beams), so each
+        output id gets a marker entry; expiring one aborts it through the group, as an Abort would."""
+        deadline = self._deadline(arrival_time, timeout)
+        if deadline is None:
+            return
+        for oid in output_ids:
+            marker = Request(oid, list(prompt_token_ids), params, arrival_time=arrival_time)
+            marker.deadline, marker.deadline_marker = deadline, True
+            self.deadlines.add(marker)
+
+    def _deadline_live(self, req: Request) -> bool:
+        """Is the request (or, for a group marker, its output id) still the one the deadline was for?"""
+        live = self.scheduler.requests.get(req.request_id)
+        if live is req:
+            return True
+        if not req.deadline_marker:
+            return False
+        if live is not None:  # a forked n>1 sample runs under its output id
+            return live.arrival_time == req.arrival_time
+        group = self.scheduler.groups.by_output_id.get(req.request_id)
+        return group is not None and group.arrival_time == req.arrival_time
 
     def expire_requests(self) -> None:
         """Abort the requests whose deadline has passed (their blocks are freed now); their final
@@ -195,16 +230,115 @@ class EngineCore:
         next step's outputs. Called once per step: a heap peek when nothing expires."""
         now = self.clock()
         for req in self.deadlines.expired(now, self.scheduler.num_unfinished):
-            if self.scheduler.requests.get(req.request_id) is not req:
+            if not self._deadline_live(req):
                 continue
             for done in self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_ABORTED):
                 self.counters.requests_timed_out += 1
                 delta = self.scheduler.abort_delta(done)
                 delta.error_message = (
                     f"request timed out: not finished {now - done.arrival_time:.3g}s after arrival (timeout "
-                    f"{done.deadline - done.arrival_time:g}s, queue time included); "
+                    f"{req.deadline - req.arrival_time:g}s, queue time included); "
                     f"{len(done.output_token_ids)} tokens were generated")
                 self._pending.append(delta)
+
+    # ------------------------------------------------------------------ sequence groups
+    def add_generation(self, request_id: str, output_ids: list[str], prompt_token_ids: list[int],
+                       params: SamplingParams, arrival_time: float | None = None,
+                       trace_context: dict[str, str] | None = None, compiled_grammar: Any | None = None,
+                       priority: int = 0, timeout: float | None = None) -> list[Request]:
+        """One client request, whatever its shape: a single sequence, n>1 / best_of samples or beam
+        search (output_ids: one per returned sequence). Returns the requests to report metrics from.
+        priority / timeout: as for add_request, for every sequence of the request."""
+        self.validate_scheduling(priority, timeout)
+        if params.use_beam_search:
+            if params.structured_outputs is not None:
+                raise ValueError("beam search does not support structured output")
+            self.add_beam_search(request_id, output_ids, prompt_token_ids, params.beam_search_params(),
+                                 arrival_time, trace_context, stop_token_ids=params.stop_token_ids,
+                                 priority=priority, timeout=timeout)
+            group = self.scheduler.groups.by_output_id[output_ids[0]]
+            return [self.scheduler.groups._carrier(group, oid) for oid in output_ids]
+        if params.n > 1 or (params.best_of or 1) > params.n:
+            children = self.add_parallel_sampling(request_id, output_ids, prompt_token_ids, params, arrival_time,
+                                                  trace_context, compiled_grammar, priority=priority, timeout=timeout)
+            return children[: len(output_ids)]
+        return [self.add_request(output_ids[0], prompt_token_ids, params, arrival_time, trace_context,
+                                 compiled_grammar, priority=priority, timeout=timeout)]
+
+    def add_parallel_sampling(self, group_id: str, output_ids: list[str], prompt_token_ids: list[int],
+                              params: SamplingParams, arrival_time: float | None = None,
+                              trace_context: dict[str, str] | None = None,
+                              compiled_grammar: Any | None = None, priority: int = 0,
+                              timeout: float | None = None) -> list[Request]:
+        """n > 1 / best_of: the prompt is prefilled once and the samples fork its block table
+        (engine_core/sequence_group.py). All or nothing: a bad child rejects the whole request."""
+        self.validate_scheduling(priority, timeout)
+        if len(output_ids) != params.n:
+            raise ValueError(f"{len(output_ids)} output ids for n={params.n}")
+        num = params.best_of or params.n
+        best_of = num > params.n
+        ids = [f"{group_id}~b{i}" for i in range(num)] if best_of else list(output_ids)
+        taken = [i for i in ids + output_ids if i in self.scheduler.requests or i in self.scheduler.groups.by_output_id]
+        if taken:
+            raise ValueError(f"request_id {taken[0]!r} is already in use")
+        if best_of and params.structured_outputs is not None:
+            raise ValueError("best_of does not support structured output")
+        at = arrival_time if arrival_time is not None else self.clock()
+        children = [self._make_request(cid, prompt_token_ids, child_sampling_params(params, i), at, trace_context,
+                                       compiled_grammar, priority) for i, cid in enumerate(ids)]
+        group = SequenceGroup(group_id, list(output_ids), list(prompt_token_ids), params, arrival_time=at,
+                              held={c.request_id: _Held() for c in children} if best_of else {})
+        prefill = None
+        if len(prompt_token_ids) > 1:
+            prefill = Request(f"{group_id}~prefill", list(prompt_token_ids[:-1]),
+                              SamplingParams(temperature=0.0, max_tokens=1), arrival_time=at,
+                              trace_context=trace_context, priority=priority)
+        self.scheduler.groups.add_parallel(self.scheduler, group, children, prefill)
+        self._add_group_deadlines(list(output_ids), prompt_token_ids, params, at, timeout)
+        self.counters.requests_added += len(children)
+        return children
+
+    def beam_eos_ids(self, stop_token_ids: list[int] | None = None) -> tuple[int, ...]:
+        """Tokens that end a beam: the model's EOS and the request's stop token ids (HF: eos_token_id list)."""
+        eos = list(self.info.eos_token_ids)
+        return tuple(eos + [t for t in stop_token_ids or () if t not in eos])
+
+    def validate_beam_search(self, prompt_token_ids: list[int], params: BeamSearchParams,
+                             eos: tuple[int, ...] = ()) -> SamplingParams:
+        keep = params.beams_to_keep(len(eos))
+        limit = min(self.config.max_logprobs, 20)
+        if keep > limit:  # each beam returns its top `keep` logprobs per step
+            raise ValueError(f"beam_width {params.beam_width} needs the top {keep} logprobs per step, over this "
+                             f"engine's max_logprobs {limit}: use beam_width <= {limit // (keep // params.beam_width)}")
+        if params.beam_width > self.config.max_num_seqs:
+            raise ValueError(f"beam_width {params.beam_width} exceeds max_num_seqs {self.config.max_num_seqs}")
+        beam_params = params.beam_sampling_params(len(eos))
+        self.validate_request(prompt_token_ids, beam_params)
+        return beam_params
+
+    def add_beam_search(self, group_id: str, output_ids: list[str], prompt_token_ids: list[int],
+                        params: BeamSearchParams, arrival_time: float | None = None,
+                        trace_context: dict[str, str] | None = None, stop_token_ids: list[int] | None = None,
+                        priority: int = 0, timeout: float | None = None) -> None:
+        """Beam search on forked block tables; outputs (best first) come under output_ids when the
+        search ends (engine_core/beam_search.py has HF's rules)."""
+        if len(output_ids) != params.beam_width:
+            raise ValueError(f"{len(output_ids)} output ids for beam_width={params.beam_width}")
+        taken = [i for i in output_ids if i in self.scheduler.requests or i in self.scheduler.groups.by_output_id]
+        if taken:
+            raise ValueError(f"request_id {taken[0]!r} is already in use")
+        self.validate_scheduling(priority, timeout)
+        eos = self.beam_eos_ids(stop_token_ids)
+        beam_params = self.validate_beam_search(prompt_token_ids, params, eos)
+        at = arrival_time if arrival_time is not None else self.clock()
+        group = SequenceGroup(group_id, list(output_ids), list(prompt_token_ids), beam_params, arrival_time=at,
+                              beam=BeamSearchState(params, eos),
+                              beam_params=beam_params, max_model_len=self.max_model_len)
+        first = self._make_request(group.next_id(), prompt_token_ids, beam_params, at, trace_context,
+                                   priority=priority)
+        self.scheduler.groups.add_beam_search(self.scheduler, group, first)
+        self._add_group_deadlines(list(output_ids), prompt_token_ids, beam_params, at, timeout)
+        self.counters.requests_added += 1
 
     def abort_requests(self, request_ids: list[str]) -> None:
         for req in self.scheduler.finish_requests(list(request_ids), RequestStatus.FINISHED_ABORTED):

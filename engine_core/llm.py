@@ -10,9 +10,10 @@ from engine_core.cpu_resources import set_openmp_wait_policy
 
 set_openmp_wait_policy()  # before torch is first imported (below), unless the caller already did
 
+from engine_core.beam_search import BeamSearchParams
 from engine_core.config import EngineConfig
 from engine_core.llm_engine import LLMEngine
-from engine_core.outputs import RequestOutput
+from engine_core.outputs import BeamSearchOutput, BeamSearchSequence, RequestOutput
 from engine_core.sampling_params import SamplingParams
 
 Prompt = str | list[int]
@@ -59,6 +60,31 @@ class LLM:
             self._drain()
             raise
         return self._run(ids, use_tqdm)
+
+    def beam_search(self, prompts: Prompt | Sequence[Prompt], params: BeamSearchParams,
+                    use_tqdm: bool = False) -> list[BeamSearchOutput]:
+        """Beam search (vLLM's offline API) on forked block tables; HF generate(num_beams=...,
+        do_sample=False) rules. One BeamSearchOutput per prompt, beams best first."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        ids = []
+        try:
+            for prompt in prompts:
+                rid = str(next(self._ids))
+                self.engine.add_beam_search_request(rid, prompt, params)
+                ids.append(rid)
+        except Exception:
+            for rid in ids:
+                self.engine.abort_request(rid)
+            self._drain()
+            raise
+        results = []
+        for out in self._run(ids, use_tqdm):
+            seqs = [BeamSearchSequence(out.prompt_token_ids + o.token_ids, o.token_ids, o.text, o.cum_logprob,
+                                       o.score, o.finish_reason)
+                    for o in out.outputs if o.score is not None]
+            results.append(BeamSearchOutput(seqs))
+        return results
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
              add_generation_prompt: bool = True, use_tqdm: bool = True) -> list[RequestOutput]:

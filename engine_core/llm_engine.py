@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from engine_core.beam_search import BeamSearchParams
 from engine_core.config import EngineConfig
 from engine_core.detokenizer import IncrementalDetokenizer
 from engine_core.engine_core import EngineCore
@@ -61,22 +62,34 @@ class LLMEngine:
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         text, token_ids = self.encode_prompt(prompt)
-        children = [params.for_child(i) for i in range(params.n)] if params.n > 1 else [params]
-        for child in children:  # all or nothing: validate every child before adding any
-            self.core.validate_request(token_ids, child)
-        self.core.validate_scheduling(priority, timeout)
-        child_ids = [request_id if params.n == 1 else f"{request_id}-{i}" for i in range(params.n)]
+        grouped = params.n > 1 or (params.best_of or 1) > params.n or params.use_beam_search
+        child_ids = [f"{request_id}-{i}" for i in range(params.n)] if grouped else [request_id]
+        # n>1 / best_of / beam search: one prefill, forked block tables (engine_core/sequence_group.py)
+        self.core.add_generation(request_id, child_ids, token_ids, params, priority=priority, timeout=timeout)
+        self._track(request_id, text, token_ids, child_ids, params.logprobs is not None, params.skip_special_tokens,
+                    params.stop, params.include_stop_str_in_output)
+
+    def add_beam_search_request(self, request_id: str, prompt: str | list[int], params: BeamSearchParams) -> None:
+        """Beam search on forked block tables; the beam_width outputs arrive, best first, when it ends."""
+        if request_id in self._requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        text, token_ids = self.encode_prompt(prompt)
+        child_ids = [f"{request_id}-{i}" for i in range(params.beam_width)]
+        self.core.add_beam_search(request_id, child_ids, token_ids, params)
+        self._track(request_id, text, token_ids, child_ids, False, True, [], False)
+
+    def _track(self, request_id: str, text: str | None, token_ids: list[int], child_ids: list[str],
+               logprobs: bool, skip_special_tokens: bool, stop: list[str], include_stop_str_in_output: bool) -> None:
         tracked = _Tracked(
             output=RequestOutput(request_id, text, token_ids,
-                                 [CompletionOutput(i, "", [], logprobs=[] if params.logprobs is not None else None)
-                                  for i in range(params.n)]),
+                                 [CompletionOutput(i, "", [], logprobs=[] if logprobs else None)
+                                  for i in range(len(child_ids))]),
             child_ids=child_ids,
         )
-        for i, (cid, child) in enumerate(zip(child_ids, children)):
+        for i, cid in enumerate(child_ids):
             tracked.detoks[cid] = None if self.tokenizer is None else IncrementalDetokenizer(
-                self.tokenizer, token_ids, skip_special_tokens=child.skip_special_tokens,
-                stop=child.stop, include_stop_str_in_output=child.include_stop_str_in_output)
-            self.core.add_request(cid, token_ids, child, priority=priority, timeout=timeout)
+                self.tokenizer, token_ids, skip_special_tokens=skip_special_tokens,
+                stop=stop, include_stop_str_in_output=include_stop_str_in_output)
             self._child_to_parent[cid] = (request_id, i)
         self._requests[request_id] = tracked
 
@@ -117,6 +130,8 @@ class LLMEngine:
             return None
         tracked.output.num_cached_tokens = max(tracked.output.num_cached_tokens, delta.num_cached_tokens)
         out.token_ids.extend(delta.new_token_ids)
+        if delta.cumulative_logprob is not None:
+            out.cum_logprob, out.score = delta.cumulative_logprob, delta.score
         if out.logprobs is not None and delta.new_logprobs:
             out.logprobs.extend(delta.new_logprobs)
         detok = tracked.detoks.get(delta.request_id)

@@ -14,9 +14,14 @@ class CompletionOutput:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     logprobs: list[TokenLogprobs] | None = None
+    # Set by the engine for best_of and beam search (without per-token logprobs to sum).
+    cum_logprob: float | None = None
+    score: float | None = None  # beam search: cumulative logprob / len ** length_penalty
 
     @property
     def cumulative_logprob(self) -> float | None:
+        if self.cum_logprob is not None:
+            return self.cum_logprob
         return None if self.logprobs is None else sum(lp.logprob for lp in self.logprobs)
 
     @property
@@ -35,3 +40,22 @@ class RequestOutput:
     @property
     def finished(self) -> bool:
         return all(o.finished for o in self.outputs)
+
+
+@dataclass
+class BeamSearchSequence:
+    """One returned beam (vLLM's BeamSearchSequence): tokens = prompt + generated."""
+
+    tokens: list[int]
+    output_token_ids: list[int]
+    text: str | None
+    cum_logprob: float
+    score: float
+    finish_reason: str | None
+
+
+@dataclass
+class BeamSearchOutput:
+    """LLM.beam_search's result for one prompt: the beams, best first."""
+
+    sequences: list[BeamSearchSequence]

@@ -67,6 +67,10 @@ class Request:
     grammar: RequestGrammar | None = None
     # Speculative decoding: draft tokens the executor proposed for the next step (None: none).
     spec_token_ids: list[int] | None = None
+    # Sequence groups (engine_core/sequence_group.py): the group of an n>1 prefill request or a
+    # beam; fork_pending: forked, holding shared blocks, not admitted yet.
+    group: object | None = None
+    fork_pending: bool = False
 
     @property
     def num_prompt_tokens(self) -> int:

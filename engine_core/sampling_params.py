@@ -32,6 +32,12 @@ class SamplingParams:
     skip_special_tokens: bool = True
     # Token-level constraint on the output (JSON schema, regex, choice, grammar); None: free text.
     structured_outputs: StructuredOutputsParams | None = None
+    # Generate best_of samples, return the n with the highest cumulative logprob (None: n).
+    best_of: int | None = None
+    # Beam search with n beams (vLLM's use_beam_search; HF's length_penalty / early_stopping).
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    early_stopping: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.structured_outputs, dict):
@@ -51,6 +57,12 @@ class SamplingParams:
 
         if not isinstance(self.n, int) or self.n < 1:
             bad("n", "must be an integer >= 1")
+        if self.best_of is not None and (not isinstance(self.best_of, int) or self.best_of < self.n):
+            bad("best_of", f"must be an integer >= n ({self.n})")
+        if self.use_beam_search and self.best_of is not None and self.best_of != self.n:
+            bad("best_of", "must be unset (or equal n) with beam search")
+        if not -1e6 <= self.length_penalty <= 1e6:
+            bad("length_penalty", "must be a finite number")
         if self.temperature < 0.0:
             bad("temperature", "must be non-negative")
         if not 0.0 < self.top_p <= 1.0:
@@ -99,6 +111,15 @@ class SamplingParams:
             for t in ids:
                 if t >= vocab_size:
                     raise ValueError(f"{name} contains token id {t}, outside the vocabulary (size {vocab_size})")
+
+    def beam_search_params(self):
+        """The BeamSearchParams of a use_beam_search request (n is the beam width, as in vLLM)."""
+        from engine_core.beam_search import BeamSearchParams
+
+        if self.max_tokens is None:
+            raise ValueError("max_tokens must be set for beam search")
+        return BeamSearchParams(beam_width=self.n, max_tokens=self.max_tokens, ignore_eos=self.ignore_eos,
+                                length_penalty=self.length_penalty, early_stopping=self.early_stopping)
 
     def for_child(self, index: int) -> SamplingParams:
         """The params of the index-th of n parallel samples: n=1, and a distinct seed when seeded,

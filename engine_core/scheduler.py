@@ -30,6 +30,7 @@ from engine_core.scheduler_output import (
     SchedulerOutput,
     TokenLogprobs,
 )
+from engine_core.sequence_group import SequenceGroups
 from engine_core.structured_output.request_grammar import (
     BitmaskFiller,
     accept_first_tokens,
@@ -49,6 +50,10 @@ class RequestOutputDelta:
     num_output_tokens: int
     num_cached_tokens: int
     error_message: str | None = None  # why the engine ended it (a timeout: finish_reason "abort")
+    # Sequence-group outputs only (best_of, beam search): the sample's cumulative logprob and
+    # the beam's length-penalised score.
+    cumulative_logprob: float | None = None
+    score: float | None = None
 
     @property
     def finished(self) -> bool:
@@ -116,9 +121,11 @@ class Scheduler:
         # Speculative decoding with a draft model: KV slots its k passes write past the verified
         # positions (SpeculativeConfig.num_lookahead_slots), allocated when there is room.
         self.num_lookahead_slots = num_lookahead_slots
+        # n>1 / best_of / beam search on forked block tables (engine_core/sequence_group.py).
+        self.groups = SequenceGroups()
 
     # ------------------------------------------------------------------ requests in / out
-    def add_request(self, request: Request) -> None:
+    def add_request(self, request: Request, front: bool = False) -> None:
         if request.request_id in self.requests:
             raise ValueError(f"request_id {request.request_id!r} is already in use")
         blocks_needed = -(-(request.num_prompt_tokens + 1) // self.block_size)
@@ -129,7 +136,10 @@ class Scheduler:
                 f"but the KV cache only has {usable}")
         request.status = RequestStatus.WAITING
         self.requests[request.request_id] = request
-        self.waiting.append(request)
+        if front:  # a forked sequence: next in line, it holds shared blocks
+            self.waiting.appendleft(request)
+        else:
+            self.waiting.append(request)
         if request.grammar is not None:
             self._grammar_req_ids.add(request.request_id)
 
@@ -139,6 +149,13 @@ class Scheduler:
         done = []
         for rid in request_ids:
             req = self.requests.get(rid)
+            if req is None and self.groups:
+                owned = self.groups.abort(self, rid)  # a sequence group's id (pending, best_of, beams)
+                for carrier in owned or ():
+                    carrier.status, carrier.stop_reason = status, stop_reason
+                    self.finished_by_reason[carrier.finish_reason] = self.finished_by_reason.get(carrier.finish_reason, 0) + 1
+                    done.append(carrier)
+                continue
             if req is None or req.status.finished:
                 continue
             if req.status == RequestStatus.RUNNING:
@@ -158,6 +175,18 @@ class Scheduler:
         self._grammar_req_ids.discard(req.request_id)
         reason = req.finish_reason or "unknown"
         self.finished_by_reason[reason] = self.finished_by_reason.get(reason, 0) + 1
+
+    def _drop(self, req: Request) -> None:
+        """Retire a sequence-group member silently (a forked prefill, a dropped beam): its blocks
+        go back (shared ones stay with the other holders), the executor forgets it, no output."""
+        if req.status == RequestStatus.RUNNING:
+            self.running.remove(req)
+        elif not req.status.finished and req in self.waiting:
+            self.waiting.remove(req)
+        req.status = RequestStatus.FINISHED_ABORTED
+        self.block_manager.free(req)
+        self._finished_req_ids.add(req.request_id)
+        self.requests.pop(req.request_id, None)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.running)
@@ -198,7 +227,12 @@ class Scheduler:
         req.spec_token_ids = None  # drafts are proposed again once it runs
         req.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(req)
+        # Behind forked sequences still waiting for admission: they hold shared blocks and need
+        # at most one more each, so admitting them first cannot deadlock on blocks.
+        i = 0
+        while i < len(self.waiting) and self.waiting[i].fork_pending:
+            i += 1
+        self.waiting.insert(i, req)
         # The executor drops its copy; on resumption it gets a NewRequestData with all tokens.
         self._finished_req_ids.add(req.request_id)
 
@@ -209,6 +243,8 @@ class Scheduler:
         scheduled: list[tuple[Request, int]] = []
         preempted_any = False
         self.waiting.order_running(self.running)  # priority policy: running[-1] is the lowest
+        if self.groups:
+            self.groups.fork_ready(self)
 
         # 1) Running requests first: decodes and unfinished chunked prefills.
         i = 0
@@ -232,8 +268,9 @@ class Scheduler:
                     break
             if new_blocks is None:
                 break  # req itself was preempted; everything after it already was too
-            out.scheduled_cached_reqs.append(
-                CachedRequestData(req.request_id, new_blocks, req.num_computed_tokens))
+            out.scheduled_cached_reqs.append(CachedRequestData(
+                req.request_id, new_blocks, req.num_computed_tokens,
+                self.block_manager.take_replaced_blocks(req.request_id) if self.groups else []))
             if drafts:
                 out.scheduled_spec_decode_tokens[req.request_id] = drafts
             scheduled.append((req, num_new))
@@ -242,16 +279,22 @@ class Scheduler:
 
         # 2) Waiting requests, FCFS, while budget, sequence slots and blocks last. Admitting new
         # work in a step that had to preempt would only thrash, so skip it then.
-        admit = self._admit_now() and not preempted_any
+        admit = (self._admit_now() or bool(self.waiting and self.waiting[0].fork_pending)) and not preempted_any
         while admit and self.waiting and budget > 0:
             req = self.waiting[0]
+            if req.group is not None and self.groups.park(req):
+                self.waiting.popleft()  # a preempted beam with its result: nothing to compute until its group steps
+                continue
             if len(self.running) >= self.max_num_seqs:
                 freed = self._preempt_for(req, scheduled, out)  # priority policy: a lower one's slot
                 if freed is None:
                     break
                 budget += freed
-            # Stats are recorded on admission only: a request that does not fit is looked up again.
-            computed_ids, num_computed = self.block_manager.get_computed_blocks(req, record_stats=False)
+            if req.fork_pending:  # forked: it holds its group's blocks, computes only what follows
+                computed_ids, num_computed = [], req.num_computed_tokens
+            else:
+                # Stats are recorded on admission only: a request that does not fit is looked up again.
+                computed_ids, num_computed = self.block_manager.get_computed_blocks(req, record_stats=False)
             num_new = req.num_tokens - num_computed
             if self.enable_chunked_prefill:
                 num_new = self._cap_prefill_chunk(num_new, bool(self.running) or len(self.waiting) > 1)
@@ -260,13 +303,20 @@ class Scheduler:
                     break
                 num_new = budget
             new_blocks = self.block_manager.allocate_slots(req, num_new, computed_ids)
+            if (new_blocks is None and (req.fork_pending or req.group is not None)
+                    and self._make_room_for_group(req, {r.request_id for r, _ in scheduled})):
+                preempted_any = True
+                continue  # look it up and allocate again
             if new_blocks is None:
                 freed = self._preempt_for(req, scheduled, out)  # priority policy: a lower one's blocks
                 if freed is None:
                     break
                 budget += freed
                 continue
-            self.block_manager.record_prefix_cache_lookup(req.num_tokens, num_computed)
+            if not req.fork_pending:
+                self.block_manager.record_prefix_cache_lookup(req.num_tokens, num_computed)
+            req.fork_pending = False
+            self.block_manager.take_replaced_blocks(req.request_id)  # its NewRequestData has the final table
             self.waiting.popleft()
             self.running.append(req)
             req.status = RequestStatus.RUNNING
@@ -354,6 +404,18 @@ class Scheduler:
                 return blocks
         return self.block_manager.allocate_slots(req, num_new)
 
+    def _make_room_for_group(self, req: Request, scheduled: set[str]) -> bool:
+        """A forked sequence or a beam its group waits for must not wait behind parked beams (that
+        would deadlock): preempt the latest running request that is neither scheduled this step nor
+        has a sample in flight (a parked beam keeps its reported result). False: none to preempt."""
+        victim = next((r for r in reversed(self.running)
+                       if r.request_id not in scheduled and r.num_output_placeholders == 0), None)
+        if victim is None:
+            return False
+        self.running.remove(victim)
+        self._preempt(victim)
+        return True
+
     def _cap_prefill_chunk(self, num_new: int, shared: bool) -> int:
         t = self.long_prefill_token_threshold
         return min(num_new, t) if shared and t > 0 else num_new
@@ -382,6 +444,8 @@ class Scheduler:
         away (and could run past max_model_len). An EOS or stop token can only be seen when it
         lands: that costs one discarded token (async scheduling's "stop one step late")."""
         k = req.num_output_placeholders
+        if k > 0 and req.group is not None:
+            return True  # a beam waits for its group's choice; a forking prefill never decodes
         return k > 0 and self._length_reached(req, extra_tokens=k)
 
     def _length_reached(self, req: Request, extra_tokens: int = 0) -> bool:
@@ -404,6 +468,9 @@ class Scheduler:
             if (req is None or req.status != RequestStatus.RUNNING or not token_ids
                     or req.admitted_step > so.step_id):
                 continue  # aborted/preempted while in flight (stale), or a prefill chunk (no token yet)
+            if req.group is not None and (req.request_id in self.groups.prefills
+                                          or self.groups.on_result(req, token_ids, logprobs)):
+                continue  # a forking prefill's sample is discarded; a beam's goes to its group
             live.append((req, token_ids, logprobs))
         # Grammar matchers take each request's first new token in one batched call.
         grammar_ok = accept_first_tokens([(req.grammar, toks[0]) for req, toks, _ in live
@@ -438,6 +505,8 @@ class Scheduler:
             else:
                 req.spec_token_ids = spec_of.get(req.request_id) or None
             deltas.append(self._delta(req, accepted, lps))
+        if self.groups:
+            deltas = self.groups.filter_deltas(deltas) + self.groups.advance_beams(self)
         return deltas
 
     def _check_stop(self, req: Request, tok: int) -> RequestStatus | None:
@@ -478,6 +547,10 @@ class Scheduler:
             req.num_preemptions -= 1
         self.running = []
         self._finished_req_ids = set()
+        for req in self.waiting:  # forked, not admitted: recomputed from tokens like the rest
+            if req.fork_pending:
+                self.block_manager.free(req)
+                req.fork_pending, req.num_computed_tokens = False, 0
         # A restarted executor has an empty KV cache: a prefix "hit" on a block its predecessor
         # computed would feed the model garbage, so the cache index goes too (no block is held now).
         self.block_manager.reset_prefix_cache()

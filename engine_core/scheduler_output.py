@@ -37,6 +37,9 @@ class CachedRequestData:
     req_id: str
     new_block_ids: list[int]
     num_computed_tokens: int  # before this step; lets the executor check it is in sync
+    # Copy-on-write edits of the block table: (index in the table, new block id). A shared block
+    # this request writes into (after a fork) was replaced by its private copy.
+    replaced_blocks: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass

@@ -25,6 +25,28 @@ def _param_of(message: str) -> str | None:
     return first if first.isidentifier() else None
 
 
+def check_sequence_group_fields(req: SamplingFields) -> None:
+    """best_of / beam search: what the engine cannot do is a 400 before any work. Beam search
+    returns n beams (beam_width, when given, is n)."""
+    best_of = getattr(req, "best_of", None)
+    if req.use_beam_search:
+        if req.beam_width is not None:
+            if req.n not in (1, req.beam_width):
+                raise bad_request(f"beam_width ({req.beam_width}) and n ({req.n}) differ: n is the beam width "
+                                  "with use_beam_search", param="beam_width")
+            req.n = req.beam_width
+        if req.stream:
+            raise bad_request("use_beam_search does not support streaming (stream must be false).",
+                              param="use_beam_search")
+        if best_of is not None and best_of != req.n:
+            raise bad_request("best_of must be unset (or equal n) with use_beam_search.", param="best_of")
+    elif req.beam_width is not None or req.length_penalty is not None or req.early_stopping is not None:
+        name = next(f for f in ("beam_width", "length_penalty", "early_stopping") if getattr(req, f) is not None)
+        raise bad_request(f"{name} needs use_beam_search=true.", param=name)
+    if best_of is not None and best_of > req.n and req.stream:
+        raise bad_request("best_of > n cannot be streamed (stream must be false).", param="best_of")
+
+
 def build_sampling_params(req: SamplingFields, facts: ModelFacts, *, max_tokens: int | None,
                           logprobs: int | None, logprobs_field: str = "logprobs",
                           max_tokens_field: str = "max_tokens", max_n: int = 128,
@@ -59,7 +81,13 @@ def build_sampling_params(req: SamplingFields, facts: ModelFacts, *, max_tokens:
         "n": req.n, "max_tokens": max_tokens, "logprobs": logprobs, "seed": req.seed, "logit_bias": bias,
         "stop": req.stop_list, "stop_token_ids": req.stop_token_ids or [],
         "structured_outputs": structured_outputs if structured_outputs is not None else structured_outputs_of(req),
+        "best_of": getattr(req, "best_of", None), "use_beam_search": bool(req.use_beam_search),
     }
+    for name in ("length_penalty", "early_stopping"):
+        if getattr(req, name) is not None:
+            kw[name] = getattr(req, name)
+    if req.use_beam_search:
+        kw["temperature"] = 0.0  # beam search is deterministic (vLLM ignores sampling fields too)
     for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                  "repetition_penalty", "min_tokens", "ignore_eos", "skip_special_tokens",
                  "include_stop_str_in_output"):

@@ -86,6 +86,11 @@ class SamplingFields(BaseModel):
     # priority) and a per-request timeout in seconds (queue time included; 0: none).
     priority: StrictInt | None = None
     timeout: Float | None = None
+    # Beam search (vLLM's extra params; n is the beam width, beam_width an alias); non-streaming.
+    use_beam_search: StrictBool | None = False
+    beam_width: StrictInt | None = None
+    length_penalty: Float | None = None
+    early_stopping: StrictBool | None = None
 
     @property
     def stop_list(self) -> list[str]:

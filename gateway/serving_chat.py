@@ -21,7 +21,12 @@ from gateway.backend import ModelFacts
 from gateway.errors import APIError, bad_request
 from gateway.generation import PromptGeneration, merge_events
 from gateway.logprobs import chat_logprobs, token_table
-from gateway.params import build_sampling_params, resolve_max_tokens, scheduling_kwargs
+from gateway.params import (
+    build_sampling_params,
+    check_sequence_group_fields,
+    resolve_max_tokens,
+    scheduling_kwargs,
+)
 from gateway.protocol import (
     ChatChoice,
     ChatCompletionRequest,
@@ -79,6 +84,7 @@ class ChatServing(BaseServing):
         if not facts.has_chat_template:
             raise APIError(400, f"The model {facts.name} has no chat template, so it cannot take messages: "
                            "use /v1/completions with a plain prompt.", param="messages", code="no_chat_template")
+        check_sequence_group_fields(req)
         if req.top_logprobs is not None and not req.logprobs:
             raise bad_request("top_logprobs requires logprobs to be true.", param="top_logprobs")
         k = (req.top_logprobs or 0) if req.logprobs else None

@@ -16,6 +16,7 @@ from gateway.logprobs import completion_logprobs, token_table
 from gateway.params import (
     build_sampling_params,
     check_prompt_ids,
+    check_sequence_group_fields,
     resolve_max_tokens,
     scheduling_kwargs,
 )
@@ -42,8 +43,7 @@ class CompletionsServing(BaseServing):
         req = self.parse(CompletionRequest, await request.body())
         self.check_stream_options(req)
         facts = await self.check_model(req)
-        if req.best_of is not None and req.best_of != req.n:
-            raise bad_request("best_of is not supported (it must be unset or equal to n).", param="best_of")
+        check_sequence_group_fields(req)
         if req.suffix:
             raise bad_request("suffix is not supported by this model.", param="suffix")
         if req.echo and req.logprobs is not None:
@@ -72,7 +72,7 @@ class CompletionsServing(BaseServing):
         many = len(items) > 1
         admission = self.backend.admission
         admission.check_prompt_count(len(items))
-        admission.check_capacity(len(items) * req.n, facts.capacity, req.n)
+        admission.check_capacity(len(items) * max(req.n, req.best_of or 1), facts.capacity, req.n)
         for i, item in enumerate(items):
             if isinstance(item, str):
                 admission.check_text_size(len(item), facts.max_model_len, f"prompt.{i}" if many else "prompt")

@@ -48,7 +48,8 @@ _SP_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SamplingParams)
                 if f.default is not dataclasses.MISSING}
 _SP_SCALARS = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
                "frequency_penalty", "repetition_penalty", "max_tokens", "min_tokens",
-               "include_stop_str_in_output", "ignore_eos", "logprobs", "skip_special_tokens")
+               "include_stop_str_in_output", "ignore_eos", "logprobs", "skip_special_tokens",
+               "best_of", "use_beam_search", "length_penalty", "early_stopping")
 _SP_UNLIMITED_MAX_TOKENS = 0
 
 
@@ -143,6 +144,9 @@ def scheduler_output_to_proto(so: SchedulerOutput) -> executor_pb2.StepBatch:
                          num_scheduled_tokens=nst[r.req_id])
             if r.new_block_ids:  # passing empty lists to the constructor is not free
                 m.new_block_ids.extend(r.new_block_ids)
+            if r.replaced_blocks:
+                m.replaced_block_indices.extend([i for i, _ in r.replaced_blocks])
+                m.replaced_block_ids.extend([b for _, b in r.replaced_blocks])
             if spec and r.req_id in spec:
                 m.spec_token_ids.extend(spec[r.req_id])
             if masks and r.req_id in masks:
@@ -220,8 +224,12 @@ def scheduler_output_from_proto(msg: executor_pb2.StepBatch) -> SchedulerOutput:
         if r.num_computed_tokens < 0:
             raise ValueError(f"cached request {r.req_id!r}: negative num_computed_tokens")
         blocks = r.new_block_ids  # usually empty for a decode: skip the list() then
+        if len(r.replaced_block_indices) != len(r.replaced_block_ids):
+            raise ValueError(f"cached request {r.req_id!r}: replaced_block_indices and replaced_block_ids differ in length")
         cached_reqs.append(CachedRequestData(req_id=r.req_id, new_block_ids=list(blocks) if blocks else [],
-                                             num_computed_tokens=r.num_computed_tokens))
+                                             num_computed_tokens=r.num_computed_tokens,
+                                             replaced_blocks=list(zip(r.replaced_block_indices, r.replaced_block_ids))
+                                             if r.replaced_block_ids else []))
         ids.append(r.req_id)
         counts.append(r.num_scheduled_tokens)
         if r.spec_token_ids:
@@ -325,6 +333,7 @@ def check_step_against_info(so: SchedulerOutput, info: ExecutorInfo) -> None:
             raise ValueError(f"new request {r.req_id!r}: sampling_params: {e}") from None
     for r in so.scheduled_cached_reqs:
         check_blocks(f"cached request {r.req_id!r} new_block_ids", r.new_block_ids)
+        check_blocks(f"cached request {r.req_id!r} replaced_blocks", [b for _, b in r.replaced_blocks])
     _check_bitmask_words(so.grammar_bitmasks, vocab)
     for rid, toks in so.scheduled_spec_decode_tokens.items():
         check_tokens(f"scheduled_spec_decode_tokens[{rid!r}]", toks)

@@ -128,7 +128,8 @@ class InputBatch:
         self.generation[row] += 1
         self.free_rows.append(row)
 
-    def append_blocks(self, req_id: str, num_computed_tokens: int, block_ids: list[int]) -> None:
+    def append_blocks(self, req_id: str, num_computed_tokens: int, block_ids: list[int],
+                      replaced: list[tuple[int, int]] | None = None) -> None:
         row = self.row_of.get(req_id)
         if row is None:
             raise ExecutorError(f"executor has no state for request {req_id!r} (out of sync)")
@@ -136,6 +137,10 @@ class InputBatch:
             raise ExecutorError(
                 f"request {req_id!r}: executor has {int(self.num_computed[row])} computed tokens, "
                 f"scheduler says {num_computed_tokens}")
+        for i, block_id in replaced or ():  # copy-on-write: the shared block became a private copy
+            if not 0 <= i < int(self.num_blocks[row]):
+                raise ExecutorError(f"request {req_id!r}: replaced block index {i} outside its table")
+            self.block_table[row, i] = block_id
         if block_ids:
             n = int(self.num_blocks[row])
             self._ensure_blocks(n + len(block_ids))

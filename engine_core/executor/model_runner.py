@@ -255,7 +255,7 @@ class ModelRunner:
         for new in so.scheduled_new_reqs:
             b.add(new)
         for cached in so.scheduled_cached_reqs:
-            b.append_blocks(cached.req_id, cached.num_computed_tokens, cached.new_block_ids)
+            b.append_blocks(cached.req_id, cached.num_computed_tokens, cached.new_block_ids, cached.replaced_blocks)
 
     # ------------------------------------------------------------------ one step
     def _run(self, so: SchedulerOutput, t0: float) -> _StepHandle:

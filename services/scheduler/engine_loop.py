@@ -277,27 +277,20 @@ class EngineLoop(ExecutorSupervision, ExecutorSwap, OutputRouting, StatsPublishi
             return
         core = self.core
         ids = call.child_ids
-        children = [call.params.for_child(i) for i in range(call.n)] if call.n > 1 else [call.params]
-        added: list[str] = []
         try:
-            for child in children:  # all or nothing
-                core.validate_request(call.prompt_token_ids, child)
-            for i, (cid, child) in enumerate(zip(ids, children)):
-                if cid in self._routes:
-                    raise ValueError(f"request_id {cid!r} is already in use")
-                req = core.add_request(cid, call.prompt_token_ids, child, arrival_time=call.submitted,
-                                       trace_context=call.trace_context, compiled_grammar=call.compiled_grammar,
+            taken = [cid for cid in ids if cid in self._routes]
+            if taken:
+                raise ValueError(f"request_id {taken[0]!r} is already in use")
+            # All or nothing; n>1 / best_of / beam search share one prefill (engine_core/sequence_group.py).
+            reqs = core.add_generation(call.request_id, ids, call.prompt_token_ids, call.params,
+                                       arrival_time=call.submitted, trace_context=call.trace_context,
+                                       compiled_grammar=call.compiled_grammar,
                                        priority=call.priority, timeout=call.timeout_s)
-                added.append(cid)
-                self._routes[cid] = Route(call, i, req)
         except ValueError as e:
-            if added:
-                for cid in added:
-                    self._routes.pop(cid, None)
-                core.abort_requests(added)
-                core.take_pending()
             self._admit(call, CallFailed(grpc.StatusCode.INVALID_ARGUMENT, str(e)))
             return
+        for i, (cid, req) in enumerate(zip(ids, reqs)):
+            self._routes[cid] = Route(call, i, req)
         self._publish_queues()
         self._admit(call, None)
 

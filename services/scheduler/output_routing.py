@@ -84,7 +84,8 @@ class OutputRouting:
         """Finish unfinished requests as errors: in-band FINISH_REASON_ERROR + message, or (code
         set) end their calls with that gRPC status."""
         core = self.core
-        ids = list(core.scheduler.requests) if only is None else only
+        # Sequence groups' output ids first: their hidden members then go with them.
+        ids = list(core.scheduler.groups.by_output_id) + list(core.scheduler.requests) if only is None else only
         if not ids:
             return
         logger.error("failing %d requests: %s", len(ids), message)

@@ -223,6 +223,33 @@ def test_n2_and_seed_reproducible(stack):
     assert by_index[0] == by_index[1] and by_index[0]  # greedy samples agree
 
 
+def test_n_best_of_and_beam_search_equal_engine(stack, llm):
+    """n>1 / best_of / beam search run on forked block tables in the scheduler service: the stack
+    gives the in-process engine's tokens (seeded samples, ranked best_of, beams best first)."""
+    from engine_core.beam_search import BeamSearchParams
+    from engine_core.sampling_params import SamplingParams
+
+    client, p = stack.client(), PROMPTS[0]
+    kw = {"max_tokens": N, "temperature": 1.0, "seed": 99}
+    r = client.completions.create(model=stack.model, prompt=p, n=3, extra_body={"ignore_eos": True}, **kw)
+    want = llm.generate([p], SamplingParams(n=3, ignore_eos=True, **kw), use_tqdm=False)[0].outputs
+    assert [c.text for c in r.choices] == [o.text for o in want]
+    r = client.completions.create(model=stack.model, prompt=p, n=2, best_of=4, extra_body={"ignore_eos": True}, **kw)
+    want = llm.generate([p], SamplingParams(n=2, best_of=4, ignore_eos=True, **kw), use_tqdm=False)[0].outputs
+    assert [c.text for c in r.choices] == [o.text for o in want] and len(r.choices) == 2
+    r = client.completions.create(model=stack.model, prompt=p, n=3, max_tokens=N,
+                                  extra_body={"use_beam_search": True, "length_penalty": 0.8})
+    want = llm.beam_search([p], BeamSearchParams(beam_width=3, max_tokens=N, length_penalty=0.8))[0].sequences
+    assert [c.text for c in r.choices] == [s.text for s in want]
+    r = client.chat.completions.create(model=stack.model, messages=CHAT, max_tokens=N,
+                                       extra_body={"use_beam_search": True, "beam_width": 2})
+    assert len(r.choices) == 2 and all(c.message.content for c in r.choices)
+    with pytest.raises(openai.BadRequestError) as e:  # 11 beams need 22 logprobs per step (max 20)
+        client.completions.create(model=stack.model, prompt=p, n=11, max_tokens=2, extra_body={"use_beam_search": True})
+    assert "beam_width" in str(e.value)
+    assert wait_until(stack.idle, 10)
+
+
 def test_stop_strings(stack, greedy):
     outs, _ = greedy
     p = PROMPTS[2]

@@ -504,3 +504,45 @@ def test_generate_stream_multiplexes_with_in_band_errors(sched):
         time.sleep(0.02)
     st = sched.stats()
     assert st.num_running == 0 and st.kv_cache_usage == 0
+
+
+# ---------------------------------------------------------------------------- sequence groups
+def test_best_of_and_beam_search_through_the_service(sched):
+    """n>1 / best_of / beam search run on forked block tables in the scheduler (the fake executor
+    computes nothing, so only the shape is checked here; tokens vs HF and vs in-process: the
+    real-model unit and gateway tests)."""
+    msgs = list(sched.stub.Generate(gen_req("bo", [5, 6, 7, 8], max_tokens=5, n=2, best_of=4), timeout=10))
+    finals = [m for m in msgs if m.finish_reason != pb.FINISH_REASON_UNSPECIFIED]
+    assert sorted(m.index for m in finals) == [0, 1]
+    assert all(not m.logprobs for m in msgs)  # ranked on logprobs, which were not asked for
+    assert collect(iter(msgs)) == {i: expected_tokens([5, 6, 7, 8], 5) for i in range(2)}
+    msgs = list(sched.stub.Generate(gen_req("bs", [5, 6, 7, 8], max_tokens=4, n=3, use_beam_search=True,
+                                            length_penalty=0.5), timeout=10))
+    finals = [m for m in msgs if m.finish_reason != pb.FINISH_REASON_UNSPECIFIED]
+    assert sorted(m.index for m in finals) == [0, 1, 2]
+    assert all(1 <= m.usage.completion_tokens <= 4 for m in finals)  # the fake has EOS among its top tokens
+    st = sched.stats()
+    assert st.kv_cache_usage == 0 and st.num_running == 0 and st.num_waiting == 0
+
+
+def test_bad_group_params_are_invalid_argument(sched):
+    for sp, field in (({"n": 3, "best_of": 2}, "best_of"), ({"n": 11, "use_beam_search": True}, "beam_width")):
+        with pytest.raises(grpc.RpcError) as e:
+            list(sched.stub.Generate(gen_req("bad", **sp), timeout=5))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in e.value.details()
+    assert sched.stats().kv_cache_usage == 0
+
+
+def test_cancel_beam_search_and_best_of_frees_blocks(sched):
+    for sp in ({"n": 4, "use_beam_search": True}, {"n": 2, "best_of": 3}):
+        call = sched.stub.Generate(gen_req("c", list(range(1, 40)), max_tokens=400, **sp), timeout=20)
+        deadline = time.monotonic() + 5
+        while sched.stats().kv_cache_usage == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert sched.stats().kv_cache_usage > 0
+        call.cancel()
+        deadline = time.monotonic() + 5
+        while sched.stats().kv_cache_usage > 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        st = sched.stats()
+        assert st.kv_cache_usage == 0 and st.num_running == 0 and st.num_waiting == 0

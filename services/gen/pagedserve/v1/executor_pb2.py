@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from . import common_pb2 as pagedserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cpagedserve/v1/executor.proto\x12\rpagedserve.v1\x1a\x1apagedserve/v1/common.proto\"\x11\n\x0f\x44\x65scribeRequest\"\xd5\x02\n\x0c\x45xecutorInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x15\n\rmax_model_len\x18\x04 \x01(\x05\x12\x15\n\rnum_kv_blocks\x18\x05 \x01(\x05\x12\x12\n\nblock_size\x18\x06 \x01(\x05\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x12\n\nnum_layers\x18\t \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\n \x01(\x05\x12\x10\n\x08head_dim\x18\x0b \x01(\x05\x12\x16\n\x0ekv_cache_bytes\x18\x0c \x01(\x03\x12\x15\n\reos_token_ids\x18\r \x03(\x05\x12\x1e\n\x16num_speculative_tokens\x18\x0e \x01(\x05\x12\x1b\n\x13num_lookahead_slots\x18\x0f \x01(\x05\"\x88\x03\n\x0eNewRequestData\x12\x0e\n\x06req_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x36\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x1d.pagedserve.v1.SamplingParams\x12\x11\n\tblock_ids\x18\x04 \x03(\x05\x12\x1b\n\x13num_computed_tokens\x18\x05 \x01(\x05\x12\x18\n\x10output_token_ids\x18\x06 \x03(\x05\x12\x1c\n\x14num_scheduled_tokens\x18\x07 \x01(\x05\x12\x16\n\x0espec_token_ids\x18\x08 \x03(\x05\x12\x46\n\rtrace_context\x18\t \x03(\x0b\x32/.pagedserve.v1.NewRequestData.TraceContextEntry\x12\x17\n\x0fgrammar_bitmask\x18\x0f \x01(\x0c\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa6\x01\n\x11\x43\x61\x63hedRequestData\x12\x0e\n\x06req_id\x18\x01 \x01(\t\x12\x15\n\rnew_block_ids\x18\x02 \x03(\x05\x12\x1b\n\x13num_computed_tokens\x18\x03 \x01(\x05\x12\x1c\n\x14num_scheduled_tokens\x18\x04 \x01(\x05\x12\x16\n\x0espec_token_ids\x18\x05 \x03(\x05\x12\x17\n\x0fgrammar_bitmask\x18\x0f \x01(\x0c\"%\n\tBlockCopy\x12\x0b\n\x03src\x18\x01 \x01(\x05\x12\x0b\n\x03\x64st\x18\x02 \x01(\x05\"\xf5\x02\n\tStepBatch\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x39\n\x12scheduled_new_reqs\x18\x02 \x03(\x0b\x32\x1d.pagedserve.v1.NewRequestData\x12?\n\x15scheduled_cached_reqs\x18\x03 \x03(\x0b\x32 .pagedserve.v1.CachedRequestData\x12\x16\n\x0eschedule_order\x18\x04 \x03(\x05\x12\"\n\x1atotal_num_scheduled_tokens\x18\x05 \x01(\x05\x12\x18\n\x10\x66inished_req_ids\x18\x06 \x03(\t\x12.\n\x0c\x62lock_copies\x18\x07 \x03(\x0b\x32\x18.pagedserve.v1.BlockCopy\x12\x19\n\x11\x62itmasks_deferred\x18\x08 \x01(\x08\x12:\n\x11\x64\x65\x66\x65rred_bitmasks\x18\t \x01(\x0b\x32\x1f.pagedserve.v1.DeferredBitmasks\"5\n\x10\x44\x65\x66\x65rredBitmasks\x12\x0f\n\x07req_ids\x18\x01 \x03(\t\x12\x10\n\x08\x62itmasks\x18\x02 \x03(\x0c\"B\n\x11TokenLogprobsList\x12-\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1c.pagedserve.v1.TokenLogprobs\"f\n\rSampledTokens\x12\x0e\n\x06req_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x32\n\x08logprobs\x18\x03 \x01(\x0b\x32 .pagedserve.v1.TokenLogprobsList\"\x1f\n\nSpecTokens\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"\x97\x01\n\nStepResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12-\n\x07outputs\x18\x02 \x03(\x0b\x32\x1c.pagedserve.v1.SampledTokens\x12\x16\n\x0e\x65xecute_time_s\x18\x03 \x01(\x01\x12\x31\n\x0espec_token_ids\x18\n \x03(\x0b\x32\x19.pagedserve.v1.SpecTokens\"\x0e\n\x0cResetRequest\"\x0f\n\rResetResponse2\xd8\x01\n\x08\x45xecutor\x12G\n\x08\x44\x65scribe\x12\x1e.pagedserve.v1.DescribeRequest\x1a\x1b.pagedserve.v1.ExecutorInfo\x12?\n\x04Step\x12\x18.pagedserve.v1.StepBatch\x1a\x19.pagedserve.v1.StepResult(\x01\x30\x01\x12\x42\n\x05Reset\x12\x1b.pagedserve.v1.ResetRequest\x1a\x1c.pagedserve.v1.ResetResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cpagedserve/v1/executor.proto\x12\rpagedserve.v1\x1a\x1apagedserve/v1/common.proto\"\x11\n\x0f\x44\x65scribeRequest\"\xd5\x02\n\x0c\x45xecutorInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x15\n\rmax_model_len\x18\x04 \x01(\x05\x12\x15\n\rnum_kv_blocks\x18\x05 \x01(\x05\x12\x12\n\nblock_size\x18\x06 \x01(\x05\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x12\n\nnum_layers\x18\t \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\n \x01(\x05\x12\x10\n\x08head_dim\x18\x0b \x01(\x05\x12\x16\n\x0ekv_cache_bytes\x18\x0c \x01(\x03\x12\x15\n\reos_token_ids\x18\r \x03(\x05\x12\x1e\n\x16num_speculative_tokens\x18\x0e \x01(\x05\x12\x1b\n\x13num_lookahead_slots\x18\x0f \x01(\x05\"\x88\x03\n\x0eNewRequestData\x12\x0e\n\x06req_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x36\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x1d.pagedserve.v1.SamplingParams\x12\x11\n\tblock_ids\x18\x04 \x03(\x05\x12\x1b\n\x13num_computed_tokens\x18\x05 \x01(\x05\x12\x18\n\x10output_token_ids\x18\x06 \x03(\x05\x12\x1c\n\x14num_scheduled_tokens\x18\x07 \x01(\x05\x12\x16\n\x0espec_token_ids\x18\x08 \x03(\x05\x12\x46\n\rtrace_context\x18\t \x03(\x0b\x32/.pagedserve.v1.NewRequestData.TraceContextEntry\x12\x17\n\x0fgrammar_bitmask\x18\x0f \x01(\x0c\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe2\x01\n\x11\x43\x61\x63hedRequestData\x12\x0e\n\x06req_id\x18\x01 \x01(\t\x12\x15\n\rnew_block_ids\x18\x02 \x03(\x05\x12\x1b\n\x13num_computed_tokens\x18\x03 \x01(\x05\x12\x1c\n\x14num_scheduled_tokens\x18\x04 \x01(\x05\x12\x16\n\x0espec_token_ids\x18\x05 \x03(\x05\x12\x17\n\x0fgrammar_bitmask\x18\x0f \x01(\x0c\x12\x1e\n\x16replaced_block_indices\x18\x14 \x03(\x05\x12\x1a\n\x12replaced_block_ids\x18\x15 \x03(\x05\"%\n\tBlockCopy\x12\x0b\n\x03src\x18\x01 \x01(\x05\x12\x0b\n\x03\x64st\x18\x02 \x01(\x05\"\xf5\x02\n\tStepBatch\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x39\n\x12scheduled_new_reqs\x18\x02 \x03(\x0b\x32\x1d.pagedserve.v1.NewRequestData\x12?\n\x15scheduled_cached_reqs\x18\x03 \x03(\x0b\x32 .pagedserve.v1.CachedRequestData\x12\x16\n\x0eschedule_order\x18\x04 \x03(\x05\x12\"\n\x1atotal_num_scheduled_tokens\x18\x05 \x01(\x05\x12\x18\n\x10\x66inished_req_ids\x18\x06 \x03(\t\x12.\n\x0c\x62lock_copies\x18\x07 \x03(\x0b\x32\x18.pagedserve.v1.BlockCopy\x12\x19\n\x11\x62itmasks_deferred\x18\x08 \x01(\x08\x12:\n\x11\x64\x65\x66\x65rred_bitmasks\x18\t \x01(\x0b\x32\x1f.pagedserve.v1.DeferredBitmasks\"5\n\x10\x44\x65\x66\x65rredBitmasks\x12\x0f\n\x07req_ids\x18\x01 \x03(\t\x12\x10\n\x08\x62itmasks\x18\x02 \x03(\x0c\"B\n\x11TokenLogprobsList\x12-\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1c.pagedserve.v1.TokenLogprobs\"f\n\rSampledTokens\x12\x0e\n\x06req_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x32\n\x08logprobs\x18\x03 \x01(\x0b\x32 .pagedserve.v1.TokenLogprobsList\"\x1f\n\nSpecTokens\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"\x97\x01\n\nStepResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12-\n\x07outputs\x18\x02 \x03(\x0b\x32\x1c.pagedserve.v1.SampledTokens\x12\x16\n\x0e\x65xecute_time_s\x18\x03 \x01(\x01\x12\x31\n\x0espec_token_ids\x18\n \x03(\x0b\x32\x19.pagedserve.v1.SpecTokens\"\x0e\n\x0cResetRequest\"\x0f\n\rResetResponse2\xd8\x01\n\x08\x45xecutor\x12G\n\x08\x44\x65scribe\x12\x1e.pagedserve.v1.DescribeRequest\x1a\x1b.pagedserve.v1.ExecutorInfo\x12?\n\x04Step\x12\x18.pagedserve.v1.StepBatch\x1a\x19.pagedserve.v1.StepResult(\x01\x30\x01\x12\x42\n\x05Reset\x12\x1b.pagedserve.v1.ResetRequest\x1a\x1c.pagedserve.v1.ResetResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,25 +44,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NEWREQUESTDATA_TRACECONTEXTENTRY']._serialized_start=780
   _globals['_NEWREQUESTDATA_TRACECONTEXTENTRY']._serialized_end=831
   _globals['_CACHEDREQUESTDATA']._serialized_start=834
-  _globals['_CACHEDREQUESTDATA']._serialized_end=1000
-  _globals['_BLOCKCOPY']._serialized_start=1002
-  _globals['_BLOCKCOPY']._serialized_end=1039
-  _globals['_STEPBATCH']._serialized_start=1042
-  _globals['_STEPBATCH']._serialized_end=1415
-  _globals['_DEFERREDBITMASKS']._serialized_start=1417
-  _globals['_DEFERREDBITMASKS']._serialized_end=1470
-  _globals['_TOKENLOGPROBSLIST']._serialized_start=1472
-  _globals['_TOKENLOGPROBSLIST']._serialized_end=1538
-  _globals['_SAMPLEDTOKENS']._serialized_start=1540
-  _globals['_SAMPLEDTOKENS']._serialized_end=1642
-  _globals['_SPECTOKENS']._serialized_start=1644
-  _globals['_SPECTOKENS']._serialized_end=1675
-  _globals['_STEPRESULT']._serialized_start=1678
-  _globals['_STEPRESULT']._serialized_end=1829
-  _globals['_RESETREQUEST']._serialized_start=1831
-  _globals['_RESETREQUEST']._serialized_end=1845
-  _globals['_RESETRESPONSE']._serialized_start=1847
-  _globals['_RESETRESPONSE']._serialized_end=1862
-  _globals['_EXECUTOR']._serialized_start=1865
-  _globals['_EXECUTOR']._serialized_end=2081
+  _globals['_CACHEDREQUESTDATA']._serialized_end=1060
+  _globals['_BLOCKCOPY']._serialized_start=1062
+  _globals['_BLOCKCOPY']._serialized_end=1099
+  _globals['_STEPBATCH']._serialized_start=1102
+  _globals['_STEPBATCH']._serialized_end=1475
+  _globals['_DEFERREDBITMASKS']._serialized_start=1477
+  _globals['_DEFERREDBITMASKS']._serialized_end=1530
+  _globals['_TOKENLOGPROBSLIST']._serialized_start=1532
+  _globals['_TOKENLOGPROBSLIST']._serialized_end=1598
+  _globals['_SAMPLEDTOKENS']._serialized_start=1600
+  _globals['_SAMPLEDTOKENS']._serialized_end=1702
+  _globals['_SPECTOKENS']._serialized_start=1704
+  _globals['_SPECTOKENS']._serialized_end=1735
+  _globals['_STEPRESULT']._serialized_start=1738
+  _globals['_STEPRESULT']._serialized_end=1889
+  _globals['_RESETREQUEST']._serialized_start=1891
+  _globals['_RESETREQUEST']._serialized_end=1905
+  _globals['_RESETRESPONSE']._serialized_start=1907
+  _globals['_RESETRESPONSE']._serialized_end=1922
+  _globals['_EXECUTOR']._serialized_start=1925
+  _globals['_EXECUTOR']._serialized_end=2141
 # @@protoc_insertion_point(module_scope)

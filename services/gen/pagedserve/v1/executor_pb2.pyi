@@ -78,20 +78,24 @@ class NewRequestData(_message.Message):
     def __init__(self, req_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_computed_tokens: _Optional[int] = ..., output_token_ids: _Optional[_Iterable[int]] = ..., num_scheduled_tokens: _Optional[int] = ..., spec_token_ids: _Optional[_Iterable[int]] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., grammar_bitmask: _Optional[bytes] = ...) -> None: ...
 
 class CachedRequestData(_message.Message):
-    __slots__ = ("req_id", "new_block_ids", "num_computed_tokens", "num_scheduled_tokens", "spec_token_ids", "grammar_bitmask")
+    __slots__ = ("req_id", "new_block_ids", "num_computed_tokens", "num_scheduled_tokens", "spec_token_ids", "grammar_bitmask", "replaced_block_indices", "replaced_block_ids")
     REQ_ID_FIELD_NUMBER: _ClassVar[int]
     NEW_BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     NUM_COMPUTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_SCHEDULED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SPEC_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     GRAMMAR_BITMASK_FIELD_NUMBER: _ClassVar[int]
+    REPLACED_BLOCK_INDICES_FIELD_NUMBER: _ClassVar[int]
+    REPLACED_BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     req_id: str
     new_block_ids: _containers.RepeatedScalarFieldContainer[int]
     num_computed_tokens: int
     num_scheduled_tokens: int
     spec_token_ids: _containers.RepeatedScalarFieldContainer[int]
     grammar_bitmask: bytes
-    def __init__(self, req_id: _Optional[str] = ..., new_block_ids: _Optional[_Iterable[int]] = ..., num_computed_tokens: _Optional[int] = ..., num_scheduled_tokens: _Optional[int] = ..., spec_token_ids: _Optional[_Iterable[int]] = ..., grammar_bitmask: _Optional[bytes] = ...) -> None: ...
+    replaced_block_indices: _containers.RepeatedScalarFieldContainer[int]
+    replaced_block_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, req_id: _Optional[str] = ..., new_block_ids: _Optional[_Iterable[int]] = ..., num_computed_tokens: _Optional[int] = ..., num_scheduled_tokens: _Optional[int] = ..., spec_token_ids: _Optional[_Iterable[int]] = ..., grammar_bitmask: _Optional[bytes] = ..., replaced_block_indices: _Optional[_Iterable[int]] = ..., replaced_block_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class BlockCopy(_message.Message):
     __slots__ = ("src", "dst")
