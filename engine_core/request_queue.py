@@ -71,6 +71,11 @@ class PriorityRequestQueue:
     # later arrivals of its priority (and a higher-priority newcomer still comes first).
     appendleft = append
 
+    def insert(self, index: int, req: Request) -> None:
+        """The scheduler puts a preempted request back at a position (FCFS: behind forked sequences
+        waiting for admission); here the order is the key's, so the position is ignored."""
+        self.append(req)
+
     def popleft(self) -> Request:
         if not self._reqs:
             raise IndexError("pop from an empty queue")

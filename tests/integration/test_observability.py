@@ -192,7 +192,9 @@ def test_metrics_counters_equal_the_load(stack):
                       >= samples and total(scrape(sched_url), "pagedserve:num_requests_running") == 0, 10, 0.1)
     sched = scrape(sched_url)
     assert delta(sched, sched_before, "pagedserve:scheduler_requests_finished_total") == samples
-    assert delta(sched, sched_before, "pagedserve:prefix_cache_queries_total") >= prompt_tokens
+    # every prompt token is looked up once, except the last of the n=2 request's prompt: its forked
+    # samples compute it each on a private copy of the partial block (engine_core/sequence_group.py)
+    assert delta(sched, sched_before, "pagedserve:prefix_cache_queries_total") >= prompt_tokens - 1
     for name in ("pagedserve:num_requests_waiting", "pagedserve:kv_cache_usage_perc", "pagedserve:num_kv_blocks",
                  "pagedserve:num_preemptions_total", "pagedserve:prefix_cache_hits_total"):
         assert name in sched, name
