@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from engine_core.executor.base import ExecutorError
 from engine_core.llm import LLM
 from engine_core.sampling_params import SamplingParams
+from tests.unit.executor_faults import FailOnce
 
 BS = 16
 PROMPT_LEN = 500
@@ -102,27 +102,13 @@ def test_preemption_leaks_nothing_and_keeps_tokens(llm):
     assert sched.block_manager.num_used_blocks == 0
 
 
-class _FailOnce:
-    def __init__(self, inner, at: int) -> None:
-        self.inner, self.calls, self.at = inner, 0, at
-
-    def submit(self, so) -> None:
-        self.calls += 1
-        if self.calls == self.at:
-            raise ExecutorError("injected failure")
-        self.inner.submit(so)
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-
 @pytest.mark.parametrize("fail_at", [2, 6])  # the forking step, mid-decode
 def test_executor_failure_replays_forked_children(llm, fail_at):
     prompt = _prompt(llm)[:60]
     want = _independent(llm, prompt, _params(max_tokens=12))
     core = llm.engine.core
     inner, restarts = core.executor, core.counters.executor_restarts
-    core.executor = _FailOnce(inner, fail_at)
+    core.executor = FailOnce(inner, fail_at)
     try:
         got = [c.token_ids for c in llm.generate([prompt], _params(max_tokens=12), use_tqdm=False)[0].outputs]
     finally:

@@ -11,7 +11,6 @@ import jsonschema
 import numpy as np
 import pytest
 
-from engine_core.executor.base import ExecutorError
 from engine_core.llm import LLM
 from engine_core.sampling_params import SamplingParams
 from engine_core.structured_output.params import StructuredOutputsParams as P
@@ -23,6 +22,7 @@ from engine_core.tool_calls import (
     tool_call_constraint,
     validate_tools,
 )
+from tests.unit.executor_faults import FailOnce
 
 pytest.importorskip("xgrammar")
 
@@ -109,28 +109,12 @@ def test_free_neighbours_unchanged(llm):
     assert [o.outputs[0].token_ids for o in alone] == [o.outputs[0].token_ids for o in mixed[:5]]
 
 
-class _FailOnce:
-    """An executor whose n-th submit fails once (the engine resets it and replays every request)."""
-
-    def __init__(self, inner, at: int) -> None:
-        self.inner, self.calls, self.at = inner, 0, at
-
-    def submit(self, so) -> None:
-        self.calls += 1
-        if self.calls == self.at:
-            raise ExecutorError("injected failure")
-        self.inner.submit(so)
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-
 def test_grammar_survives_executor_failure_and_replay(llm):
     sp = SamplingParams(temperature=0, max_tokens=80, structured_outputs=P(json=SCHEMA))
     want = [o.token_ids for o in _gen(llm, sp)]
     core = llm.engine.core
     inner, restarts = core.executor, core.counters.executor_restarts
-    core.executor = _FailOnce(inner, at=12)  # mid-generation: tokens are out, the JSON is not finished
+    core.executor = FailOnce(inner, at=12)  # mid-generation: tokens are out, the JSON is not finished
     try:
         got = _gen(llm, sp)
     finally:
