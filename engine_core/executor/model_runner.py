@@ -27,7 +27,7 @@ from torch import nn
 from engine_core.executor.base import ExecutorError
 from engine_core.executor.cuda_graph import CudaGraphRunner
 from engine_core.executor.input_batch import InputBatch, StepInputs
-from engine_core.layers.attention_metadata import AttentionMetadata
+from engine_core.layers.attention_metadata import AttentionMetadata, as_decode_rows
 from engine_core.layers.sampler import Sampler, SamplerOutput, make_generator
 from engine_core.model_config import ModelConfig
 from engine_core.sampling_metadata import SamplingMetadata
@@ -127,7 +127,9 @@ class ModelRunner:
         ]
         self.graph_runner: CudaGraphRunner | None = None
         if cuda_graphs and device.type == "cuda":
-            self.graph_runner = CudaGraphRunner(model, self.kv_caches, max_num_seqs=max_num_seqs,
+            # With speculation a verification step runs as k+1 decode rows per request (as_decode_rows).
+            rows_per_seq = 1 + (speculative_config.num_speculative_tokens if speculative_config else 0)
+            self.graph_runner = CudaGraphRunner(model, self.kv_caches, max_num_seqs=max_num_seqs * rows_per_seq,
                                                 max_model_len=max_model_len, block_size=block_size, device=device)
             self.graph_runner.capture()
         self._lock = threading.Lock()
@@ -391,7 +393,11 @@ class ModelRunner:
         structured output) through the normal sampler, exactly as without speculation."""
         inputs = self.batch.prepare(so, None, None)
         ids, pos, md_attn, logits_rows = self._prepare_inputs(inputs, None)
-        hidden = self._forward(ids, pos, md_attn)
+        # Decodes and verifications only: run them as decode rows (the decode kernel, and its CUDA
+        # graphs when the rows fit the captured sizes) instead of the eager chunked-prefill path.
+        max_rows = self.graph_runner.max_bs if self.graph_runner is not None else 1 << 30
+        rows_md = as_decode_rows(md_attn, max_rows, self.spec.num_speculative_tokens + 1)
+        hidden = self._forward(ids, pos, rows_md if rows_md is not None else md_attn)
         if self.drafter is not None:
             self.drafter.mirror(ids, pos, md_attn)
         b = self.batch

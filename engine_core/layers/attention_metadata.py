@@ -31,3 +31,25 @@ class AttentionMetadata:
     @property
     def num_reqs(self) -> int:
         return len(self.seq_lens_cpu)
+
+
+def as_decode_rows(md: AttentionMetadata, max_rows: int, max_query_len: int) -> AttentionMetadata | None:
+    """A step whose requests all have short queries (speculative verification: k+1 rows each) as a
+    pure-decode step of one row per query token: row j of a request with L rows and context S
+    attends to its first S - L + 1 + j tokens (causal), through the request's block table. Every
+    row's K/V is written before attention reads, so this equals the chunked-prefill path, and it
+    runs on the decode kernel and its CUDA graphs. None: a longer query, or more than max_rows rows."""
+    ql, sl = md.query_lens_cpu, md.seq_lens_cpu
+    T = sum(ql)
+    if not ql or T > max_rows or max(ql) > max_query_len:
+        return None
+    if md.num_decodes == md.num_reqs:
+        return md
+    dev = md.seq_lens.device
+    row_lens = [s - q + 1 + j for q, s in zip(ql, sl) for j in range(q)]
+    req_of_row = torch.repeat_interleave(torch.arange(len(ql)), torch.tensor(ql)).to(dev)
+    return AttentionMetadata(
+        slot_mapping=md.slot_mapping[:T], query_start_loc=torch.arange(T + 1, dtype=torch.int32, device=dev),
+        seq_lens=torch.tensor(row_lens, dtype=torch.int32, device=dev),
+        block_tables=md.block_tables.index_select(0, req_of_row), block_size=md.block_size, max_query_len=1,
+        max_seq_len=md.max_seq_len, query_lens_cpu=[1] * T, seq_lens_cpu=row_lens, num_decodes=T)
