@@ -186,3 +186,27 @@ def test_timed_out_counter_metric():
     assert samples()["pagedserve:num_requests_timed_out_total"].value == 1
     m.bind(SimpleNamespace(last_stats=st, info=None, core=None))  # before the executor connected
     assert samples()["pagedserve:num_requests_timed_out_total"].value == 0
+
+
+@pytest.mark.parametrize("shape", ["n", "best_of", "beam"])
+def test_group_requests_time_out_per_output_id_and_free_every_block(shape):
+    """n>1 / best_of / beam search: the group's internal requests (hidden prefill, held samples,
+    forked beams) come and go; the deadline belongs to the client's output ids."""
+    core, clock = make_core(max_logprobs=20)
+    if shape == "beam":
+        p = SamplingParams(n=2, use_beam_search=True, temperature=0, max_tokens=50, ignore_eos=True)
+    elif shape == "best_of":
+        p = SamplingParams(n=2, best_of=3, temperature=0.8, seed=1, max_tokens=50, ignore_eos=True)
+    else:
+        p = SamplingParams(n=2, temperature=0.8, seed=1, max_tokens=50, ignore_eos=True)
+    core.add_generation("g", ["g-0", "g-1"], [1, 2, 3, 4, 5, 6], p, timeout=2.0)
+    run_steps(core, 4)
+    clock.t += 2.1
+    finals = [d for d in core.step() if d.finished]
+    assert sorted(d.request_id for d in finals) == ["g-0", "g-1"]
+    assert all(d.finish_reason == "abort" and "timed out" in d.error_message for d in finals)
+    assert core.counters.requests_timed_out == 2
+    assert not core.scheduler.has_unfinished_requests()
+    assert core.scheduler.block_manager.num_used_blocks == 0
+    run_steps(core, 2)  # nothing left to expire or to schedule
+    assert core.counters.requests_timed_out == 2
