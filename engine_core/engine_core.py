@@ -248,8 +248,8 @@ class EngineCore:
                        priority: int = 0, timeout: float | None = None) -> list[Request]:
         """One client request, whatever its shape: a single sequence, n>1 / best_of samples or beam
         search (output_ids: one per returned sequence). Returns the requests to report metrics from.
-        priority / timeout: as for add_request, for every sequence of the request."""
-        self.validate_scheduling(priority, timeout)
+        priority / timeout: as for add_request, for every sequence of the request (each path
+        validates them)."""
         if params.use_beam_search:
             if params.structured_outputs is not None:
                 raise ValueError("beam search does not support structured output")
@@ -278,9 +278,7 @@ class EngineCore:
         num = params.best_of or params.n
         best_of = num > params.n
         ids = [f"{group_id}~b{i}" for i in range(num)] if best_of else list(output_ids)
-        taken = [i for i in ids + output_ids if i in self.scheduler.requests or i in self.scheduler.groups.by_output_id]
-        if taken:
-            raise ValueError(f"request_id {taken[0]!r} is already in use")
+        self._check_ids_free(ids + output_ids)
         if best_of and params.structured_outputs is not None:
             raise ValueError("best_of does not support structured output")
         at = arrival_time if arrival_time is not None else self.clock()
@@ -297,6 +295,12 @@ class EngineCore:
         self._add_group_deadlines(list(output_ids), prompt_token_ids, params, at, timeout)
         self.counters.requests_added += len(children)
         return children
+
+    def _check_ids_free(self, ids: list[str]) -> None:
+        """A group's ids must not collide with a running request's or another group's output ids."""
+        taken = [i for i in ids if i in self.scheduler.requests or i in self.scheduler.groups.by_output_id]
+        if taken:
+            raise ValueError(f"request_id {taken[0]!r} is already in use")
 
     def beam_eos_ids(self, stop_token_ids: list[int] | None = None) -> tuple[int, ...]:
         """Tokens that end a beam: the model's EOS and the request's stop token ids (HF: eos_token_id list)."""
@@ -324,9 +328,7 @@ class EngineCore:
         search ends (engine_core/beam_search.py has HF's rules)."""
         if len(output_ids) != params.beam_width:
             raise ValueError(f"{len(output_ids)} output ids for beam_width={params.beam_width}")
-        taken = [i for i in output_ids if i in self.scheduler.requests or i in self.scheduler.groups.by_output_id]
-        if taken:
-            raise ValueError(f"request_id {taken[0]!r} is already in use")
+        self._check_ids_free(output_ids)
         self.validate_scheduling(priority, timeout)
         eos = self.beam_eos_ids(stop_token_ids)
         beam_params = self.validate_beam_search(prompt_token_ids, params, eos)

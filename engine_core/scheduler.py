@@ -153,7 +153,7 @@ class Scheduler:
                 owned = self.groups.abort(self, rid)  # a sequence group's id (pending, best_of, beams)
                 for carrier in owned or ():
                     carrier.status, carrier.stop_reason = status, stop_reason
-                    self.finished_by_reason[carrier.finish_reason] = self.finished_by_reason.get(carrier.finish_reason, 0) + 1
+                    self._count_finished(carrier)
                     done.append(carrier)
                 continue
             if req is None or req.status.finished:
@@ -167,26 +167,31 @@ class Scheduler:
             done.append(req)
         return done
 
-    def _finish(self, req: Request, status: RequestStatus) -> None:
+    def _release(self, req: Request, status: RequestStatus) -> None:
+        """The request is done: its blocks go back (shared ones stay with their other holders) and
+        the executor forgets it at the next step."""
         req.status = status
         self.block_manager.free(req)
         self._finished_req_ids.add(req.request_id)
         self.requests.pop(req.request_id, None)
         self._grammar_req_ids.discard(req.request_id)
+
+    def _count_finished(self, req: Request) -> None:
         reason = req.finish_reason or "unknown"
         self.finished_by_reason[reason] = self.finished_by_reason.get(reason, 0) + 1
 
+    def _finish(self, req: Request, status: RequestStatus) -> None:
+        self._release(req, status)
+        self._count_finished(req)
+
     def _drop(self, req: Request) -> None:
-        """Retire a sequence-group member silently (a forked prefill, a dropped beam): its blocks
-        go back (shared ones stay with the other holders), the executor forgets it, no output."""
+        """Retire a sequence-group member silently (a forked prefill, a dropped beam): released
+        like a finished request, but no output and no finish reason counted."""
         if req.status == RequestStatus.RUNNING:
             self.running.remove(req)
         elif not req.status.finished and req in self.waiting:
             self.waiting.remove(req)
-        req.status = RequestStatus.FINISHED_ABORTED
-        self.block_manager.free(req)
-        self._finished_req_ids.add(req.request_id)
-        self.requests.pop(req.request_id, None)
+        self._release(req, RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.running)

@@ -27,6 +27,7 @@ from torch import nn
 from engine_core.executor.base import ExecutorError
 from engine_core.executor.cuda_graph import CudaGraphRunner
 from engine_core.executor.input_batch import InputBatch, StepInputs
+from engine_core.layers.attention import raw_kv_view
 from engine_core.layers.attention_metadata import AttentionMetadata, as_decode_rows
 from engine_core.layers.sampler import Sampler, SamplerOutput, make_generator
 from engine_core.model_config import ModelConfig
@@ -120,11 +121,8 @@ class ModelRunner:
         self.num_kv_heads = num_kv_heads or mc.num_key_value_heads
         # One tensor per layer: [2 (K,V), num_blocks, block_size, num_kv_heads, head_dim]. Zeroed so
         # padded gathers never read NaN garbage. kv_dtype: the model dtype, or fp8 (--kv-cache-dtype).
-        self.kv_caches = [
-            torch.zeros(2, num_blocks, block_size, self.num_kv_heads, mc.head_dim, dtype=kv_dtype or dtype,
-                        device=device)
-            for _ in range(mc.num_hidden_layers)
-        ]
+        self.kv_caches = self._allocate_kv_caches(mc, num_blocks, block_size, self.num_kv_heads,
+                                                  kv_dtype or dtype, device)
         self.graph_runner: CudaGraphRunner | None = None
         if cuda_graphs and device.type == "cuda":
             # With speculation a verification step runs as k+1 decode rows per request (as_decode_rows).
@@ -153,10 +151,16 @@ class ModelRunner:
                                        self.spec.prompt_lookup_max)
         elif self.spec is not None:
             dc = draft_model_config
-            draft_kv = [torch.zeros(2, num_blocks, block_size, dc.num_key_value_heads, dc.head_dim,
-                                    dtype=kv_dtype or dtype, device=device) for _ in range(dc.num_hidden_layers)]
+            draft_kv = self._allocate_kv_caches(dc, num_blocks, block_size, dc.num_key_value_heads,
+                                                kv_dtype or dtype, device)
             self.drafter = DraftModelProposer(draft_model, draft_kv, block_size, self.spec.num_speculative_tokens,
                                               device, self.generator)
+
+    @staticmethod
+    def _allocate_kv_caches(mc: ModelConfig, num_blocks: int, block_size: int, num_kv_heads: int,
+                            dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+        return [torch.zeros(2, num_blocks, block_size, num_kv_heads, mc.head_dim, dtype=dtype, device=device)
+                for _ in range(mc.num_hidden_layers)]
 
     @staticmethod
     def kv_bytes_per_block(mc: ModelConfig, block_size: int, dtype: torch.dtype, num_kv_heads: int | None = None) -> int:
@@ -252,7 +256,7 @@ class ModelRunner:
             self._draft_q.pop(rid, None)
         for src, dst in so.block_copies:
             for kv in self.kv_caches:
-                raw = kv.view(torch.uint8) if kv.element_size() == 1 else kv  # CPU fp8 has no indexing kernels
+                raw = raw_kv_view(kv)  # CPU fp8 has no indexing kernels
                 raw[:, dst].copy_(raw[:, src])
         for new in so.scheduled_new_reqs:
             b.add(new)
@@ -287,12 +291,7 @@ class ModelRunner:
                      masked_idx: tuple[list[str], np.ndarray], grammar_bitmasks: dict[str, np.ndarray]) -> None:
         """Structured-output rows get their grammar's bitmask (-inf on forbidden tokens), then the
         batched sampler runs (no host sync)."""
-        if grammar_bitmasks:
-            req_ids, sample_idx = masked_idx
-            masked = [(i, grammar_bitmasks[req_ids[b]]) for i, b in enumerate(sample_idx.tolist())
-                      if req_ids[b] in grammar_bitmasks]
-            if masked:
-                self._bitmasks.apply(logits, np.stack([m for _, m in masked]), [i for i, _ in masked])
+        self._apply_grammar_bitmasks(logits, *masked_idx, grammar_bitmasks)
         result = self.sampler(logits, md)
         # The sampled ids (and logprobs) start their copy to pinned host memory now; the event
         # tells get_result when they are there. The device tensor feeds the next step's inputs.
@@ -302,6 +301,16 @@ class ModelRunner:
             handle.event = torch.cuda.Event()
             handle.event.record()
         handle.sampled_device = result.sampled_token_ids
+
+    def _apply_grammar_bitmasks(self, logits: torch.Tensor, req_ids: list[str], sample_idx: np.ndarray,
+                                bitmasks: dict[str, np.ndarray]) -> None:
+        """Logits row i samples for req_ids[sample_idx[i]]: rows under a grammar get -inf on the
+        tokens their bitmask forbids."""
+        if not bitmasks:
+            return
+        masked = [(i, bitmasks[req_ids[b]]) for i, b in enumerate(sample_idx.tolist()) if req_ids[b] in bitmasks]
+        if masked:
+            self._bitmasks.apply(logits, np.stack([m for _, m in masked]), [i for i, _ in masked])
 
     def _prepare_inputs(self, x: StepInputs, prev: _StepHandle | None):
         """Host numpy -> device: one pinned buffer per dtype, one non-blocking copy each."""
@@ -417,11 +426,7 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden.index_select(0, lr))
             x = dataclasses.replace(inputs, num_pending=np.zeros(plain.size, dtype=np.int64))
             md = self._sampling_metadata(x, rows[plain], ids, lr)
-            if so.grammar_bitmasks:
-                masked = [(i, so.grammar_bitmasks[inputs.req_ids[inputs.sample_idx[s]]])
-                          for i, s in enumerate(plain.tolist()) if inputs.req_ids[inputs.sample_idx[s]] in so.grammar_bitmasks]
-                if masked:
-                    self._bitmasks.apply(logits, np.stack([m for _, m in masked]), [i for i, _ in masked])
+            self._apply_grammar_bitmasks(logits, inputs.req_ids, inputs.sample_idx[plain], so.grammar_bitmasks)
             res = self.sampler(logits, md).cpu()
             lps = res.to_token_logprobs([num_lp[s] for s in plain.tolist()])
             for i, (s, tok) in enumerate(zip(plain.tolist(), res.sampled_token_ids.tolist())):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine_core.kernels import triton_available
-from engine_core.layers.attention_metadata import AttentionMetadata
+from engine_core.layers.attention_metadata import AttentionMetadata, decode_rows
 
 FP8_KV_MAX = 448.0  # largest finite float8_e4m3fn
 
@@ -36,12 +36,13 @@ def _to_cache(x: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
     return x.to(cache_dtype)
 
 
-def _raw(cache: torch.Tensor) -> torch.Tensor:
+def raw_kv_view(cache: torch.Tensor) -> torch.Tensor:
+    """The cache as stored bytes where torch lacks kernels for its dtype (fp8 on CPU), else itself."""
     return cache.view(torch.uint8) if cache.dtype == torch.float8_e4m3fn else cache
 
 
 def _widen(rows: torch.Tensor, cache_dtype: torch.dtype, dtype: torch.dtype) -> torch.Tensor:
-    """Rows gathered from _raw(cache) -> the compute dtype."""
+    """Rows gathered from raw_kv_view(cache) -> the compute dtype."""
     return rows.view(cache_dtype).to(dtype) if cache_dtype == torch.float8_e4m3fn else rows.to(dtype)
 
 
@@ -56,7 +57,7 @@ def write_kv_cache_ref(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.T
     if kv_cache.numel() == 0:
         return
     _, num_blocks, block_size, hkv, d = kv_cache.shape
-    flat = _raw(kv_cache).view(2, num_blocks * block_size, hkv, d)
+    flat = raw_kv_view(kv_cache).view(2, num_blocks * block_size, hkv, d)
     slots = slot_mapping.to(torch.long).clamp_min(0) if slot_mapping.dtype != torch.long or padded else slot_mapping
     flat[0].index_copy_(0, slots, _to_cache(key, kv_cache.dtype))
     flat[1].index_copy_(0, slots, _to_cache(value, kv_cache.dtype))
@@ -81,7 +82,7 @@ def _gather_seq(cache: torch.Tensor, block_table_row: torch.Tensor, seq_len: int
     in `dtype`."""
     nblk = _cdiv(seq_len, block_size)
     blocks = block_table_row[:nblk].to(torch.long)
-    rows = _raw(cache).index_select(0, blocks).reshape(nblk * block_size, *cache.shape[2:])[:seq_len]
+    rows = raw_kv_view(cache).index_select(0, blocks).reshape(nblk * block_size, *cache.shape[2:])[:seq_len]
     return _widen(rows, cache.dtype, dtype).transpose(0, 1)
 
 
@@ -100,30 +101,29 @@ def _num_row_batched(md: AttentionMetadata) -> int:
     return n
 
 
-def _decode_gather(md: AttentionMetadata, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Per step (cached on md, shared by all layers), for the row-batched requests: the cache slots
-    each query row reads, [R, S], an additive mask [R, 1, 1, S] and R. Row j of a request with L
-    query rows and context S sees its first S - L + 1 + j tokens (causal). Positions past a row's
-    length read slot 0 (the zeroed null block), so stale or uninitialised cache memory is never
-    touched."""
+def _decode_gather(md: AttentionMetadata, nb: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per step (cached on md, shared by all layers), for the first nb (row-batched) requests: the
+    cache slots each query row reads, [R, S], and an additive mask [R, 1, 1, S]. Rows as in
+    decode_rows (causal). Positions past a row's length read slot 0 (the zeroed null block), so stale
+    or uninitialised cache memory is never touched."""
     cached = md.derived.get("decode_gather")
     if cached is None:
-        nb, bs = _num_row_batched(md), md.block_size
+        bs = md.block_size
         qlens, slens = md.query_lens_cpu[:nb], md.seq_lens_cpu[:nb]
         nblk = _cdiv(max(slens), bs)
+        bt = md.block_tables[:nb, :nblk].to(device=device, dtype=torch.long)
         if nb == md.num_decodes:  # decodes only: one row per request
-            bt = md.block_tables[:nb, :nblk].to(device=device, dtype=torch.long)
             row_lens = md.seq_lens[:nb].to(device)
         else:
-            req_of_row = torch.repeat_interleave(torch.arange(nb), torch.tensor(qlens))
-            bt = md.block_tables[:nb, :nblk].to(device=device, dtype=torch.long)[req_of_row.to(device)]
-            row_lens = torch.tensor([s - q + 1 + j for q, s in zip(qlens, slens) for j in range(q)], device=device)
+            req_of_row, lens = decode_rows(qlens, slens)
+            bt = bt[req_of_row.to(device)]
+            row_lens = torch.tensor(lens, device=device)
         R = bt.shape[0]
         idx = (bt[:, :, None] * bs + torch.arange(bs, device=device)).view(R, nblk * bs)
         valid = torch.arange(nblk * bs, device=device)[None, :] < row_lens[:, None]
         idx = idx.masked_fill(~valid, 0)
         bias = torch.zeros(valid.shape, device=device).masked_fill_(~valid, float("-inf"))[:, None, None, :]
-        cached = md.derived["decode_gather"] = (idx, bias, nb)
+        cached = md.derived["decode_gather"] = (idx, bias)
     return cached
 
 
@@ -135,14 +135,13 @@ def paged_attention_ref(query: torch.Tensor, kv_cache: torch.Tensor, md: Attenti
     key_cache, value_cache = kv_cache[0], kv_cache[1]
     hkv = key_cache.shape[2]
     bs = md.block_size
-    nd = 0  # requests done (row-batched)
+    nb = _num_row_batched(md)  # requests attended row by row in one SDPA
     start = 0  # query rows done
-    out = None
 
-    if md.num_decodes > 0 or (md.num_reqs and md.query_lens_cpu[0] <= SHORT_QUERY_ROWS):
-        idx, bias, nd = _decode_gather(md, query.device)
+    if nb:
+        idx, bias = _decode_gather(md, nb, query.device)
         R, S = idx.shape
-        flat_kv = _raw(kv_cache).view(2, -1, hkv, d)
+        flat_kv = raw_kv_view(kv_cache).view(2, -1, hkv, d)
         # K and V of every row in one gather: [2, R*S, Hkv, D]
         kv = _widen(flat_kv.index_select(1, idx.view(-1)), kv_cache.dtype, query.dtype)
         kv = kv.view(2, R, S, hkv, d).transpose(2, 3)
@@ -154,10 +153,10 @@ def paged_attention_ref(query: torch.Tensor, kv_cache: torch.Tensor, md: Attenti
         out = torch.empty_like(query)
         out[:R] = o
         start = R
-    if out is None:
+    else:
         out = torch.empty_like(query)
 
-    for i in range(nd, md.num_reqs):  # prefills / chunked prefills (a 1-token chunk works too)
+    for i in range(nb, md.num_reqs):  # prefills / chunked prefills (a 1-token chunk works too)
         L, S = md.query_lens_cpu[i], md.seq_lens_cpu[i]
         k = _gather_seq(key_cache, md.block_tables[i], S, bs, query.dtype)
         v = _gather_seq(value_cache, md.block_tables[i], S, bs, query.dtype)

@@ -33,6 +33,13 @@ class AttentionMetadata:
         return len(self.seq_lens_cpu)
 
 
+def decode_rows(query_lens: list[int], seq_lens: list[int]) -> tuple[torch.Tensor, list[int]]:
+    """Short queries as decode rows: each query token's request index and context length. Row j of
+    a request with L query rows and context S sees its first S - L + 1 + j tokens (causal)."""
+    req_of_row = torch.repeat_interleave(torch.arange(len(query_lens)), torch.tensor(query_lens))
+    return req_of_row, [s - q + 1 + j for q, s in zip(query_lens, seq_lens) for j in range(q)]
+
+
 def as_decode_rows(md: AttentionMetadata, max_rows: int, max_query_len: int) -> AttentionMetadata | None:
     """A step whose requests all have short queries (speculative verification: k+1 rows each) as a
     pure-decode step of one row per query token: row j of a request with L rows and context S
@@ -46,8 +53,8 @@ def as_decode_rows(md: AttentionMetadata, max_rows: int, max_query_len: int) -> 
     if md.num_decodes == md.num_reqs:
         return md
     dev = md.seq_lens.device
-    row_lens = [s - q + 1 + j for q, s in zip(ql, sl) for j in range(q)]
-    req_of_row = torch.repeat_interleave(torch.arange(len(ql)), torch.tensor(ql)).to(dev)
+    req_of_row, row_lens = decode_rows(ql, sl)
+    req_of_row = req_of_row.to(dev)
     return AttentionMetadata(
         slot_mapping=md.slot_mapping[:T], query_start_loc=torch.arange(T + 1, dtype=torch.int32, device=dev),
         seq_lens=torch.tensor(row_lens, dtype=torch.int32, device=dev),
