@@ -14,19 +14,31 @@ from collections.abc import MutableMapping
 from dataclasses import dataclass
 from functools import lru_cache
 
-# Prefill work per step on CPU: about 32 tokens per core keeps a step of a ~100M-parameter fp32
-# model near 250 ms (measured: SmolLM2-135M prefills ~150-250 tok/s per 2 cores), so a long prompt
-# is cut into chunks and streams already decoding keep getting a token every step or two.
-CPU_TOKENS_PER_CORE_PER_STEP = 32
+# Prefill work per step on CPU: about 64 tokens per core keeps a step of a ~100M-parameter model
+# near 250 ms (2-core AMX VM, SmolLM2, spinning OpenMP workers: a 128-token step takes ~230 ms in
+# fp32, ~120 ms in bf16; ~2x that with PASSIVE workers on a busy box), so a long prompt is cut into
+# chunks and streams already decoding keep getting a token every step or two. 32 per core (the
+# earlier default) left aggregate throughput behind: 16 streams of 128 in / 64 out, bf16: 155 tok/s
+# at a 64-token budget, 194 at 128, 204 at 256.
+CPU_TOKENS_PER_CORE_PER_STEP = 64
 CPU_MIN_STEP_TOKENS = 32
 CPU_MAX_STEP_TOKENS = 2048
-# OpenMP workers that spin between parallel regions (libgomp's default: ~300k spins before they
-# sleep) take the core away from the thread that still has work whenever anything else runs on it
-# (other jobs, our own gateway / detokenizer threads): on a shared 2-core box every small op then
-# waits for a descheduled worker. Measured there (load average 6-7, SmolLM2 int4, 2 threads):
-# decode 1.3 tok/s with the default, 3-4 with GOMP_SPINCOUNT=30000, 10-15 with 3000, 21-29 with
-# PASSIVE (sleep at once). llama.cpp's OpenMP pool moved the same way in the same process.
-DEFAULT_OMP_WAIT_POLICY = "PASSIVE"
+# OpenMP workers between parallel regions: libgomp lets them spin (GOMP_SPINCOUNT iterations of
+# `pause`, 300k by default) before they sleep; OMP_WAIT_POLICY=PASSIVE makes them sleep at once.
+# Which one wins depends on whether the cores are free:
+# - idle box (2-core AMX VM, SmolLM2, 2 threads): a sleeping worker takes ~50-80 us to wake for each
+#   of the ~20 parallel regions of a layer, so PASSIVE halves the speed: int4-bf16 decode 31 -> 56
+#   tok/s, bf16 841-token prefill 480 -> 1,100 tok/s with GOMP_SPINCOUNT=10000 (10k-300k alike);
+#   llama.cpp's OpenMP pool in the same process: 28 -> 94 tok/s.
+# - busy box (load average 6-7 on 2 cores): a spinning worker takes the core from the thread that
+#   still has work and every region waits on a descheduled thread: int4 decode 1.3 tok/s with the
+#   default spin, 3-4 with GOMP_SPINCOUNT=30000, 10-15 with 3000, 21-29 with PASSIVE.
+# So the default is chosen at startup from how busy the CPUs are (a 50 ms /proc/stat sample):
+# spin briefly if at least SPIN_IF_IDLE_FRACTION of them are idle, else PASSIVE. The user's
+# OMP_WAIT_POLICY / GOMP_SPINCOUNT always win.
+DEFAULT_GOMP_SPINCOUNT = "10000"  # ~0.5 ms of spinning: covers the gaps inside a forward pass
+DEFAULT_OMP_WAIT_POLICY = "PASSIVE"  # when the box is busy
+SPIN_IF_IDLE_FRACTION = 0.6
 
 
 def _read(path: str) -> str | None:
@@ -97,21 +109,50 @@ def cpu_capabilities() -> CpuCapabilities:
     return CpuCapabilities(available_cpus(), cpu_flags())
 
 
+def cpu_idle_fraction(interval_s: float = 0.05, stat_path: str = "/proc/stat") -> float | None:
+    """Share of all CPUs' time spent idle over a short sample (/proc/stat); None where unreadable."""
+    import time
+
+    def sample() -> tuple[int, int] | None:
+        line = _read(stat_path)
+        if not line or not line.startswith("cpu "):
+            return None
+        vals = [int(v) for v in line.splitlines()[0].split()[1:]]
+        return sum(vals), vals[3] + (vals[4] if len(vals) > 4 else 0)  # total, idle + iowait
+
+    a = sample()
+    if a is None:
+        return None
+    time.sleep(interval_s)
+    b = sample()
+    if b is None or b[0] <= a[0]:
+        return None
+    return (b[1] - a[1]) / (b[0] - a[0])
+
+
 def set_openmp_wait_policy(environ: MutableMapping[str, str] | None = None,
-                           torch_imported: bool | None = None) -> str | None:
-    """OMP_WAIT_POLICY=PASSIVE unless the user chose one (ACTIVE suits a dedicated, idle box).
-    libgomp reads it once, when torch is imported, so this only takes effect before that: call it
-    first thing in an entry point. Returns the policy in effect (None: torch's default spinning)."""
+                           torch_imported: bool | None = None,
+                           idle_fraction: float | None = -1.0) -> str | None:
+    """Unless the user chose one: GOMP_SPINCOUNT=10000 when most CPUs are idle, else
+    OMP_WAIT_POLICY=PASSIVE (see DEFAULT_GOMP_SPINCOUNT). libgomp reads it once, when torch is
+    imported, so this only takes effect before that: call it first thing in an entry point (child
+    processes inherit it). idle_fraction: measured when left at -1 (tests pass one; None = unknown,
+    which spins). Returns the policy in effect (None: torch's default spinning)."""
     env = os.environ if environ is None else environ
     if torch_imported is None:
         torch_imported = "torch" in sys.modules
     if "OMP_WAIT_POLICY" not in env and "GOMP_SPINCOUNT" not in env and not torch_imported:
-        env["OMP_WAIT_POLICY"] = DEFAULT_OMP_WAIT_POLICY
+        if idle_fraction == -1.0:
+            idle_fraction = cpu_idle_fraction()
+        if idle_fraction is not None and idle_fraction < SPIN_IF_IDLE_FRACTION:
+            env["OMP_WAIT_POLICY"] = DEFAULT_OMP_WAIT_POLICY
+        else:
+            env["GOMP_SPINCOUNT"] = DEFAULT_GOMP_SPINCOUNT
     return env.get("OMP_WAIT_POLICY") or (f"GOMP_SPINCOUNT={env['GOMP_SPINCOUNT']}" if "GOMP_SPINCOUNT" in env else None)
 
 
 def cpu_step_token_budget(num_cpus: int) -> int:
-    """Default max_num_batched_tokens on CPU: a power of two near 32 tokens per core."""
+    """Default max_num_batched_tokens on CPU: a power of two near 64 tokens per core."""
     n = max(CPU_MIN_STEP_TOKENS, min(CPU_MAX_STEP_TOKENS, CPU_TOKENS_PER_CORE_PER_STEP * num_cpus))
     return 1 << (n.bit_length() - 1)
 

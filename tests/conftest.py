@@ -11,6 +11,9 @@ from engine_core.loader.model_source import embedded_gguf_path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub from tests
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Server processes the tests start share 2 cores with pytest: their OpenMP workers sleep at once
+# rather than spin (engine_core/cpu_resources.py), whatever the box looked like when they started.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 @pytest.fixture(scope="session")

@@ -62,7 +62,7 @@ class LocalExecutor(Executor):
             caps = cpu_capabilities()
             logger.info("CPU: %d threads (%d cores available), ISA %s, native bf16: %s, OpenMP wait policy %s",
                         threads, caps.num_cpus, caps.isa, caps.native_bf16,
-                        os.environ.get("OMP_WAIT_POLICY") or os.environ.get("GOMP_SPINCOUNT") or "libgomp default (spin)")
+                        os.environ.get("OMP_WAIT_POLICY") or (f"GOMP_SPINCOUNT={os.environ['GOMP_SPINCOUNT']}" if "GOMP_SPINCOUNT" in os.environ else "libgomp default (spin)"))
         torch.manual_seed(config.seed)
         self.model = load_model(self.source, dtype=self.dtype, device=self.device, tp=self.tp,
                                 quantization=config.quantization)

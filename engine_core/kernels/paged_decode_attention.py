@@ -17,7 +17,7 @@ padded to BLOCK_H >= 16 (the minimum tl.dot M) - free, since decode is memory-bo
 
 How a context is split (a function of that sequence's length alone, never of the batch):
     split_len(S) = max(MIN_SPLIT, round_up(ceil(S / MAX_SPLITS), BLOCK_N)),  n_splits(S) = ceil(S / split_len)
-so at most MAX_SPLITS (16) splits of at least MIN_SPLIT (256) tokens. Results are therefore
+so at most MAX_SPLITS (16) splits of at least MIN_SPLIT (128) tokens. Results are therefore
 batch-invariant and bit-identical between an eager step and a CUDA-graph replay of it.
 The grid is (num_seqs, Hkv, Z) with Z = min(MAX_SPLITS, ceil(max_seq_len / MIN_SPLIT)) >= every
 n_splits(S), S <= max_seq_len: Python ints only. Programs past a sequence's n_splits exit at once
@@ -138,7 +138,12 @@ def _decode_reduce_kernel(
 
 
 MAX_SPLITS = 16   # splits per sequence at most
-MIN_SPLIT = 256   # tokens per split at least (each split costs a partial write + its share of the reduce)
+# Tokens per split at least (each split costs a partial write + its share of the reduce). 128, not
+# 256: at batch 1 a 256-token context was one program walking it serially (H200, 8B heads: 9.9 us,
+# 7.3 with 128); at batch 64 the extra partials cost 2-8 % (benchmarks/decode_split_sweep.py,
+# benchmarks/results/decode_split_sweep_h200_2026-12-01.json). Smaller (64) helped batch 1 a
+# little more but cost batch 64 up to 20 %. A function of the context alone keeps batch invariance.
+MIN_SPLIT = 128
 BLOCK_N = 64      # keys per tile
 
 

@@ -114,6 +114,16 @@ class RotaryEmbedding(nn.Module):
                 apply_rotary_ref(positions, k, self.cos_sin_cache, self.head_dim, self._rows))
 
 
+    def rotate_and_cache(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+        """CUDA paged path: rotate q in place and write rotate(k), v into their cache slots in one
+        kernel (kernels.rotary.rotary_and_cache). Returns q."""
+        from engine_core.kernels.rotary import rotary_and_cache
+        if self.cos_sin_cache.device != positions.device:
+            self.cos_sin_cache = self.cos_sin_cache.to(positions.device)
+        return rotary_and_cache(positions, q, k, v, self.cos_sin_cache, self.head_dim, kv_cache, slot_mapping)
+
+
 def _joined(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
     """[T, Nq] and [T, Nk] views that sit side by side in one [T, >= Nq+Nk] buffer (the split of
     the fused qkv output) -> the [T, Nq+Nk] view covering both; None otherwise. Decode rotates

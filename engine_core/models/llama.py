@@ -66,8 +66,7 @@ class LlamaAttention(nn.Module):
         if self.qk_norm:
             q = self.q_norm(q.reshape(-1, self.num_heads, self.head_dim)).reshape(-1, self.q_size)
             k = self.k_norm(k.reshape(-1, self.num_kv_heads, self.head_dim)).reshape(-1, self.kv_size)
-        q, k = self.rotary_emb(positions, q, k)
-        o = self.attn(q, k, v, kv_cache, md)
+        o = self.attn(q, k, v, kv_cache, md, rope=(self.rotary_emb, positions))
         return self.o_proj(o)
 
 

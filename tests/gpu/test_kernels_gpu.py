@@ -22,7 +22,7 @@ from engine_core.kernels.fused_add_rmsnorm import fused_add_rms_norm, rms_norm
 from engine_core.kernels.paged_attention import causal_attention, paged_attention
 from engine_core.kernels.paged_decode_attention import paged_decode_attention
 from engine_core.kernels.reshape_and_cache import reshape_and_cache
-from engine_core.kernels.rotary import rotary_embedding
+from engine_core.kernels.rotary import rotary_and_cache, rotary_embedding
 from engine_core.kernels.silu_and_mul import silu_and_mul
 from engine_core.layers.activation import silu_and_mul_ref
 from engine_core.layers.attention import (
@@ -301,3 +301,32 @@ def test_engine_with_fp8_kv_cache_and_cuda_graphs():
         blocks[kv] = llm.engine.core.executor.describe().num_kv_blocks
         del llm
     assert blocks["fp8"] == pytest.approx(2 * blocks["auto"], abs=2)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float8_e4m3fn])
+@pytest.mark.parametrize("T", [1, 7, 64])
+def test_rotary_and_cache_matches_rotary_then_reshape_and_cache(cache_dtype, T):
+    """Llama-3.1-8B heads (32 q / 8 kv x 128): the fused rope + KV write equals the two kernels it
+    replaces, bit for bit, for a bf16 and an fp8 cache, with a padding row (slot -1)."""
+    torch.manual_seed(T)
+    hq, hk, d, bs, nblk = 32, 8, 128, 16, 16
+    cos_sin = compute_cos_sin_cache(d, 4096, 500000.0).cuda()
+    positions = torch.randint(0, 4096, (T,), device="cuda")
+    slots = torch.randperm(nblk * bs, device="cuda")[:T]
+    slots[-1] = -1
+    qkv = torch.randn(T, (hq + 2 * hk) * d, device="cuda", dtype=torch.bfloat16) * 4
+    cache = torch.zeros(2, nblk, bs, hk, d, device="cuda", dtype=cache_dtype)
+
+    def split(t):
+        q, k, v = t.split([hq * d, hk * d, hk * d], dim=-1)
+        return q, k.view(T, hk, d), v.view(T, hk, d)
+
+    ref_qkv, ref_cache = qkv.clone(), cache.clone()
+    q, k, v = split(ref_qkv)
+    rotary_embedding(positions, q, k, cos_sin, d)
+    reshape_and_cache(k, v, ref_cache, slots)
+    got_qkv, got_cache = qkv.clone(), cache.clone()
+    q, k, v = split(got_qkv)
+    rotary_and_cache(positions, q, k, v, cos_sin, d, got_cache, slots)
+    assert torch.equal(got_qkv[:, :hq * d], ref_qkv[:, :hq * d])
+    assert torch.equal(got_cache.view(torch.uint8), ref_cache.view(torch.uint8))

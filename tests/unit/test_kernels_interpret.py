@@ -354,6 +354,35 @@ def test_rotary_in_place(K, dtype, head_dim, rotary_dim):
     assert torch.equal(qkv[:, (hq + hk) * head_dim:], v_before)  # v untouched
 
 
+@pytest.mark.parametrize("dtype,cache_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize("head_dim,rotary_dim", [(32, 32), (64, 32)])
+def test_rotary_and_cache_equals_rotary_then_cache_write(K, dtype, cache_dtype, head_dim, rotary_dim):
+    """The fused kernel (the CUDA paged path of Attention with rope) = rotary_embedding followed by
+    reshape_and_cache: same q, same cache contents, padding rows (slot -1) not written."""
+    gen = torch.Generator().manual_seed(head_dim + rotary_dim)
+    T, hq, hk, bs, nblk = 6, 6, 2, 4, 5
+    cos_sin = compute_cos_sin_cache(rotary_dim, 100, 10000.0)
+    positions = torch.randint(0, 100, (T,), generator=gen)
+    slots = torch.tensor([5, 6, 7, 12, -1, 19])
+    qkv = torch.randn(T, (hq + 2 * hk) * head_dim, generator=gen).to(dtype)
+    cache = torch.randn(2, nblk, bs, hk, head_dim, generator=gen).to(cache_dtype)
+
+    def split(t):
+        q, k, v = t.split([hq * head_dim, hk * head_dim, hk * head_dim], dim=-1)
+        return q, k.view(T, hk, head_dim), v.view(T, hk, head_dim)
+
+    ref_qkv, ref_cache = qkv.clone(), cache.clone()
+    q, k, v = split(ref_qkv)
+    K["rotary"].rotary_embedding(positions, q, k, cos_sin, head_dim)
+    K["reshape_and_cache"].reshape_and_cache(k, v, ref_cache, slots)
+    got_qkv, got_cache = qkv.clone(), cache.clone()
+    q, k, v = split(got_qkv)
+    out = K["rotary"].rotary_and_cache(positions, q, k, v, cos_sin, head_dim, got_cache, slots)
+    assert out.data_ptr() == q.data_ptr()
+    torch.testing.assert_close(got_qkv[:, :hq * head_dim], ref_qkv[:, :hq * head_dim], rtol=0, atol=0)
+    torch.testing.assert_close(got_cache, ref_cache, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("d", [24, 1500])  # 1500: two column blocks of 1024
 def test_silu_and_mul(K, dtype, d):
