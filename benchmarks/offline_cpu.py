@@ -62,7 +62,9 @@ def make_prompt(n: int, vocab: int, seed: int) -> list[int]:
 class PagedServe:
     def __init__(self, name: str, threads: int, max_model_len: int, max_num_seqs: int) -> None:
         self.name = f"pagedserve {name}"
+        # No prefix caching: rounds repeat their prompts, and the cache would time lookups, not compute.
         self.llm = LLM(max_model_len=max_model_len, max_num_seqs=max_num_seqs, kv_cache_memory_gb=0.5,
+                       enable_prefix_caching=False,
                        cpu_threads=threads, **VARIANTS[name])
         self.budget = self.llm.config.max_num_batched_tokens
         self.llm.generate([[100] * 16], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)  # warm-up
