@@ -39,6 +39,15 @@ def _rotate_heads(x_ptr, row_off, cos, sin, H, HEAD_DIM: tl.constexpr, HALF: tl.
 
 
 @triton.jit
+def _cos_sin(pos_ptr, cos_sin_ptr, t, i, stride_cs, HALF: tl.constexpr):
+    """Token t's cos and sin rows (lanes i < HALF)."""
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    cos = tl.load(cos_sin_ptr + pos * stride_cs + i, mask=i < HALF, other=0.0)
+    sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + i, mask=i < HALF, other=0.0)
+    return cos, sin
+
+
+@triton.jit
 def _rotary_kernel(
     pos_ptr, q_ptr, k_ptr, cos_sin_ptr,
     stride_qt, stride_kt, stride_cs,
@@ -47,10 +56,8 @@ def _rotary_kernel(
     BLOCK_HALF: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
-    pos = tl.load(pos_ptr + t).to(tl.int64)
     i = tl.arange(0, BLOCK_HALF)
-    cos = tl.load(cos_sin_ptr + pos * stride_cs + i, mask=i < HALF, other=0.0)
-    sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + i, mask=i < HALF, other=0.0)
+    cos, sin = _cos_sin(pos_ptr, cos_sin_ptr, t, i, stride_cs, HALF)
     _rotate_heads(q_ptr, t * stride_qt, cos, sin, HQ, HEAD_DIM, HALF, BLOCK_HQ, BLOCK_HALF)
     _rotate_heads(k_ptr, t * stride_kt, cos, sin, HK, HEAD_DIM, HALF, BLOCK_HK, BLOCK_HALF)
 
@@ -66,10 +73,8 @@ def _rotary_and_cache_kernel(
     FP8_MAX: tl.constexpr,  # > 0: an fp8 cache, values saturate at +-FP8_MAX (as reshape_and_cache)
 ):
     t = tl.program_id(0).to(tl.int64)
-    pos = tl.load(pos_ptr + t).to(tl.int64)
     i = tl.arange(0, BLOCK_HALF)
-    cos = tl.load(cos_sin_ptr + pos * stride_cs + i, mask=i < HALF, other=0.0)
-    sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + i, mask=i < HALF, other=0.0)
+    cos, sin = _cos_sin(pos_ptr, cos_sin_ptr, t, i, stride_cs, HALF)
     _rotate_heads(q_ptr, t * stride_qt, cos, sin, HQ, HEAD_DIM, HALF, BLOCK_HQ, BLOCK_HALF)
 
     slot = tl.load(slot_ptr + t).to(tl.int64)  # negative: a padding row, nothing written
