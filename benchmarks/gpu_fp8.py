@@ -79,7 +79,12 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--batch-sizes", default="1,16", help="decode batch sizes (1 is the headline)")
+    ap.add_argument("--disable-pdl", action="store_true",
+                    help="launch the Triton kernels without programmatic dependent launch (A/B of kernels.pdl_enabled)")
     args = ap.parse_args()
+    if args.disable_pdl:
+        from engine_core import kernels
+        kernels._pdl_enabled = lambda index: False
     bss = [int(b) for b in args.batch_sizes.split(",")]
     vocab = json.loads(Path(args.config).read_text())["vocab_size"]
     prompt = torch.randint(100, vocab, (args.input_len,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -103,7 +108,7 @@ def main() -> None:
     meta = {"date": date, "device": torch.cuda.get_device_name(), "command": " ".join(["python"] + sys.argv),
             "torch": torch.__version__, "config": args.config, "args": vars(args)}
     os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(os.environ.get("OUT", RESULTS), f"gpu_fp8_{name}_{date}.json")
+    path = os.path.join(os.environ.get("OUT", RESULTS), f"gpu_fp8_{name}{'_nopdl' if args.disable_pdl else ''}_{date}.json")
     with open(path, "w") as f:
         json.dump({"meta": meta, "results": [bf16, fp8, fp8kv], "fp8_over_bf16": ratio,
                    "logits_rel_error": rel, "argmax_agreement": agree}, f, indent=2)

@@ -31,7 +31,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=64)  # each phase; max_tokens covers all three
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--host-profile", action="store_true", help="also cProfile the host side of the steps")
+    ap.add_argument("--disable-pdl", action="store_true", help="no programmatic dependent launch (A/B)")
     args = ap.parse_args()
+    if args.disable_pdl:
+        from engine_core import kernels
+        kernels._pdl_enabled = lambda index: False
     llm = LLM(model=f"dummy:{args.config}", dtype="bfloat16", max_model_len=2048, max_num_seqs=max(8, args.batch_size),
               quantization=args.quantization, gpu_memory_utilization=0.4)
     llm.generate([[100] * 16], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)  # warm-up

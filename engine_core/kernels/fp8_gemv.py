@@ -22,12 +22,17 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
+
+from engine_core.kernels import pdl_enabled
 
 
 @triton.jit
 def _fp8_w8a16_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                       HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+                      BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, USE_PDL: tl.constexpr):
+    if USE_PDL:  # before any load: the previous kernel has completed (kernels.pdl_enabled)
+        gdc_wait()
     # Rows vary fastest over consecutive programs, so the programs of one weight tile run together
     # and all but the first read it from L2 (the one-row path, launched once per row).
     num_m = tl.cdiv(M, BLOCK_M)
@@ -117,7 +122,8 @@ def fp8_w8a16(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch
         _fp8_w8a16_kernel[grid](x, w, scale, bias if bias is not None else scale, y, M, N, K,
                                 x.stride(0), w.stride(0), y.stride(0), HAS_BIAS=bias is not None,
                                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
-                                num_warps=warps, num_stages=stages)
+                                num_warps=warps, num_stages=stages, USE_PDL=pdl_enabled(x.device),
+                                launch_pdl=pdl_enabled(x.device))
     return y if split_k == 1 else y.to(x.dtype)
 
 

@@ -17,6 +17,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
+
+from engine_core.kernels import pdl_enabled
 
 
 @triton.jit
@@ -24,8 +27,10 @@ def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
     stride_x, stride_r, stride_o, stride_ro,
     N, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # before any load: the previous kernel has completed (kernels.pdl_enabled)
+        gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
@@ -59,7 +64,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if M:
         block = triton.next_power_of_2(N)
         _rms_norm_kernel[(M,)](x2, x2, weight, out, out, x2.stride(0), 0, out.stride(0), 0, N, eps,
-                               HAS_RESIDUAL=False, BLOCK=block, num_warps=_num_warps(block))
+                               HAS_RESIDUAL=False, BLOCK=block, num_warps=_num_warps(block),
+                               USE_PDL=pdl_enabled(x.device), launch_pdl=pdl_enabled(x.device))
     return out.view(x.shape)
 
 
@@ -74,5 +80,6 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
         block = triton.next_power_of_2(N)
         _rms_norm_kernel[(M,)](x2, r2, weight, x2, r2, x2.stride(0), r2.stride(0), x2.stride(0),
                                r2.stride(0), N, eps, HAS_RESIDUAL=True, BLOCK=block,
-                               num_warps=_num_warps(block))
+                               num_warps=_num_warps(block), USE_PDL=pdl_enabled(x.device),
+                               launch_pdl=pdl_enabled(x.device))
     return x2.view(x.shape), r2.view(residual.shape)

@@ -29,6 +29,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
+
+from engine_core.kernels import pdl_enabled
 
 _LOG2E = 1.4426950408889634
 
@@ -55,7 +58,10 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, MAX_SPLITS: tl.constexpr, MIN_SPLIT: tl.constexpr,
     DIRECT: tl.constexpr,  # grid z == 1: every sequence has one split; write the output directly
     DOT_PREC: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # before any load: the previous kernel has completed (kernels.pdl_enabled)
+        gdc_wait()
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -118,8 +124,10 @@ def _decode_reduce_kernel(
     mid_o_ptr, mid_lse_ptr, seq_lens_ptr, out_ptr, num_splits,
     stride_ot, stride_oh,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    MAX_SPLITS: tl.constexpr, MIN_SPLIT: tl.constexpr,
+    MAX_SPLITS: tl.constexpr, MIN_SPLIT: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # before any load: the previous kernel has completed (kernels.pdl_enabled)
+        gdc_wait()
     b = tl.program_id(0)
     h = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + b)
@@ -193,11 +201,13 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_c
         G=G, D=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_H=max(16, triton.next_power_of_2(G)),
         BLOCK_N=block_n, BLOCK_SIZE=block_size, MAX_SPLITS=max_splits, MIN_SPLIT=min_split,
         DIRECT=z == 1, DOT_PREC=dot_prec, num_warps=num_warps, num_stages=num_stages,
+        USE_PDL=pdl_enabled(query.device), launch_pdl=pdl_enabled(query.device),
     )
     if z > 1:
         _decode_reduce_kernel[(B, hq)](
             mid_o, mid_lse, seq_lens, out, z, out.stride(0), out.stride(1),
             D=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_N=block_n,
             MAX_SPLITS=max_splits, MIN_SPLIT=min_split, num_warps=4,
+            USE_PDL=pdl_enabled(query.device), launch_pdl=pdl_enabled(query.device),
         )
     return out

@@ -21,6 +21,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
+
+from engine_core.kernels import pdl_enabled
 
 
 @triton.jit
@@ -53,8 +56,10 @@ def _rotary_kernel(
     stride_qt, stride_kt, stride_cs,
     HQ, HK,
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
-    BLOCK_HALF: tl.constexpr,
+    BLOCK_HALF: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # before any load: the previous kernel has completed (kernels.pdl_enabled)
+        gdc_wait()
     t = tl.program_id(0).to(tl.int64)
     i = tl.arange(0, BLOCK_HALF)
     cos, sin = _cos_sin(pos_ptr, cos_sin_ptr, t, i, stride_cs, HALF)
@@ -71,7 +76,10 @@ def _rotary_and_cache_kernel(
     HKV: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_HQ: tl.constexpr,
     BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr,
     FP8_MAX: tl.constexpr,  # > 0: an fp8 cache, values saturate at +-FP8_MAX (as reshape_and_cache)
+    USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # before any load: the previous kernel has completed (kernels.pdl_enabled)
+        gdc_wait()
     t = tl.program_id(0).to(tl.int64)
     i = tl.arange(0, BLOCK_HALF)
     cos, sin = _cos_sin(pos_ptr, cos_sin_ptr, t, i, stride_cs, HALF)
@@ -131,6 +139,7 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         positions, q, k, cos_sin_cache, stride_qt, stride_kt, cos_sin_cache.stride(0), hq, hk,
         HEAD_DIM=head_dim, HALF=half, BLOCK_HQ=triton.next_power_of_2(hq),
         BLOCK_HK=triton.next_power_of_2(hk), BLOCK_HALF=triton.next_power_of_2(half), num_warps=4,
+        USE_PDL=pdl_enabled(q.device), launch_pdl=pdl_enabled(q.device),
     )
     return q, k
 
@@ -159,5 +168,6 @@ def rotary_and_cache(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
         BLOCK_HK=triton.next_power_of_2(hkv), BLOCK_HALF=triton.next_power_of_2(half),
         BLOCK_D=triton.next_power_of_2(head_dim),
         FP8_MAX=448.0 if kv_cache.dtype == torch.float8_e4m3fn else 0.0, num_warps=4,
+        USE_PDL=pdl_enabled(q.device), launch_pdl=pdl_enabled(q.device),
     )
     return q

@@ -12,10 +12,15 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
+
+from engine_core.kernels import pdl_enabled
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, d, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, d, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    if USE_PDL:  # before any load: the previous kernel has completed (kernels.pdl_enabled)
+        gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < d
@@ -38,5 +43,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if M and d:
         block = min(1024, triton.next_power_of_2(d))
         _silu_and_mul_kernel[(M, triton.cdiv(d, block))](x2, out, x2.stride(0), out.stride(0), d,
-                                                         BLOCK=block, num_warps=4)
+                                                         BLOCK=block, num_warps=4,
+                                                         USE_PDL=pdl_enabled(x.device),
+                                                         launch_pdl=pdl_enabled(x.device))
     return out.view(*x.shape[:-1], d)
