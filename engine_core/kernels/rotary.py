@@ -42,12 +42,19 @@ def _rotate_heads(x_ptr, row_off, cos, sin, H, HEAD_DIM: tl.constexpr, HALF: tl.
 
 
 @triton.jit
-def _cos_sin(pos_ptr, cos_sin_ptr, t, i, stride_cs, HALF: tl.constexpr):
-    """Token t's cos and sin rows (lanes i < HALF)."""
+def _rotate_q(pos_ptr, q_ptr, cos_sin_ptr, stride_qt, stride_cs, HQ, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
+              BLOCK_HQ: tl.constexpr, BLOCK_HALF: tl.constexpr, USE_PDL: tl.constexpr):
+    """Both kernels' start: wait for the previous kernel (kernels.pdl_enabled), load this token's
+    cos/sin row (lanes i < HALF) and rotate its q heads in place. Returns (t, i, cos, sin)."""
+    if USE_PDL:  # before any load: the previous kernel has completed
+        gdc_wait()
+    t = tl.program_id(0).to(tl.int64)
+    i = tl.arange(0, BLOCK_HALF)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     cos = tl.load(cos_sin_ptr + pos * stride_cs + i, mask=i < HALF, other=0.0)
     sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + i, mask=i < HALF, other=0.0)
-    return cos, sin
+    _rotate_heads(q_ptr, t * stride_qt, cos, sin, HQ, HEAD_DIM, HALF, BLOCK_HQ, BLOCK_HALF)
+    return t, i, cos, sin
 
 
 @triton.jit
@@ -58,12 +65,8 @@ def _rotary_kernel(
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
     BLOCK_HALF: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    if USE_PDL:  # before any load: the previous kernel has completed (kernels.pdl_enabled)
-        gdc_wait()
-    t = tl.program_id(0).to(tl.int64)
-    i = tl.arange(0, BLOCK_HALF)
-    cos, sin = _cos_sin(pos_ptr, cos_sin_ptr, t, i, stride_cs, HALF)
-    _rotate_heads(q_ptr, t * stride_qt, cos, sin, HQ, HEAD_DIM, HALF, BLOCK_HQ, BLOCK_HALF)
+    t, _i, cos, sin = _rotate_q(pos_ptr, q_ptr, cos_sin_ptr, stride_qt, stride_cs, HQ, HEAD_DIM, HALF, BLOCK_HQ,
+                                BLOCK_HALF, USE_PDL)
     _rotate_heads(k_ptr, t * stride_kt, cos, sin, HK, HEAD_DIM, HALF, BLOCK_HK, BLOCK_HALF)
 
 
@@ -78,12 +81,8 @@ def _rotary_and_cache_kernel(
     FP8_MAX: tl.constexpr,  # > 0: an fp8 cache, values saturate at +-FP8_MAX (as reshape_and_cache)
     USE_PDL: tl.constexpr,
 ):
-    if USE_PDL:  # before any load: the previous kernel has completed (kernels.pdl_enabled)
-        gdc_wait()
-    t = tl.program_id(0).to(tl.int64)
-    i = tl.arange(0, BLOCK_HALF)
-    cos, sin = _cos_sin(pos_ptr, cos_sin_ptr, t, i, stride_cs, HALF)
-    _rotate_heads(q_ptr, t * stride_qt, cos, sin, HQ, HEAD_DIM, HALF, BLOCK_HQ, BLOCK_HALF)
+    t, i, cos, sin = _rotate_q(pos_ptr, q_ptr, cos_sin_ptr, stride_qt, stride_cs, HQ, HEAD_DIM, HALF, BLOCK_HQ,
+                               BLOCK_HALF, USE_PDL)
 
     slot = tl.load(slot_ptr + t).to(tl.int64)  # negative: a padding row, nothing written
     h = tl.arange(0, BLOCK_HK)
