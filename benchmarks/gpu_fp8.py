@@ -51,7 +51,10 @@ def run(cfg: str, quantization: str | None, prompt: list[int], output_len: int,
     llm = LLM(model=f"dummy:{cfg}", dtype="bfloat16", max_model_len=2048, max_num_seqs=max(8, *batch_sizes),
               quantization=quantization, gpu_memory_utilization=0.4, kv_cache_dtype=kv_cache_dtype)
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
-    llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)  # warm-up
+    # Warm-up: the whole timed workload once, so no Triton compile (a fresh cache) lands in a timing.
+    for bs in batch_sizes:
+        llm.generate([prompt] * bs, SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True),
+                     use_tqdm=False)
     res = {"quantization": quantization or "none (bf16)", "kv_cache_dtype": kv_cache_dtype}
     for bs in batch_sizes:
         torch.cuda.synchronize()

@@ -33,14 +33,14 @@ def pdl_enabled(device) -> bool:
 
     A decode step is ~340 small kernels on the 8B model; between two of them the GPU drains one grid
     and only then launches the next. With PDL (`launch_pdl=True`) the next grid is launched while
-    the previous one drains: each kernel starts with `griddepcontrol.wait` (`USE_PDL` in the
-    kernels), which blocks until everything before it in the stream has completed and its writes
-    are visible. Every kernel launched this way waits before it reads anything, so the stream's
-    order holds, transitively, whatever launched before it. H200, 8B bs1 decode: fp8 321.3 -> 331.5
-    tok/s, bf16 207.0 -> 211.4 (`benchmarks/gpu_fp8.py [--disable-pdl]`). Triggering the next
-    launch early (`griddepcontrol.launch_dependents`, with the fp8 GEMV's first weight tile loaded
-    before its wait) made the step slower (2.92 -> 2.99 ms), so no kernel does. Off under the
-    Triton interpreter (no inline PTX) and before sm_90."""
+    the previous one runs: each kernel starts with `griddepcontrol.wait` (`USE_PDL` in the kernels),
+    which blocks until everything before it in the stream has completed and its writes are
+    visible, then `griddepcontrol.launch_dependents`, which lets the next kernel's programs get
+    resident (and wait) while this one works. Every kernel launched this way waits before it reads
+    anything, so the stream's order holds, transitively, whatever launched before it. H200, 8B bs1
+    decode, same run: fp8 321.3 -> 331.5 tok/s with the wait alone; 334.2 -> 346.9 adding the early
+    trigger (`benchmarks/gpu_fp8.py [--disable-pdl]`). Off under the Triton interpreter (no inline
+    PTX) and before sm_90."""
     return _pdl_enabled(device.index if device.index is not None else -1)
 
 

@@ -22,7 +22,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_wait
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from engine_core.kernels import pdl_enabled
 
@@ -33,6 +33,7 @@ def _fp8_w8a16_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, str
                       BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, USE_PDL: tl.constexpr):
     if USE_PDL:  # before any load: the previous kernel has completed (kernels.pdl_enabled)
         gdc_wait()
+        gdc_launch_dependents()
     # Rows vary fastest over consecutive programs, so the programs of one weight tile run together
     # and all but the first read it from L2 (the one-row path, launched once per row).
     num_m = tl.cdiv(M, BLOCK_M)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_wait
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from engine_core.kernels import pdl_enabled
 
@@ -31,6 +31,7 @@ def _rms_norm_kernel(
 ):
     if USE_PDL:  # before any load: the previous kernel has completed (kernels.pdl_enabled)
         gdc_wait()
+        gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < N

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_wait
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from engine_core.kernels import pdl_enabled
 
@@ -62,6 +62,7 @@ def _decode_split_kernel(
 ):
     if USE_PDL:  # before any load: the previous kernel has completed (kernels.pdl_enabled)
         gdc_wait()
+        gdc_launch_dependents()
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -128,6 +129,7 @@ def _decode_reduce_kernel(
 ):
     if USE_PDL:  # before any load: the previous kernel has completed (kernels.pdl_enabled)
         gdc_wait()
+        gdc_launch_dependents()
     b = tl.program_id(0)
     h = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + b)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_wait
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from engine_core.kernels import pdl_enabled
 
@@ -48,6 +48,7 @@ def _rotate_q(pos_ptr, q_ptr, cos_sin_ptr, stride_qt, stride_cs, HQ, HEAD_DIM: t
     cos/sin row (lanes i < HALF) and rotate its q heads in place. Returns (t, i, cos, sin)."""
     if USE_PDL:  # before any load: the previous kernel has completed
         gdc_wait()
+        gdc_launch_dependents()
     t = tl.program_id(0).to(tl.int64)
     i = tl.arange(0, BLOCK_HALF)
     pos = tl.load(pos_ptr + t).to(tl.int64)
