@@ -28,7 +28,7 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = field(default=None, metadata={"help": (
         "token budget of one step. Default with chunked prefill: 2048 on GPU; on CPU 64 per available "
-        "core (a power of two, 64 on 2 cores) so a step stays near 250 ms and a long prompt cannot "
+        "core (a power of two, 128 on 2 cores) so a step stays near 250 ms and a long prompt cannot "
         "stall the other streams. Without chunked prefill: max_model_len")})
     long_prefill_token_threshold: int | None = field(default=None, metadata={"help": (
         "largest prefill chunk one request gets while other requests wait, so a short request "

@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 import os
 import sys
-from collections.abc import MutableMapping
+import time
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -111,8 +112,6 @@ def cpu_capabilities() -> CpuCapabilities:
 
 def cpu_idle_fraction(interval_s: float = 0.05, stat_path: str = "/proc/stat") -> float | None:
     """Share of all CPUs' time spent idle over a short sample (/proc/stat); None where unreadable."""
-    import time
-
     def sample() -> tuple[int, int] | None:
         line = _read(stat_path)
         if not line or not line.startswith("cpu "):
@@ -130,25 +129,33 @@ def cpu_idle_fraction(interval_s: float = 0.05, stat_path: str = "/proc/stat") -
     return (b[1] - a[1]) / (b[0] - a[0])
 
 
+def openmp_wait_policy(environ: Mapping[str, str] | None = None) -> str | None:
+    """The OpenMP waiting the environment asks for: OMP_WAIT_POLICY, else GOMP_SPINCOUNT=N, else
+    None (libgomp's default spinning)."""
+    env = os.environ if environ is None else environ
+    if "OMP_WAIT_POLICY" in env:
+        return env["OMP_WAIT_POLICY"]
+    return f"GOMP_SPINCOUNT={env['GOMP_SPINCOUNT']}" if "GOMP_SPINCOUNT" in env else None
+
+
 def set_openmp_wait_policy(environ: MutableMapping[str, str] | None = None,
                            torch_imported: bool | None = None,
-                           idle_fraction: float | None = -1.0) -> str | None:
+                           idle_probe: Callable[[], float | None] = cpu_idle_fraction) -> str | None:
     """Unless the user chose one: GOMP_SPINCOUNT=10000 when most CPUs are idle, else
     OMP_WAIT_POLICY=PASSIVE (see DEFAULT_GOMP_SPINCOUNT). libgomp reads it once, when torch is
     imported, so this only takes effect before that: call it first thing in an entry point (child
-    processes inherit it). idle_fraction: measured when left at -1 (tests pass one; None = unknown,
-    which spins). Returns the policy in effect (None: torch's default spinning)."""
+    processes inherit it). idle_probe: the idle share of the CPUs (None = unknown, which spins);
+    only called when the policy is ours to choose. Returns openmp_wait_policy() afterwards."""
     env = os.environ if environ is None else environ
     if torch_imported is None:
         torch_imported = "torch" in sys.modules
-    if "OMP_WAIT_POLICY" not in env and "GOMP_SPINCOUNT" not in env and not torch_imported:
-        if idle_fraction == -1.0:
-            idle_fraction = cpu_idle_fraction()
-        if idle_fraction is not None and idle_fraction < SPIN_IF_IDLE_FRACTION:
+    if openmp_wait_policy(env) is None and not torch_imported:
+        idle = idle_probe()
+        if idle is not None and idle < SPIN_IF_IDLE_FRACTION:
             env["OMP_WAIT_POLICY"] = DEFAULT_OMP_WAIT_POLICY
         else:
             env["GOMP_SPINCOUNT"] = DEFAULT_GOMP_SPINCOUNT
-    return env.get("OMP_WAIT_POLICY") or (f"GOMP_SPINCOUNT={env['GOMP_SPINCOUNT']}" if "GOMP_SPINCOUNT" in env else None)
+    return openmp_wait_policy(env)
 
 
 def cpu_step_token_budget(num_cpus: int) -> int:

@@ -6,12 +6,15 @@ the other ranks (the minimum), so one block table is valid on every rank."""
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 
 from engine_core.config import EngineConfig
-from engine_core.cpu_resources import configure_cpu_threads, cpu_capabilities
+from engine_core.cpu_resources import (
+    configure_cpu_threads,
+    cpu_capabilities,
+    openmp_wait_policy,
+)
 from engine_core.distributed import TPGroup, attention_shard, check_tensor_parallel
 from engine_core.executor.base import Executor, ExecutorInfo
 from engine_core.executor.model_runner import ModelRunner
@@ -62,7 +65,7 @@ class LocalExecutor(Executor):
             caps = cpu_capabilities()
             logger.info("CPU: %d threads (%d cores available), ISA %s, native bf16: %s, OpenMP wait policy %s",
                         threads, caps.num_cpus, caps.isa, caps.native_bf16,
-                        os.environ.get("OMP_WAIT_POLICY") or (f"GOMP_SPINCOUNT={os.environ['GOMP_SPINCOUNT']}" if "GOMP_SPINCOUNT" in os.environ else "libgomp default (spin)"))
+                        openmp_wait_policy() or "libgomp default (spin)")
         torch.manual_seed(config.seed)
         self.model = load_model(self.source, dtype=self.dtype, device=self.device, tp=self.tp,
                                 quantization=config.quantization)

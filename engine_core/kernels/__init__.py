@@ -28,6 +28,13 @@ def _triton_available() -> bool:
     return torch.cuda.is_available()
 
 
+def pdl_launch_args(device) -> dict[str, bool]:
+    """The launch keywords of a decode-chain kernel: its USE_PDL constexpr and Triton's launch_pdl,
+    always equal (a kernel launched with PDL must wait in its first instruction)."""
+    on = pdl_enabled(device)
+    return {"USE_PDL": on, "launch_pdl": on}
+
+
 def pdl_enabled(device) -> bool:
     """Launch the decode chain's kernels with programmatic dependent launch (Hopper and later)?
 

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from engine_core.kernels import pdl_enabled
+from engine_core.kernels import pdl_launch_args
 
 
 @triton.jit
@@ -123,8 +123,7 @@ def fp8_w8a16(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch
         _fp8_w8a16_kernel[grid](x, w, scale, bias if bias is not None else scale, y, M, N, K,
                                 x.stride(0), w.stride(0), y.stride(0), HAS_BIAS=bias is not None,
                                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
-                                num_warps=warps, num_stages=stages, USE_PDL=pdl_enabled(x.device),
-                                launch_pdl=pdl_enabled(x.device))
+                                num_warps=warps, num_stages=stages, **pdl_launch_args(x.device))
     return y if split_k == 1 else y.to(x.dtype)
 
 

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from engine_core.kernels import pdl_enabled
+from engine_core.kernels import pdl_launch_args
 
 
 @triton.jit
@@ -66,7 +66,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         block = triton.next_power_of_2(N)
         _rms_norm_kernel[(M,)](x2, x2, weight, out, out, x2.stride(0), 0, out.stride(0), 0, N, eps,
                                HAS_RESIDUAL=False, BLOCK=block, num_warps=_num_warps(block),
-                               USE_PDL=pdl_enabled(x.device), launch_pdl=pdl_enabled(x.device))
+                               **pdl_launch_args(x.device))
     return out.view(x.shape)
 
 
@@ -81,6 +81,5 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
         block = triton.next_power_of_2(N)
         _rms_norm_kernel[(M,)](x2, r2, weight, x2, r2, x2.stride(0), r2.stride(0), x2.stride(0),
                                r2.stride(0), N, eps, HAS_RESIDUAL=True, BLOCK=block,
-                               num_warps=_num_warps(block), USE_PDL=pdl_enabled(x.device),
-                               launch_pdl=pdl_enabled(x.device))
+                               num_warps=_num_warps(block), **pdl_launch_args(x.device))
     return x2.view(x.shape), r2.view(residual.shape)

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from engine_core.kernels import pdl_enabled
+from engine_core.kernels import pdl_launch_args
 
 _LOG2E = 1.4426950408889634
 
@@ -203,13 +203,13 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_c
         G=G, D=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_H=max(16, triton.next_power_of_2(G)),
         BLOCK_N=block_n, BLOCK_SIZE=block_size, MAX_SPLITS=max_splits, MIN_SPLIT=min_split,
         DIRECT=z == 1, DOT_PREC=dot_prec, num_warps=num_warps, num_stages=num_stages,
-        USE_PDL=pdl_enabled(query.device), launch_pdl=pdl_enabled(query.device),
+        **pdl_launch_args(query.device),
     )
     if z > 1:
         _decode_reduce_kernel[(B, hq)](
             mid_o, mid_lse, seq_lens, out, z, out.stride(0), out.stride(1),
             D=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_N=block_n,
             MAX_SPLITS=max_splits, MIN_SPLIT=min_split, num_warps=4,
-            USE_PDL=pdl_enabled(query.device), launch_pdl=pdl_enabled(query.device),
+            **pdl_launch_args(query.device),
         )
     return out

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from engine_core.kernels import pdl_enabled
+from engine_core.kernels import pdl_launch_args
 
 
 @triton.jit
@@ -139,7 +139,7 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         positions, q, k, cos_sin_cache, stride_qt, stride_kt, cos_sin_cache.stride(0), hq, hk,
         HEAD_DIM=head_dim, HALF=half, BLOCK_HQ=triton.next_power_of_2(hq),
         BLOCK_HK=triton.next_power_of_2(hk), BLOCK_HALF=triton.next_power_of_2(half), num_warps=4,
-        USE_PDL=pdl_enabled(q.device), launch_pdl=pdl_enabled(q.device),
+        **pdl_launch_args(q.device),
     )
     return q, k
 
@@ -168,6 +168,6 @@ def rotary_and_cache(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
         BLOCK_HK=triton.next_power_of_2(hkv), BLOCK_HALF=triton.next_power_of_2(half),
         BLOCK_D=triton.next_power_of_2(head_dim),
         FP8_MAX=448.0 if kv_cache.dtype == torch.float8_e4m3fn else 0.0, num_warps=4,
-        USE_PDL=pdl_enabled(q.device), launch_pdl=pdl_enabled(q.device),
+        **pdl_launch_args(q.device),
     )
     return q

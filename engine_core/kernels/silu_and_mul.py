@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from engine_core.kernels import pdl_enabled
+from engine_core.kernels import pdl_launch_args
 
 
 @triton.jit
@@ -45,6 +45,5 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         block = min(1024, triton.next_power_of_2(d))
         _silu_and_mul_kernel[(M, triton.cdiv(d, block))](x2, out, x2.stride(0), out.stride(0), d,
                                                          BLOCK=block, num_warps=4,
-                                                         USE_PDL=pdl_enabled(x.device),
-                                                         launch_pdl=pdl_enabled(x.device))
+                                                         **pdl_launch_args(x.device))
     return out.view(*x.shape[:-1], d)

@@ -85,12 +85,16 @@ def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     # per-token layout again for every tile.
     vh = v.transpose(0, 1).contiguous()                 # [Hkv, S, D]
     kt = k.transpose(0, 1).contiguous().transpose(1, 2)  # [Hkv, D, S], read transposed by BLAS
+    # Each tile's own t x t diagonal block is masked above its diagonal; a smaller last tile uses
+    # the top-left corner of the same mask (built once per call, not per tile).
+    above_diag = torch.ones(min(L, CAUSAL_TILE_ROWS), min(L, CAUSAL_TILE_ROWS), dtype=torch.bool,
+                            device=q.device).triu_(1)
     for a in range(0, L, CAUSAL_TILE_ROWS):
         b = min(L, a + CAUSAL_TILE_ROWS)
         t, n = b - a, S - L + b  # rows in the tile, keys its last row sees
         qt = (q[a:b].reshape(t, hkv, g, d).permute(1, 2, 0, 3) * scale).reshape(hkv, g * t, d)
         s = torch.bmm(qt, kt[:, :, :n]).view(hkv, g, t, n)
-        s[..., n - t:].masked_fill_(torch.ones(t, t, dtype=torch.bool, device=q.device).triu_(1), float("-inf"))
+        s[..., n - t:].masked_fill_(above_diag[:t, :t], float("-inf"))
         p = torch.softmax(s.view(hkv, g * t, n), dim=-1)
         o = torch.bmm(p, vh[:, :n])  # [Hkv, g*t, D]
         out[a:b] = o.view(hkv, g, t, d).permute(2, 0, 1, 3).reshape(t, hq, d)

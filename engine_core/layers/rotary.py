@@ -93,9 +93,14 @@ class RotaryEmbedding(nn.Module):
             self.cos_sin_cache = cache.to(self.cos_sin_cache.device)
         return self
 
+    def _cache_on(self, device: torch.device) -> torch.Tensor:
+        """cos_sin_cache on `device` (moved there once, on first use)."""
+        if self.cos_sin_cache.device != device:
+            self.cos_sin_cache = self.cos_sin_cache.to(device)
+        return self.cos_sin_cache
+
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.cos_sin_cache.device != positions.device:
-            self.cos_sin_cache = self.cos_sin_cache.to(positions.device)
+        self._cache_on(positions.device)
         if q.is_cuda and triton_available():  # Triton: rotates q and k in place (views into qkv)
             from engine_core.kernels.rotary import rotary_embedding
             return rotary_embedding(positions, q, k, self.cos_sin_cache, self.head_dim)
@@ -113,15 +118,13 @@ class RotaryEmbedding(nn.Module):
         return (apply_rotary_ref(positions, q, self.cos_sin_cache, self.head_dim, self._rows),
                 apply_rotary_ref(positions, k, self.cos_sin_cache, self.head_dim, self._rows))
 
-
     def rotate_and_cache(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
         """CUDA paged path: rotate q in place and write rotate(k), v into their cache slots in one
         kernel (kernels.rotary.rotary_and_cache). Returns q."""
         from engine_core.kernels.rotary import rotary_and_cache
-        if self.cos_sin_cache.device != positions.device:
-            self.cos_sin_cache = self.cos_sin_cache.to(positions.device)
-        return rotary_and_cache(positions, q, k, v, self.cos_sin_cache, self.head_dim, kv_cache, slot_mapping)
+        return rotary_and_cache(positions, q, k, v, self._cache_on(positions.device), self.head_dim, kv_cache,
+                                slot_mapping)
 
 
 def _joined(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:

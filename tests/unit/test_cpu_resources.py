@@ -87,17 +87,17 @@ def test_openmp_wait_policy_spins_on_an_idle_box_and_sleeps_on_a_busy_one():
     from engine_core.cpu_resources import set_openmp_wait_policy
 
     env: dict[str, str] = {}
-    assert set_openmp_wait_policy(env, torch_imported=False, idle_fraction=0.95) == "GOMP_SPINCOUNT=10000"
+    assert set_openmp_wait_policy(env, torch_imported=False, idle_probe=lambda: 0.95) == "GOMP_SPINCOUNT=10000"
     assert env == {"GOMP_SPINCOUNT": "10000"}
     env = {}
-    assert set_openmp_wait_policy(env, torch_imported=False, idle_fraction=0.2) == "PASSIVE"
+    assert set_openmp_wait_policy(env, torch_imported=False, idle_probe=lambda: 0.2) == "PASSIVE"
     assert env == {"OMP_WAIT_POLICY": "PASSIVE"}
     env = {}  # /proc/stat unreadable: spin (a laptop outside Linux is rarely a shared box)
-    assert set_openmp_wait_policy(env, torch_imported=False, idle_fraction=None) == "GOMP_SPINCOUNT=10000"
+    assert set_openmp_wait_policy(env, torch_imported=False, idle_probe=lambda: None) == "GOMP_SPINCOUNT=10000"
     env = {"OMP_WAIT_POLICY": "ACTIVE"}  # the user's choice wins
-    assert set_openmp_wait_policy(env, torch_imported=False, idle_fraction=0.2) == "ACTIVE"
+    assert set_openmp_wait_policy(env, torch_imported=False, idle_probe=lambda: 0.2) == "ACTIVE"
     env = {"GOMP_SPINCOUNT": "0"}
-    assert set_openmp_wait_policy(env, torch_imported=False, idle_fraction=0.95) == "GOMP_SPINCOUNT=0"
+    assert set_openmp_wait_policy(env, torch_imported=False, idle_probe=lambda: 0.95) == "GOMP_SPINCOUNT=0"
     env = {}
     assert set_openmp_wait_policy(env, torch_imported=True) is None and env == {}  # too late: libgomp read it
 
