@@ -3,8 +3,10 @@
 KV cache layout per layer: one tensor [2, num_blocks, block_size, num_kv_heads, head_dim]
 (index 0 = K, 1 = V). A token with slot s lives at block s // block_size, offset s % block_size.
 
-The functions here are the pure-torch reference (CPU path and oracle for the Triton kernels, which
-`Attention` uses instead for CUDA tensors: engine_core/kernels/paged_attention.py):
+The functions here are the pure-torch reference (oracle for the Triton kernels, which `Attention`
+uses instead for CUDA tensors: engine_core/kernels/paged_attention.py; and the CPU path, where the
+C++ kernels of engine_core/kernels/cpu_decode_ops.cpp take the rotary + cache write and the decode
+rows when they are built):
 - `write_kv_cache_ref`  : scatter K/V rows into their slots (slot -1 = padding, skipped)
 - `paged_attention_ref` : decodes batched in one SDPA (K/V gathered through the block table, length
                           mask); each prefill / chunked-prefill request in its own causal attention
@@ -151,27 +153,54 @@ def _decode_gather(md: AttentionMetadata, nb: int, device: torch.device) -> tupl
     return cached
 
 
-def paged_attention_ref(query: torch.Tensor, kv_cache: torch.Tensor, md: AttentionMetadata,
-                        scale: float) -> torch.Tensor:
+def _rows_sdpa(query: torch.Tensor, kv_cache: torch.Tensor, md: AttentionMetadata, nb: int,
+               scale: float) -> torch.Tensor:
+    """The row-batched requests' query rows ([R, Hq, D], R = their query tokens) in one SDPA over
+    K/V gathered through the block tables, each row masked to its own length."""
+    hq, d = query.shape[1:]
+    hkv = kv_cache.shape[3]
+    idx, bias = _decode_gather(md, nb, query.device)
+    R, S = idx.shape
+    flat_kv = raw_kv_view(kv_cache).view(2, -1, hkv, d)
+    # K and V of every row in one gather: [2, R*S, Hkv, D]
+    kv = _widen(flat_kv.index_select(1, idx.view(-1)), kv_cache.dtype, query.dtype)
+    kv = kv.view(2, R, S, hkv, d).transpose(2, 3)
+    q = query[:R].unsqueeze(2)  # [R, Hq, 1, D]
+    return F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=bias.to(query.dtype), scale=scale,
+                                          enable_gqa=hq != hkv).squeeze(2)
+
+
+def _rows_cpu_kernel(query: torch.Tensor, kv_cache: torch.Tensor, md: AttentionMetadata, nb: int,
+                     scale: float) -> torch.Tensor:
+    """_rows_sdpa through the C++ kernel (kernels/cpu_decode_ops.cpp): K/V read in place through
+    each row's block table, no gather copy and no mask."""
+    from engine_core.kernels.cpu_ops import cpu_ops
+    cached = md.derived.get("decode_rows_cpu")
+    if cached is None:
+        if nb == md.num_decodes:  # decodes only: one row per request
+            cached = (md.block_tables[:nb], md.seq_lens[:nb])
+        else:
+            req_of_row, lens = decode_rows(md.query_lens_cpu[:nb], md.seq_lens_cpu[:nb])
+            cached = (md.block_tables.index_select(0, req_of_row), torch.tensor(lens, dtype=torch.int32))
+        cached = md.derived["decode_rows_cpu"] = cached
+    block_tables, lens = cached
+    return cpu_ops().paged_decode_attention(query[:lens.shape[0]].contiguous(), kv_cache, block_tables, lens, scale)
+
+
+def paged_attention_ref(query: torch.Tensor, kv_cache: torch.Tensor, md: AttentionMetadata, scale: float,
+                        row_attention=_rows_sdpa) -> torch.Tensor:
     """query: [T, Hq, D] (rows ordered as md describes); kv_cache already holds this step's K/V.
-    Returns [T, Hq, D]."""
+    Returns [T, Hq, D]. row_attention: how the row-batched requests are attended (the SDPA twin
+    here; _rows_cpu_kernel on the CPU path where the C++ kernels are built)."""
     T, hq, d = query.shape
     key_cache, value_cache = kv_cache[0], kv_cache[1]
-    hkv = key_cache.shape[2]
     bs = md.block_size
-    nb = _num_row_batched(md)  # requests attended row by row in one SDPA
+    nb = _num_row_batched(md)  # requests attended row by row in one call
     start = 0  # query rows done
 
     if nb:
-        idx, bias = _decode_gather(md, nb, query.device)
-        R, S = idx.shape
-        flat_kv = raw_kv_view(kv_cache).view(2, -1, hkv, d)
-        # K and V of every row in one gather: [2, R*S, Hkv, D]
-        kv = _widen(flat_kv.index_select(1, idx.view(-1)), kv_cache.dtype, query.dtype)
-        kv = kv.view(2, R, S, hkv, d).transpose(2, 3)
-        q = query[:R].unsqueeze(2)  # [R, Hq, 1, D]
-        o = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=bias.to(query.dtype), scale=scale,
-                                           enable_gqa=hq != hkv).squeeze(2)
+        o = row_attention(query, kv_cache, md, nb, scale)
+        R = o.shape[0]
         if R == T:  # every row done (e.g. a pure-decode step): nothing else to fill
             return o
         out = torch.empty_like(query)
@@ -203,6 +232,15 @@ def causal_attention_ref(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     return out
 
 
+def _cpu_kernels_apply(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+    """The C++ CPU kernels take this step: CPU tensors, the kernels built, a cache in the compute
+    dtype (an fp8 cache stays on the torch path) and q/k/v as [T, heads*D] rows."""
+    if q.device.type != "cpu" or kv_cache.dtype != q.dtype or q.dim() != 2:
+        return False
+    from engine_core.kernels.cpu_ops import cpu_ops
+    return cpu_ops() is not None
+
+
 class Attention(nn.Module):
     """Stores this step's K/V in the paged cache and attends over it: Triton kernels on CUDA, the
     pure-torch reference otherwise."""
@@ -218,14 +256,25 @@ class Attention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 md: AttentionMetadata, rope: tuple[nn.Module, torch.Tensor] | None = None) -> torch.Tensor:
-        """rope: (RotaryEmbedding, positions) to rotate q and k first; on the CUDA paged path the
-        rotation is fused with the KV-cache write (one kernel instead of two per layer)."""
+        """rope: (RotaryEmbedding, positions) to rotate q and k first; on the CUDA paged path and the
+        CPU paged path with the C++ kernels, the rotation is fused with the KV-cache write (one
+        kernel instead of two per layer, or one call instead of ~15 ops)."""
         cuda = q.is_cuda and triton_available()  # Triton kernels (engine_core/kernels), graph-capturable
         paged = kv_cache is not None and kv_cache.numel() > 0
-        if rope is not None and not (cuda and paged):
+        cpu_kernels = paged and not cuda and _cpu_kernels_apply(q, k, v, kv_cache)
+        if rope is not None and not (paged and (cuda or cpu_kernels)):
             rotary_emb, positions = rope
             q, k = rotary_emb(positions, q, k)
             rope = None
+        if cpu_kernels:
+            if rope is not None:
+                rotary_emb, positions = rope
+                rotary_emb.rotate_and_cache(positions, q, k, v, kv_cache, md.slot_mapping)
+            else:
+                write_kv_cache_ref(k, v, kv_cache, md.slot_mapping, padded=False)
+            q = q.reshape(-1, self.num_heads, self.head_dim)
+            o = paged_attention_ref(q, kv_cache, md, self.scale, row_attention=_rows_cpu_kernel)
+            return o.reshape(-1, self.num_heads * self.head_dim)
         q = q.reshape(-1, self.num_heads, self.head_dim)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)

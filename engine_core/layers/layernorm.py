@@ -46,6 +46,16 @@ class RMSNorm(nn.Module):
             if residual is None:
                 return rms_norm(x, self.weight, self.eps)
             return fused_add_rms_norm(x, residual, self.weight, self.eps)
+        if x.device.type == "cpu" and x.dtype == self.weight.dtype:
+            from engine_core.kernels.cpu_ops import cpu_ops
+            ops = cpu_ops()
+            if ops is not None:  # C++ (kernels/cpu_decode_ops.cpp): one call, same in-place contract
+                x2 = x.reshape(-1, x.shape[-1])
+                if residual is None and x2.stride(-1) == 1:
+                    return ops.rms_norm(x2, self.weight, self.eps).view(x.shape)
+                if residual is not None and x.is_contiguous() and residual.is_contiguous():
+                    ops.fused_add_rms_norm_(x2, residual.view(x2.shape), self.weight, self.eps)
+                    return x, residual
         return rms_norm_ref(x, self.weight, self.eps, residual)
 
     def extra_repr(self) -> str:

@@ -120,11 +120,17 @@ class RotaryEmbedding(nn.Module):
 
     def rotate_and_cache(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
-        """CUDA paged path: rotate q in place and write rotate(k), v into their cache slots in one
-        kernel (kernels.rotary.rotary_and_cache). Returns q."""
-        from engine_core.kernels.rotary import rotary_and_cache
-        return rotary_and_cache(positions, q, k, v, self._cache_on(positions.device), self.head_dim, kv_cache,
-                                slot_mapping)
+        """Paged path: rotate q in place and write rotate(k), v into their cache slots in one call --
+        the Triton kernel on CUDA (kernels.rotary.rotary_and_cache), the C++ op on CPU
+        (kernels/cpu_decode_ops.cpp, which also leaves k rotated in place). Returns q."""
+        cache = self._cache_on(positions.device)
+        if q.is_cuda:
+            from engine_core.kernels.rotary import rotary_and_cache
+            return rotary_and_cache(positions, q, k, v, cache, self.head_dim, kv_cache, slot_mapping)
+        from engine_core.kernels.cpu_ops import cpu_ops
+        cpu_ops().rotary_qk_cache_(q, k, v, positions.reshape(-1).long(), cache, self.head_dim, kv_cache,
+                                   slot_mapping.long())
+        return q
 
 
 def _joined(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
