@@ -33,7 +33,7 @@ from types import ModuleType
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_decode_ops.cpp")
-CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp")
+CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-trapping-math", "-fno-math-errno", "-fopenmp")
 LDFLAGS = ("-fopenmp",)  # resolves to the libgomp torch already loaded (same soname): one thread pool
 DISABLE_ENV = "PAGEDSERVE_CPU_KERNELS"
 
