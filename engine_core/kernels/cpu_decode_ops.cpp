@@ -16,8 +16,12 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -248,20 +252,27 @@ struct DecodeGeometry {
   float scale;
 };
 
+// The row's length fits its block table and every block id it reads is in the cache.
+inline void check_table(const int32_t* table, int64_t len, const DecodeGeometry& g) {
+  TORCH_CHECK(len >= 1 && (len + g.block_size - 1) / g.block_size <= g.bt_stride, "row length ", len,
+              " outside its block table");
+  for (int64_t b = 0; b * g.block_size < len; ++b)
+    TORCH_CHECK(table[b] >= 0 && table[b] < g.num_blocks, "block id ", table[b], " outside the KV cache");
+}
+
 // Scratch: qf [group*d], acc [group*d], row [d], p [group*len].
 template <typename T>
 void attend_kv_head(T* __restrict out, const T* __restrict q, const T* kc, const T* vc, const int32_t* table,
                     int64_t len, int64_t kvh, DecodeGeometry g, float* __restrict qf, float* __restrict acc,
                     float* __restrict row, float* __restrict p) {
   const int64_t group = g.hq / g.hkv, d = g.d, bs = g.block_size, row_kv = g.hkv * d;
-  TORCH_CHECK(len >= 1 && (len + bs - 1) / bs <= g.bt_stride, "row length ", len, " outside its block table");
-  for (int64_t b = 0; b * bs < len; ++b)
-    TORCH_CHECK(table[b] >= 0 && table[b] < g.num_blocks, "block id ", table[b], " outside the KV cache");
   for (int64_t i = 0; i < group * d; ++i) qf[i] = f32(q[i]) * g.scale;
-  for (int64_t t = 0; t < len; ++t) {
-    const T* kt = kc + (table[t / bs] * bs + t % bs) * row_kv + kvh * d;
-    for (int64_t i = 0; i < d; ++i) row[i] = f32(kt[i]);
-    for (int64_t j = 0; j < group; ++j) p[j * len + t] = dot(qf + j * d, row, d);
+  for (int64_t b = 0, t = 0; t < len; ++b) {  // block by block: no integer division per token
+    const T* kb = kc + static_cast<int64_t>(table[b]) * bs * row_kv + kvh * d;
+    for (const int64_t stop = std::min(len, t + bs); t < stop; ++t, kb += row_kv) {
+      for (int64_t i = 0; i < d; ++i) row[i] = f32(kb[i]);
+      for (int64_t j = 0; j < group; ++j) p[j * len + t] = dot(qf + j * d, row, d);
+    }
   }
   for (int64_t i = 0; i < group * d; ++i) acc[i] = 0.f;
   for (int64_t j = 0; j < group; ++j) {
@@ -272,13 +283,135 @@ void attend_kv_head(T* __restrict out, const T* __restrict q, const T* kc, const
     const float denom = sum_lanes(pj, len);
     for (int64_t t = 0; t < len; ++t) pj[t] /= denom;
   }
-  for (int64_t t = 0; t < len; ++t) {
-    const T* vt = vc + (table[t / bs] * bs + t % bs) * row_kv + kvh * d;
-    for (int64_t i = 0; i < d; ++i) row[i] = f32(vt[i]);
-    for (int64_t j = 0; j < group; ++j) axpy(acc + j * d, p[j * len + t], row, d);
+  for (int64_t b = 0, t = 0; t < len; ++b) {
+    const T* vb = vc + static_cast<int64_t>(table[b]) * bs * row_kv + kvh * d;
+    for (const int64_t stop = std::min(len, t + bs); t < stop; ++t, vb += row_kv) {
+      for (int64_t i = 0; i < d; ++i) row[i] = f32(vb[i]);
+      for (int64_t j = 0; j < group; ++j) axpy(acc + j * d, p[j * len + t], row, d);
+    }
   }
   for (int64_t i = 0; i < group * d; ++i) out[i] = to<T>(acc[i]);
 }
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+// AVX512-BF16 path for bf16 caches (compiled where -march=native has the instructions): q.k and
+// p.v as vdpbf16ps dot products (bf16 pairs multiplied exactly, summed in fp32), 16 tokens' scores
+// reduced together. 1.7-1.8x the portable path on a 2-core Sapphire Rapids (S = 300-1000).
+#define PAGEDSERVE_AVX512BF16 1
+// r[t] = sum of the 16 lanes of v[t], t = 0..15: a 4-level shuffle tree (46 ops for 16 tokens)
+// instead of one horizontal reduction per token.
+inline __m512 transpose_sum16(__m512* v) {
+  __m512 a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i)
+    a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44), _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+  for (int i = 0; i < 4; ++i)
+    b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x88), _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xDD));
+  for (int i = 0; i < 2; ++i)
+    c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0x44), _mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0xEE));
+  const __m512 r = _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], 0x88), _mm512_shuffle_ps(c[0], c[1], 0xDD));
+  // lane 4k+m holds token 4m+k
+  const __m512i idx = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+  return _mm512_permutexvar_ps(idx, r);
+}
+
+// Scratch p: [G * len] floats.
+template <int D, int G>
+void attend_kv_head_avx512bf16(c10::BFloat16* out, const c10::BFloat16* q, const c10::BFloat16* kc, const c10::BFloat16* vc,
+                       const int32_t* table, int64_t len, int64_t kvh, DecodeGeometry g, float* p) {
+  constexpr int C = D / 32;  // 512-bit registers per K/V row (32 bf16 each)
+  const int64_t bs = g.block_size, row_kv = g.hkv * D;
+  float inv[G];
+  for (int j = 0; j < G; ++j) {  // scores and softmax, one head at a time (its q in registers)
+    __m512bh qv[C];
+    for (int c = 0; c < C; ++c) qv[c] = (__m512bh)_mm512_loadu_si512(q + j * D + 32 * c);
+    float* pj = p + j * len;
+    __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    int64_t blk = 0, off = 0;
+    for (int64_t t0 = 0; t0 < len; t0 += 16) {
+      __m512 acc[16];
+      const int64_t n = std::min<int64_t>(16, len - t0);
+      for (int64_t u = 0; u < 16; ++u) {
+        acc[u] = _mm512_setzero_ps();
+        if (u < n) {
+          const c10::BFloat16* kt = kc + (static_cast<int64_t>(table[blk]) * bs + off) * row_kv + kvh * D;
+          for (int c = 0; c < C; ++c) acc[u] = _mm512_dpbf16_ps(acc[u], qv[c], (__m512bh)_mm512_loadu_si512(kt + 32 * c));
+          if (++off == bs) { off = 0; ++blk; }
+        }
+      }
+      const __mmask16 m = static_cast<__mmask16>(n == 16 ? 0xFFFFu : (1u << n) - 1);
+      const __m512 s = _mm512_mul_ps(transpose_sum16(acc), _mm512_set1_ps(g.scale));
+      _mm512_mask_storeu_ps(pj + t0, m, s);
+      vmax = _mm512_mask_max_ps(vmax, m, vmax, s);
+    }
+    const float mx = _mm512_reduce_max_ps(vmax);
+    for (int64_t t = 0; t < len; ++t) pj[t] = exp_approx(pj[t] - mx);
+    inv[j] = 1.f / sum_lanes(pj, len);
+  }
+  // values: two tokens at a time, their V rows interleaved channel by channel so one vdpbf16ps
+  // adds p_t * v_t + p_t+1 * v_t+1 (probabilities rounded to bf16 for the product, as torch's
+  // bf16 flash attention does); every head reads the same interleaved rows.
+  __m512 acc[G][2 * C];
+  for (int j = 0; j < G; ++j)
+    for (int c = 0; c < 2 * C; ++c) acc[j][c] = _mm512_setzero_ps();
+  int64_t blk = 0, off = 0;
+  auto next_row = [&]() {
+    const c10::BFloat16* r = vc + (static_cast<int64_t>(table[blk]) * bs + off) * row_kv + kvh * D;
+    if (++off == bs) { off = 0; ++blk; }
+    return r;
+  };
+  for (int64_t t = 0; t < len; t += 2) {
+    const c10::BFloat16* v0 = next_row();
+    const bool pair = t + 1 < len;
+    const c10::BFloat16* v1 = pair ? next_row() : v0;
+    __m512i lo[C], hi[C];
+    for (int c = 0; c < C; ++c) {
+      const __m512i a = _mm512_loadu_si512(v0 + 32 * c);
+      const __m512i b = pair ? _mm512_loadu_si512(v1 + 32 * c) : _mm512_setzero_si512();
+      lo[c] = _mm512_unpacklo_epi16(a, b);
+      hi[c] = _mm512_unpackhi_epi16(a, b);
+    }
+    for (int j = 0; j < G; ++j) {
+      const float p0 = p[j * len + t], p1 = pair ? p[j * len + t + 1] : 0.f;
+      const uint32_t w = static_cast<uint32_t>(to<c10::BFloat16>(p0).x) | (static_cast<uint32_t>(to<c10::BFloat16>(p1).x) << 16);
+      const __m512bh wv = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(w));
+      for (int c = 0; c < C; ++c) {
+        acc[j][2 * c] = _mm512_dpbf16_ps(acc[j][2 * c], wv, (__m512bh)lo[c]);
+        acc[j][2 * c + 1] = _mm512_dpbf16_ps(acc[j][2 * c + 1], wv, (__m512bh)hi[c]);
+      }
+    }
+  }
+  // unpacklo of 128-bit block k holds channels 8k..8k+3, unpackhi 8k+4..8k+7
+  for (int j = 0; j < G; ++j)
+    for (int c = 0; c < C; ++c) {
+      alignas(64) float l[16], h[16];
+      _mm512_store_ps(l, _mm512_mul_ps(acc[j][2 * c], _mm512_set1_ps(inv[j])));
+      _mm512_store_ps(h, _mm512_mul_ps(acc[j][2 * c + 1], _mm512_set1_ps(inv[j])));
+      c10::BFloat16* o = out + j * D + 32 * c;
+      for (int k = 0; k < 4; ++k)
+        for (int i = 0; i < 4; ++i) {
+          o[8 * k + i] = to<c10::BFloat16>(l[4 * k + i]);
+          o[8 * k + 4 + i] = to<c10::BFloat16>(h[4 * k + i]);
+        }
+    }
+}
+
+// G (query heads per KV head) and D as compile-time constants keep the accumulators in registers.
+template <int D>
+bool attend_avx512bf16(c10::BFloat16* out, const c10::BFloat16* q, const c10::BFloat16* kc, const c10::BFloat16* vc,
+                       const int32_t* table, int64_t len, int64_t kvh, DecodeGeometry g, float* p) {
+  switch (g.hq / g.hkv) {
+    case 1: attend_kv_head_avx512bf16<D, 1>(out, q, kc, vc, table, len, kvh, g, p); return true;
+    case 2: attend_kv_head_avx512bf16<D, 2>(out, q, kc, vc, table, len, kvh, g, p); return true;
+    case 3: attend_kv_head_avx512bf16<D, 3>(out, q, kc, vc, table, len, kvh, g, p); return true;
+    case 4: attend_kv_head_avx512bf16<D, 4>(out, q, kc, vc, table, len, kvh, g, p); return true;
+    case 5: attend_kv_head_avx512bf16<D, 5>(out, q, kc, vc, table, len, kvh, g, p); return true;
+    case 6: attend_kv_head_avx512bf16<D, 6>(out, q, kc, vc, table, len, kvh, g, p); return true;
+    case 7: attend_kv_head_avx512bf16<D, 7>(out, q, kc, vc, table, len, kvh, g, p); return true;
+    case 8: attend_kv_head_avx512bf16<D, 8>(out, q, kc, vc, table, len, kvh, g, p); return true;
+    default: return false;
+  }
+}
+#endif
 
 template <typename T>
 void decode_attention_rows(T* out, const T* q, const T* kc, const T* vc, const int32_t* bt, const int32_t* lens,
@@ -290,8 +423,18 @@ void decode_attention_rows(T* out, const T* q, const T* kc, const T* vc, const i
     std::vector<float> qf(group * g.d), acc(group * g.d), row(g.d), p(group * std::max<int64_t>(max_len, 1));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t r = task / g.hkv, kvh = task % g.hkv, head0 = r * g.hq + kvh * group;
-      attend_kv_head(out + head0 * g.d, q + head0 * g.d, kc, vc, bt + r * g.bt_stride, lens[r], kvh, g, qf.data(),
-                     acc.data(), row.data(), p.data());
+      const int32_t* table = bt + r * g.bt_stride;
+      check_table(table, lens[r], g);
+#ifdef PAGEDSERVE_AVX512BF16
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        if (g.d == 64 && attend_avx512bf16<64>(out + head0 * g.d, q + head0 * g.d, kc, vc, table, lens[r], kvh, g, p.data()))
+          continue;
+        if (g.d == 128 && attend_avx512bf16<128>(out + head0 * g.d, q + head0 * g.d, kc, vc, table, lens[r], kvh, g, p.data()))
+          continue;
+      }
+#endif
+      attend_kv_head(out + head0 * g.d, q + head0 * g.d, kc, vc, table, lens[r], kvh, g, qf.data(), acc.data(),
+                     row.data(), p.data());
     }
   });
 }
