@@ -271,7 +271,9 @@ class Attention(nn.Module):
                 rotary_emb, positions = rope
                 rotary_emb.rotate_and_cache(positions, q, k, v, kv_cache, md.slot_mapping)
             else:
-                write_kv_cache_ref(k, v, kv_cache, md.slot_mapping, padded=False)
+                write_kv_cache_ref(k.reshape(-1, self.num_kv_heads, self.head_dim),
+                                   v.reshape(-1, self.num_kv_heads, self.head_dim), kv_cache, md.slot_mapping,
+                                   padded=False)
             q = q.reshape(-1, self.num_heads, self.head_dim)
             o = paged_attention_ref(q, kv_cache, md, self.scale, row_attention=_rows_cpu_kernel)
             return o.reshape(-1, self.num_heads * self.head_dim)
