@@ -414,8 +414,8 @@ bool attend_avx512bf16(c10::BFloat16* out, const c10::BFloat16* q, const c10::BF
 #endif
 
 template <typename T>
-void decode_attention_rows(T* out, const T* q, const T* kc, const T* vc, const int32_t* bt, const int32_t* lens,
-                           int64_t rows, DecodeGeometry g) {
+void decode_attention_rows(T* out, const T* q, int64_t q_row_stride, const T* kc, const T* vc, const int32_t* bt,
+                           const int32_t* lens, int64_t rows, DecodeGeometry g) {
   const int64_t group = g.hq / g.hkv;
   at::parallel_for(0, rows * g.hkv, 1, [=](int64_t begin, int64_t end) {
     int64_t max_len = 0;
@@ -423,17 +423,18 @@ void decode_attention_rows(T* out, const T* q, const T* kc, const T* vc, const i
     std::vector<float> qf(group * g.d), acc(group * g.d), row(g.d), p(group * std::max<int64_t>(max_len, 1));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t r = task / g.hkv, kvh = task % g.hkv, head0 = r * g.hq + kvh * group;
+      const T* qh = q + r * q_row_stride + kvh * group * g.d;  // this KV head's query heads, adjacent
       const int32_t* table = bt + r * g.bt_stride;
       check_table(table, lens[r], g);
 #ifdef PAGEDSERVE_AVX512BF16
       if constexpr (std::is_same_v<T, c10::BFloat16>) {
-        if (g.d == 64 && attend_avx512bf16<64>(out + head0 * g.d, q + head0 * g.d, kc, vc, table, lens[r], kvh, g, p.data()))
+        if (g.d == 64 && attend_avx512bf16<64>(out + head0 * g.d, qh, kc, vc, table, lens[r], kvh, g, p.data()))
           continue;
-        if (g.d == 128 && attend_avx512bf16<128>(out + head0 * g.d, q + head0 * g.d, kc, vc, table, lens[r], kvh, g, p.data()))
+        if (g.d == 128 && attend_avx512bf16<128>(out + head0 * g.d, qh, kc, vc, table, lens[r], kvh, g, p.data()))
           continue;
       }
 #endif
-      attend_kv_head(out + head0 * g.d, q + head0 * g.d, kc, vc, table, lens[r], kvh, g, qf.data(), acc.data(),
+      attend_kv_head(out + head0 * g.d, qh, kc, vc, table, lens[r], kvh, g, qf.data(), acc.data(),
                      row.data(), p.data());
     }
   });
@@ -444,7 +445,8 @@ void decode_attention_rows(T* out, const T* q, const T* kc, const T* vc, const i
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor kv_cache, torch::Tensor block_tables,
                                      torch::Tensor lens, double scale) {
   check_cpu(q, "q");
-  TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "q must be contiguous [rows, Hq, D]");
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2),
+              "q must be [rows, Hq, D] with contiguous rows (a row stride is fine: qkv views)");
   TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.is_contiguous() && kv_cache.scalar_type() == q.scalar_type() &&
                   kv_cache.size(4) == q.size(2),
               "kv_cache must be [2, blocks, block_size, Hkv, D] in q's dtype");
@@ -455,13 +457,13 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor kv_cache, to
               "lens must be int32 [rows]");
   const int64_t hq = q.size(1), hkv = kv_cache.size(3);
   TORCH_CHECK(hq % hkv == 0, "query heads must be a multiple of KV heads");
-  auto out = torch::empty_like(q);
+  auto out = torch::empty({q.size(0), hq, q.size(2)}, q.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
     const scalar_t* kc = kv_cache.data_ptr<scalar_t>();
     const int64_t half = kv_cache.numel() / 2;
     const DecodeGeometry g{hq, hkv, q.size(2), kv_cache.size(2), kv_cache.size(1), block_tables.stride(0),
                            static_cast<float>(scale)};
-    decode_attention_rows<scalar_t>(out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), kc, kc + half,
+    decode_attention_rows<scalar_t>(out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), q.stride(0), kc, kc + half,
                                     block_tables.data_ptr<int32_t>(), lens.data_ptr<int32_t>(), q.size(0), g);
   });
   return out;

@@ -22,6 +22,8 @@ class SiluAndMul(nn.Module):
             from engine_core.kernels.cpu_ops import cpu_ops
             ops = cpu_ops()
             if ops is not None:  # C++ (kernels/cpu_decode_ops.cpp): one call instead of three ops
+                if x.dim() == 2:
+                    return ops.silu_and_mul(x)
                 out = ops.silu_and_mul(x.reshape(-1, x.shape[-1]))
                 return out.view(*x.shape[:-1], out.shape[-1])
         return silu_and_mul_ref(x)

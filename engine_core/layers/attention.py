@@ -184,7 +184,8 @@ def _rows_cpu_kernel(query: torch.Tensor, kv_cache: torch.Tensor, md: AttentionM
             cached = (md.block_tables.index_select(0, req_of_row), torch.tensor(lens, dtype=torch.int32))
         cached = md.derived["decode_rows_cpu"] = cached
     block_tables, lens = cached
-    return cpu_ops().paged_decode_attention(query[:lens.shape[0]].contiguous(), kv_cache, block_tables, lens, scale)
+    rows = query if lens.shape[0] == query.shape[0] else query[:lens.shape[0]]
+    return cpu_ops().paged_decode_attention(rows, kv_cache, block_tables, lens, scale)
 
 
 def paged_attention_ref(query: torch.Tensor, kv_cache: torch.Tensor, md: AttentionMetadata, scale: float,
@@ -192,8 +193,7 @@ def paged_attention_ref(query: torch.Tensor, kv_cache: torch.Tensor, md: Attenti
     """query: [T, Hq, D] (rows ordered as md describes); kv_cache already holds this step's K/V.
     Returns [T, Hq, D]. row_attention: how the row-batched requests are attended (the SDPA twin
     here; _rows_cpu_kernel on the CPU path where the C++ kernels are built)."""
-    T, hq, d = query.shape
-    key_cache, value_cache = kv_cache[0], kv_cache[1]
+    T = query.shape[0]
     bs = md.block_size
     nb = _num_row_batched(md)  # requests attended row by row in one call
     start = 0  # query rows done
@@ -209,6 +209,7 @@ def paged_attention_ref(query: torch.Tensor, kv_cache: torch.Tensor, md: Attenti
     else:
         out = torch.empty_like(query)
 
+    key_cache, value_cache = kv_cache[0], kv_cache[1]
     for i in range(nb, md.num_reqs):  # prefills / chunked prefills (a 1-token chunk works too)
         L, S = md.query_lens_cpu[i], md.seq_lens_cpu[i]
         k = _gather_seq(key_cache, md.block_tables[i], S, bs, query.dtype)

@@ -50,6 +50,11 @@ class RMSNorm(nn.Module):
             from engine_core.kernels.cpu_ops import cpu_ops
             ops = cpu_ops()
             if ops is not None:  # C++ (kernels/cpu_decode_ops.cpp): one call, same in-place contract
+                if x.dim() == 2:  # [tokens, hidden]: no reshapes (each ~1 us, x60 per step)
+                    if residual is None:
+                        return ops.rms_norm(x, self.weight, self.eps)
+                    ops.fused_add_rms_norm_(x, residual, self.weight, self.eps)
+                    return x, residual
                 x2 = x.reshape(-1, x.shape[-1])
                 if residual is None and x2.stride(-1) == 1:
                     return ops.rms_norm(x2, self.weight, self.eps).view(x.shape)

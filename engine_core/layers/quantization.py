@@ -41,6 +41,10 @@ INT4_PACK_BLOCK_N = 64  # the CPU int4 pack stores rows in blocks of 64: [N/64, 
 # The CPU kernels have vectorized paths for bf16 activations only (fp32 ones are scalar loops,
 # ~10x slower): the quantized layers compute in bf16 and return the caller's dtype.
 CPU_COMPUTE_DTYPE = torch.bfloat16
+# The kernels' direct Python bindings where torch has them: torch.ops.aten.<op>(...) resolves its
+# overload in Python on every call (~1.2 us, x120 GEMVs per decode step).
+_INT8_MM = getattr(torch, "_weight_int8pack_mm", torch.ops.aten._weight_int8pack_mm)
+_INT4_MM = getattr(torch, "_weight_int4pack_mm_for_cpu", torch.ops.aten._weight_int4pack_mm_for_cpu)
 
 
 def quantize_int8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,6 +84,8 @@ class _CpuQuantLinear(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == CPU_COMPUTE_DTYPE and x.dim() == 2 and x.shape[0] < self.dense_min_rows and self.bias is None:
+            return self.packed_mm(x)  # a bf16 decode step: no reshapes or casts (~1 us each, x4 per layer)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(CPU_COMPUTE_DTYPE)
         y = self.packed_mm(x2) if x2.shape[0] < self.dense_min_rows else F.linear(x2, self.dequantized())
@@ -106,7 +112,7 @@ class Int8Linear(_CpuQuantLinear):
         self.scales[row:row + q.shape[0]] = scale.to(CPU_COMPUTE_DTYPE)
 
     def packed_mm(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales)
+        return _INT8_MM(x, self.qweight, self.scales)
 
     def dequantized(self) -> torch.Tensor:
         return self.qweight.to(CPU_COMPUTE_DTYPE) * self.scales[:, None]
@@ -148,7 +154,7 @@ class Int4Linear(_CpuQuantLinear):
         return linear.in_features % group_size == 0 and linear.out_features % INT4_PACK_BLOCK_N == 0
 
     def packed_mm(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.qweight, self.group_size, self.scales_and_zeros)
+        return _INT4_MM(x, self.qweight, self.group_size, self.scales_and_zeros)
 
     def dequantized(self) -> torch.Tensor:
         n, k, b = self.out_features, self.in_features, INT4_PACK_BLOCK_N

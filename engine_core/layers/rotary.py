@@ -128,8 +128,11 @@ class RotaryEmbedding(nn.Module):
             from engine_core.kernels.rotary import rotary_and_cache
             return rotary_and_cache(positions, q, k, v, cache, self.head_dim, kv_cache, slot_mapping)
         from engine_core.kernels.cpu_ops import cpu_ops
-        cpu_ops().rotary_qk_cache_(q, k, v, positions.reshape(-1).long(), cache, self.head_dim, kv_cache,
-                                   slot_mapping.long())
+        if positions.dim() != 1 or positions.dtype != torch.long:
+            positions = positions.reshape(-1).long()
+        if slot_mapping.dtype != torch.long:
+            slot_mapping = slot_mapping.long()
+        cpu_ops().rotary_qk_cache_(q, k, v, positions, cache, self.head_dim, kv_cache, slot_mapping)
         return q
 
 
