@@ -18,6 +18,7 @@ from engine_core.cpu_resources import (
 from engine_core.distributed import TPGroup, attention_shard, check_tensor_parallel
 from engine_core.executor.base import Executor, ExecutorInfo
 from engine_core.executor.model_runner import ModelRunner
+from engine_core.kernels.cpu_ops import cpu_ops_status
 from engine_core.layers.quantization import model_resident_bytes
 from engine_core.loader import load_model
 from engine_core.loader.load import (
@@ -66,6 +67,7 @@ class LocalExecutor(Executor):
             logger.info("CPU: %d threads (%d cores available), ISA %s, native bf16: %s, OpenMP wait policy %s",
                         threads, caps.num_cpus, caps.isa, caps.native_bf16,
                         openmp_wait_policy() or "libgomp default (spin)")
+            logger.info("CPU: %s", cpu_ops_status())  # built by `make setup`, else here (~30 s, once)
         torch.manual_seed(config.seed)
         self.model = load_model(self.source, dtype=self.dtype, device=self.device, tp=self.tp,
                                 quantization=config.quantization)

@@ -182,7 +182,7 @@ def _rows_cpu_kernel(query: torch.Tensor, kv_cache: torch.Tensor, md: AttentionM
         else:
             req_of_row, lens = decode_rows(md.query_lens_cpu[:nb], md.seq_lens_cpu[:nb])
             cached = (md.block_tables.index_select(0, req_of_row), torch.tensor(lens, dtype=torch.int32))
-        cached = md.derived["decode_rows_cpu"] = cached
+        md.derived["decode_rows_cpu"] = cached
     block_tables, lens = cached
     rows = query if lens.shape[0] == query.shape[0] else query[:lens.shape[0]]
     return cpu_ops().paged_decode_attention(rows, kv_cache, block_tables, lens, scale)
