@@ -25,6 +25,13 @@ RUN apt-get update \
 FROM ${CPU_BASE} AS base-cpu
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ENV PAGEDSERVE_TORCH_INDEX_URL=${TORCH_INDEX_URL}
+# The C++ CPU decode kernels (engine_core/kernels/cpu_ops.py) are compiled with -march=native for
+# the CPU the container runs on, so on first start (~30 s, then cached under $HOME/.cache), not
+# at image build: that needs a C++ compiler and the Python headers at run time. Without them the
+# engine runs its pure-torch layers.
+RUN apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends g++ python3-dev \
+ && rm -rf /var/lib/apt/lists/*
 
 FROM base-${VARIANT} AS base
 RUN apt-get update \
