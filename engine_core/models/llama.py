@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from engine_core.distributed import TPGroup
+from engine_core.kernels import cpu_ops as cpu_kernels
 from engine_core.layers.activation import SiluAndMul
 from engine_core.layers.attention import Attention
 from engine_core.layers.attention_metadata import AttentionMetadata
@@ -36,6 +37,7 @@ from engine_core.layers.linear import (
 )
 from engine_core.layers.rotary import RotaryEmbedding, get_rope
 from engine_core.model_config import ModelConfig
+from engine_core.models import cpu_decode_layer
 
 _EMPTY = torch.empty(0)
 
@@ -91,6 +93,12 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None,
                 kv_cache: torch.Tensor, md: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        if not hidden_states.is_cuda and cpu_decode_layer.eligible(md, hidden_states, kv_cache):
+            ops = cpu_kernels.cpu_ops()  # CPU decode step: the same kernels without the modules' Python glue
+            out = None if ops is None else cpu_decode_layer.decode_layer(self, ops, positions, hidden_states,
+                                                                         residual, kv_cache, md)
+            if out is not None:
+                return out
         if residual is None:
             residual = hidden_states
             hidden_states = self.input_layernorm(hidden_states)

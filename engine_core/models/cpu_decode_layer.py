@@ -1,0 +1,91 @@
+"""CPU decode steps of a Llama-family decoder layer with its Python glue trimmed.
+
+On a 2-core CPU a SmolLM2 decode step is ~6 ms of forward, and after the C++ kernels
+(engine_core/kernels/cpu_decode_ops.cpp) the Python around them -- 11 nn.Module calls per layer,
+generic shape/dtype/device checks, buffer lookups through nn.Module.__getattr__, reshapes -- was
+~60 us of every layer, ~1.8 ms a token. `decode_layer` runs the same kernels in the same order as
+the modules' forwards, as one straight line of calls: submodules, weights and buffers are read from
+the modules' own dicts on every call (nothing is cached, so a replaced or reloaded submodule is
+simply used), and the projections call their kernels directly.
+
+Same arithmetic as the module path (the same kernels on the same tensors; the tests compare the
+two bit for bit). Eligible: a CPU step of decode rows only, the C++ kernels built, a KV cache in the
+compute dtype, no q/k norm (Qwen3), and projections that are plain, int8 or int4 linears without
+bias (Qwen2's q/k/v bias) or tensor parallelism. `decode_layer` returns None for anything else,
+before it has touched a tensor, and the caller runs the modules.
+"""
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine_core.layers.attention import _rows_cpu_kernel
+from engine_core.layers.attention_metadata import AttentionMetadata
+from engine_core.layers.linear import Linear, RowParallelLinear
+from engine_core.layers.quantization import _INT4_MM, _INT8_MM, Int4Linear, Int8Linear
+
+
+def _supported(mod: nn.Module) -> bool:
+    """A projection whose forward, on 2-D decode rows, is the one kernel call `_project` makes."""
+    if mod._buffers.get("bias") is not None or mod._parameters.get("bias") is not None:
+        return False
+    if isinstance(mod, (Int4Linear, Int8Linear)):
+        return True
+    tp = mod.__dict__.get("tp")
+    if tp is not None and tp.world_size != 1:
+        return False
+    return isinstance(mod, Linear) and (type(mod).forward is Linear.forward or isinstance(mod, RowParallelLinear))
+
+
+def _project(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """mod(x) for a _supported projection and 2-D x, without the module call and its checks."""
+    b = mod._buffers
+    if isinstance(mod, Int4Linear):
+        if x.dtype == torch.bfloat16 and x.shape[0] < mod.dense_min_rows:
+            return _INT4_MM(x, b["qweight"], mod.group_size, b["scales_and_zeros"])
+        return mod(x)
+    if isinstance(mod, Int8Linear):
+        if x.dtype == torch.bfloat16 and x.shape[0] < mod.dense_min_rows:
+            return _INT8_MM(x, b["qweight"], b["scales"])
+        return mod(x)
+    return F.linear(x, mod._parameters["weight"])
+
+
+def eligible(md: AttentionMetadata, hidden: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+    """A CPU step of decode rows only, hidden [T, H] in the KV cache's dtype."""
+    return (md.num_decodes == md.num_reqs == hidden.shape[0] and hidden.dim() == 2 and hidden.device.type == "cpu"
+            and kv_cache.numel() > 0 and kv_cache.dtype == hidden.dtype)
+
+
+def decode_layer(layer: nn.Module, ops: ModuleType, positions: torch.Tensor, hidden: torch.Tensor,
+                 residual: torch.Tensor | None, kv_cache: torch.Tensor, md: AttentionMetadata
+                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """LlamaDecoderLayer.forward for an `eligible` step: the same kernels in the same order. None
+    (nothing done) when the layer has a part this path does not run."""
+    mods = layer._modules
+    attn, mlp = mods["self_attn"], mods["mlp"]
+    am, mm = attn._modules, mlp._modules
+    qkv_p, o_p, gu_p, down_p = am["qkv_proj"], am["o_proj"], mm["gate_up_proj"], mm["down_proj"]
+    ln1, ln2 = mods["input_layernorm"], mods["post_attention_layernorm"]
+    if (attn.qk_norm or ln1._parameters["weight"].dtype != hidden.dtype
+            or ln2._parameters["weight"].dtype != hidden.dtype
+            or not (_supported(qkv_p) and _supported(o_p) and _supported(gu_p) and _supported(down_p))):
+        return None
+    if residual is None:
+        residual = hidden
+        h = ops.rms_norm(hidden, ln1._parameters["weight"], ln1.eps)
+    else:
+        ops.fused_add_rms_norm_(hidden, residual, ln1._parameters["weight"], ln1.eps)
+        h = hidden
+    qkv = _project(qkv_p, h)
+    qs, kvs = attn.q_size, attn.kv_size
+    q, k, v = qkv[:, :qs], qkv[:, qs:qs + kvs], qkv[:, qs + kvs:qs + 2 * kvs]
+    am["rotary_emb"].rotate_and_cache(positions, q, k, v, kv_cache, md.slot_mapping)
+    core = am["attn"]
+    o = _rows_cpu_kernel(q.view(-1, core.num_heads, core.head_dim), kv_cache, md, md.num_reqs, core.scale)
+    h = _project(o_p, o.view(o.shape[0], -1))
+    ops.fused_add_rms_norm_(h, residual, ln2._parameters["weight"], ln2.eps)
+    return _project(down_p, ops.silu_and_mul(_project(gu_p, h))), residual
