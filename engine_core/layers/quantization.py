@@ -229,7 +229,8 @@ def quantize_model(model: nn.Module, method: str, device: torch.device, dtype: t
 
 
 def model_resident_bytes(model: nn.Module) -> int:
-    """Bytes of the model's parameters and buffers, each storage counted once (tied weights)."""
+    """Bytes of the model's parameters and buffers, each storage counted once (tied weights), and
+    of its oneDNN-packed weights."""
     seen: set[int] = set()
     total = 0
     for t in list(model.parameters()) + list(model.buffers()):
@@ -240,4 +241,5 @@ def model_resident_bytes(model: nn.Module) -> int:
             continue
         seen.add(key)
         total += t.untyped_storage().nbytes()
-    return total
+    # oneDNN-packed weights (cpu_packed_linear.PackedLinear) are opaque tensors without a storage
+    return total + sum(getattr(m, "packed_bytes", 0) for m in model.modules())

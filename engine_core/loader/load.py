@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from engine_core.distributed import TPGroup, check_tensor_parallel
+from engine_core.layers.cpu_packed_linear import PACKED_DTYPES, pack_cpu_linears
 from engine_core.loader.dummy_loader import init_dummy_weights
 from engine_core.loader.gguf_loader import iter_gguf_weights
 from engine_core.loader.model_source import ModelSource, resolve_model
@@ -116,6 +117,8 @@ def load_model(source: ModelSource | str | os.PathLike | None, dtype: torch.dtyp
     if quantization:
         from engine_core.layers.quantization import quantize_model
         quantize_model(model, quantization, device, dtype)
+    if device.type == "cpu" and dtype in PACKED_DTYPES and not sharded:
+        pack_cpu_linears(model)  # oneDNN's blocked weight layout once, not on every GEMM
     model.eval()
     logger.info("loaded %s (%s, %s) on %s as %s%s in %.2fs%s", source.name, source.kind, config.architecture,
                 device, dtype, f", {quantization} weights" if quantization else "", time.perf_counter() - t0,

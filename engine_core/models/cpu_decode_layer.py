@@ -10,7 +10,7 @@ simply used), and the projections call their kernels directly.
 
 Same arithmetic as the module path (the same kernels on the same tensors; the tests compare the
 two bit for bit). Eligible: a CPU step of decode rows only, the C++ kernels built, a KV cache in the
-compute dtype, no q/k norm (Qwen3), and projections that are plain, int8 or int4 linears without
+compute dtype, no q/k norm (Qwen3), and projections that are plain, oneDNN-packed, int8 or int4 linears without
 bias (Qwen2's q/k/v bias) or tensor parallelism. `decode_layer` returns None for anything else,
 before it has touched a tensor, and the caller runs the modules.
 """
@@ -24,6 +24,7 @@ from torch import nn
 
 from engine_core.layers.attention import _rows_cpu_kernel
 from engine_core.layers.attention_metadata import AttentionMetadata
+from engine_core.layers.cpu_packed_linear import PackedLinear
 from engine_core.layers.linear import Linear, RowParallelLinear
 from engine_core.layers.quantization import _INT4_MM, _INT8_MM, Int4Linear, Int8Linear
 
@@ -32,7 +33,7 @@ def _supported(mod: nn.Module) -> bool:
     """A projection whose forward, on 2-D decode rows, is the one kernel call `_project` makes."""
     if mod._buffers.get("bias") is not None or mod._parameters.get("bias") is not None:
         return False
-    if isinstance(mod, (Int4Linear, Int8Linear)):
+    if isinstance(mod, (Int4Linear, Int8Linear, PackedLinear)):
         return True
     tp = mod.__dict__.get("tp")
     if tp is not None and tp.world_size != 1:
@@ -51,6 +52,8 @@ def _project(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.bfloat16 and x.shape[0] < mod.dense_min_rows:
             return _INT8_MM(x, b["qweight"], b["scales"])
         return mod(x)
+    if isinstance(mod, PackedLinear):
+        return mod.forward(x)
     return F.linear(x, mod._parameters["weight"])
 
 

@@ -175,3 +175,50 @@ def test_layers_fall_back_when_the_kernels_are_off(monkeypatch):
     norm = RMSNorm(64)
     y = torch.randn(2, 64)
     assert torch.equal(norm(y), rms_norm_ref(y, norm.weight, norm.eps))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows", [1, 16, 130])
+def test_packed_linear_matches_f_linear(bias, rows):
+    """oneDNN-prepacked bf16 weights (layers/cpu_packed_linear.py) give F.linear's outputs."""
+    from engine_core.layers.cpu_packed_linear import PackedLinear, _ops_available
+    from engine_core.layers.linear import Linear
+
+    if not _ops_available():
+        pytest.skip("this torch has no oneDNN weight packing")
+    g = torch.Generator().manual_seed(rows)
+    lin = Linear(96, 192, bias=bias)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(192, 96, generator=g))
+        if bias:
+            lin.bias.copy_(torch.randn(192, generator=g))
+    lin = lin.to(torch.bfloat16)
+    packed = PackedLinear(lin)
+    x = torch.randn(rows, 96, generator=g).to(torch.bfloat16)
+    ref = torch.nn.functional.linear(x, lin.weight, lin.bias)
+    out = packed(x)
+    assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+    assert _rel(out, ref) < 1e-3
+    assert packed(x.view(1, rows, 96)).shape == (1, rows, 192)
+    assert packed.packed_bytes == 192 * 96 * 2
+
+
+def test_pack_cpu_linears_swaps_bf16_layers_only():
+    from engine_core.layers.cpu_packed_linear import (
+        PackedLinear,
+        _ops_available,
+        pack_cpu_linears,
+    )
+    from engine_core.layers.quantization import model_resident_bytes
+    from tests.unit.test_cpu_decode_layer import _tiny_model
+
+    if not _ops_available():
+        pytest.skip("this torch has no oneDNN weight packing")
+    fp32, _ = _tiny_model(torch.float32, None)
+    assert pack_cpu_linears(fp32) == 0
+    bf16, config = _tiny_model(torch.bfloat16, None)
+    before = model_resident_bytes(bf16)
+    n = pack_cpu_linears(bf16)
+    assert n == 4 * config.num_hidden_layers + 1  # qkv, o, gate_up, down per layer + the LM head
+    assert all(isinstance(m, PackedLinear) for m in (bf16.lm_head, bf16.model.layers[0].mlp.down_proj))
+    assert model_resident_bytes(bf16) == before  # the plain weights are gone, their packed copies counted

@@ -40,6 +40,21 @@ def fp32_ppl(fp32_model_and_ids):
     return perplexity(model, ids)
 
 
+def test_bf16_loaded_model_has_packed_linears_and_keeps_quality(gguf_path, fp32_model_and_ids, fp32_ppl):
+    """A CPU bf16 model from the loader runs its linear layers on oneDNN-prepacked weights
+    (layers/cpu_packed_linear.py), LM head included; same quality bound as the plain bf16 model."""
+    from engine_core.layers.cpu_packed_linear import PackedLinear, _ops_available
+
+    if not _ops_available() or not cpu_capabilities().native_bf16:
+        pytest.skip("no oneDNN weight packing, or a CPU that emulates bf16")
+    model = load_model(resolve_model(gguf_path), "bfloat16", "cpu")
+    assert isinstance(model.lm_head, PackedLinear)
+    assert not any(isinstance(m, Linear) for m in model.modules())
+    _, ids = fp32_model_and_ids
+    ppl = perplexity(model, ids)
+    assert ppl / fp32_ppl - 1 <= 0.01, f"packed bf16: perplexity {ppl:.3f} vs fp32 {fp32_ppl:.3f}"
+
+
 def test_bf16_perplexity_within_1_percent_where_native(fp32_model_and_ids, fp32_ppl):
     """bf16 is the faster CPU dtype where AMX / AVX512-BF16 run it in hardware; its cost in quality."""
     if not cpu_capabilities().native_bf16:
