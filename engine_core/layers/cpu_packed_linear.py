@@ -1,4 +1,4 @@
-"""bf16 / fp16 linear layers on CPU with their weights prepacked for oneDNN.
+"""bf16 linear layers on CPU with their weights prepacked for oneDNN.
 
 `F.linear` on a CPU bf16 weight hands oneDNN a plain [N, K] matrix, which it reorders into its
 blocked (AMX / AVX-512) layout on every call: the weight is read twice and written once per GEMM.
@@ -8,10 +8,11 @@ Rapids cores, bf16, per GEMM: SmolLM2's gate_up (3072x576) 1.5-1.7x faster at 1-
 head (49152x576) 1.7x at 1 row; outputs equal F.linear's (same kernels, same fp32 accumulation;
 the tests compare them).
 
-Applied by the loader to every plain linear layer of a CPU model in bf16 / fp16 (after
+Applied by the loader to every plain linear layer of a CPU model in bf16 (after
 `--quantization`, which leaves none where it applies), tied LM head included: its packed copy
 costs the head's bytes once more (the embedding keeps the plain rows for its lookups). Not with
-tensor parallelism. Where the ops are missing (a torch without oneDNN) the layers stay as they are.
+tensor parallelism, and only where the CPU runs bf16 in hardware (AMX / AVX512-BF16). Where the ops are
+missing (a torch without oneDNN) the layers stay as they are.
 """
 from __future__ import annotations
 
@@ -20,16 +21,20 @@ import logging
 import torch
 from torch import nn
 
+from engine_core.cpu_resources import cpu_capabilities
 from engine_core.layers.linear import Linear
 
 logger = logging.getLogger(__name__)
 
-PACKED_DTYPES = (torch.bfloat16, torch.float16)
+PACKED_DTYPES = (torch.bfloat16,)
 
 
 def _ops_available() -> bool:
+    """oneDNN's packing ops exist and this CPU runs bf16 GEMMs in hardware (AMX / AVX512-BF16):
+    `_linear_pointwise` calls oneDNN directly, without the fallback F.linear has for CPUs where
+    oneDNN has no bf16 kernels, so elsewhere the layers stay plain."""
     return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise") and cpu_capabilities().native_bf16)
 
 
 class PackedLinear(nn.Module):
@@ -61,7 +66,7 @@ def _packable(m: nn.Module) -> bool:
 
 
 def pack_cpu_linears(model: nn.Module) -> int:
-    """Swap the model's plain bf16/fp16 CPU linear layers for PackedLinear, in place. Returns how
+    """Swap the model's plain bf16 CPU linear layers for PackedLinear, in place. Returns how
     many were swapped (0 where oneDNN's packing is unavailable or fails)."""
     if not _ops_available():
         return 0
@@ -70,7 +75,9 @@ def pack_cpu_linears(model: nn.Module) -> int:
     for name, m in targets:
         try:
             new = PackedLinear(m)
-        except RuntimeError as e:  # e.g. a oneDNN build without this dtype: keep F.linear
+            if not swapped:  # the first layer also runs once: a oneDNN that cannot, fails here, not mid-serve
+                new(torch.zeros(1, new.in_features, dtype=m.weight.dtype))
+        except RuntimeError as e:  # e.g. a oneDNN build without kernels for this dtype: keep F.linear
             logger.warning("oneDNN weight packing unavailable (%s); linear layers stay unpacked", e)
             return swapped
         parent_name, _, child = name.rpartition(".")
