@@ -153,7 +153,7 @@ def _decode_gather(md: AttentionMetadata, nb: int, device: torch.device) -> tupl
     return cached
 
 
-def _rows_sdpa(query: torch.Tensor, kv_cache: torch.Tensor, md: AttentionMetadata, nb: int,
+def rows_attention_sdpa(query: torch.Tensor, kv_cache: torch.Tensor, md: AttentionMetadata, nb: int,
                scale: float) -> torch.Tensor:
     """The row-batched requests' query rows ([R, Hq, D], R = their query tokens) in one SDPA over
     K/V gathered through the block tables, each row masked to its own length."""
@@ -170,9 +170,9 @@ def _rows_sdpa(query: torch.Tensor, kv_cache: torch.Tensor, md: AttentionMetadat
                                           enable_gqa=hq != hkv).squeeze(2)
 
 
-def _rows_cpu_kernel(query: torch.Tensor, kv_cache: torch.Tensor, md: AttentionMetadata, nb: int,
+def rows_attention_cpu_kernel(query: torch.Tensor, kv_cache: torch.Tensor, md: AttentionMetadata, nb: int,
                      scale: float) -> torch.Tensor:
-    """_rows_sdpa through the C++ kernel (kernels/cpu_decode_ops.cpp): K/V read in place through
+    """rows_attention_sdpa through the C++ kernel (kernels/cpu_decode_ops.cpp): K/V read in place through
     each row's block table, no gather copy and no mask."""
     from engine_core.kernels.cpu_ops import cpu_ops
     cached = md.derived.get("decode_rows_cpu")
@@ -189,10 +189,10 @@ def _rows_cpu_kernel(query: torch.Tensor, kv_cache: torch.Tensor, md: AttentionM
 
 
 def paged_attention_ref(query: torch.Tensor, kv_cache: torch.Tensor, md: AttentionMetadata, scale: float,
-                        row_attention=_rows_sdpa) -> torch.Tensor:
+                        row_attention=rows_attention_sdpa) -> torch.Tensor:
     """query: [T, Hq, D] (rows ordered as md describes); kv_cache already holds this step's K/V.
     Returns [T, Hq, D]. row_attention: how the row-batched requests are attended (the SDPA twin
-    here; _rows_cpu_kernel on the CPU path where the C++ kernels are built)."""
+    here; rows_attention_cpu_kernel on the CPU path where the C++ kernels are built)."""
     T = query.shape[0]
     bs = md.block_size
     nb = _num_row_batched(md)  # requests attended row by row in one call
@@ -276,7 +276,7 @@ class Attention(nn.Module):
                                    v.reshape(-1, self.num_kv_heads, self.head_dim), kv_cache, md.slot_mapping,
                                    padded=False)
             q = q.reshape(-1, self.num_heads, self.head_dim)
-            o = paged_attention_ref(q, kv_cache, md, self.scale, row_attention=_rows_cpu_kernel)
+            o = paged_attention_ref(q, kv_cache, md, self.scale, row_attention=rows_attention_cpu_kernel)
             return o.reshape(-1, self.num_heads * self.head_dim)
         q = q.reshape(-1, self.num_heads, self.head_dim)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)

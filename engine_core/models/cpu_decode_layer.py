@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine_core.layers.attention import _rows_cpu_kernel
+from engine_core.layers.attention import rows_attention_cpu_kernel
 from engine_core.layers.attention_metadata import AttentionMetadata
 from engine_core.layers.cpu_packed_linear import PackedLinear
 from engine_core.layers.linear import Linear, RowParallelLinear
@@ -88,7 +88,7 @@ def decode_layer(layer: nn.Module, ops: ModuleType, positions: torch.Tensor, hid
     q, k, v = qkv[:, :qs], qkv[:, qs:qs + kvs], qkv[:, qs + kvs:qs + 2 * kvs]
     am["rotary_emb"].rotate_and_cache(positions, q, k, v, kv_cache, md.slot_mapping)
     core = am["attn"]
-    o = _rows_cpu_kernel(q.view(-1, core.num_heads, core.head_dim), kv_cache, md, md.num_reqs, core.scale)
+    o = rows_attention_cpu_kernel(q.view(-1, core.num_heads, core.head_dim), kv_cache, md, md.num_reqs, core.scale)
     h = _project(o_p, o.view(o.shape[0], -1))
     ops.fused_add_rms_norm_(h, residual, ln2._parameters["weight"], ln2.eps)
     return _project(down_p, ops.silu_and_mul(_project(gu_p, h))), residual

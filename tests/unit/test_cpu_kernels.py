@@ -11,9 +11,9 @@ import torch
 from engine_core.kernels.cpu_ops import cpu_ops, cpu_ops_status
 from engine_core.layers.activation import silu_and_mul_ref
 from engine_core.layers.attention import (
-    _rows_cpu_kernel,
-    _rows_sdpa,
     paged_attention_ref,
+    rows_attention_cpu_kernel,
+    rows_attention_sdpa,
     write_kv_cache_ref,
 )
 from engine_core.layers.attention_metadata import AttentionMetadata
@@ -106,8 +106,8 @@ def test_paged_decode_attention_matches_sdpa(dtype, hq, hkv, d):
     cache = torch.randn(2, nblk, bs, hkv, d, generator=gen).to(dtype)
     md = _decode_md(lens, bs, nblk, gen)
     q = torch.randn(len(lens), hq, d, generator=gen).to(dtype)
-    ref = _rows_sdpa(q, cache, md, len(lens), d ** -0.5)
-    out = _rows_cpu_kernel(q, cache, md, len(lens), d ** -0.5)
+    ref = rows_attention_sdpa(q, cache, md, len(lens), d ** -0.5)
+    out = rows_attention_cpu_kernel(q, cache, md, len(lens), d ** -0.5)
     assert out.dtype == dtype and out.shape == ref.shape
     # bf16: probabilities are rounded to bf16 for p.v (as torch's bf16 flash attention rounds them)
     assert _rel(out, ref) < (1e-5 if dtype == torch.float32 else 2e-2)
@@ -135,7 +135,7 @@ def test_paged_attention_rows_and_prefill_mixed():
         max_seq_len=70, query_lens_cpu=qlens, seq_lens_cpu=slens, num_decodes=2)
     q = torch.randn(T, hq, d, generator=gen)
     ref = paged_attention_ref(q, cache, md, 0.125)
-    out = paged_attention_ref(q, cache, md, 0.125, row_attention=_rows_cpu_kernel)
+    out = paged_attention_ref(q, cache, md, 0.125, row_attention=rows_attention_cpu_kernel)
     assert _rel(out, ref) < 1e-5
 
 
