@@ -65,8 +65,18 @@ def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def pick_port(host: str, port: int, what: str) -> int:
-    """`port` if it can be bound (0: any free port); SystemExit naming the flag otherwise."""
+def pick_port(host: str, port: int, what: str, taken: set[int] | None = None) -> int:
+    """`port` if it can be bound (0: any free port not in `taken`); SystemExit naming the flag
+    otherwise. The probe socket is closed on return, so the OS may hand the same free port to the
+    next pick: `taken` holds the ports already given to this stack's other services (a scheduler
+    and a gateway once both got one, and the second to start could not bind)."""
+    while True:
+        picked = _probe_port(host, port, what)
+        if port or picked not in (taken or ()):
+            return picked
+
+
+def _probe_port(host: str, port: int, what: str) -> int:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
         # As the servers themselves bind (gRPC and uvicorn set SO_REUSEADDR): a port whose last
@@ -262,14 +272,13 @@ class Stack:
         self.stop_signal: str | None = None
         py = [sys.executable, "-m"]
         gh = args.grpc_host
-        ports = {
-            "executor": pick_port(gh, args.executor_port, "executor"),
-            "tokenizer": pick_port(gh, args.tokenizer_port, "tokenizer"),
-            "scheduler": pick_port(gh, args.scheduler_port, "scheduler"),
-        }
+        ports: dict[str, int] = {}
+        for what, port in (("executor", args.executor_port), ("tokenizer", args.tokenizer_port),
+                           ("scheduler", args.scheduler_port)):
+            ports[what] = pick_port(gh, port, what, set(ports.values()))
         self.with_gateway = not args.no_gateway and gateway_available()
         if self.with_gateway:
-            ports["gateway"] = pick_port(args.host, args.port, "gateway")
+            ports["gateway"] = pick_port(args.host, args.port, "gateway", set(ports.values()))
         common = ["--host", gh, "--log-level", args.log_level, "--shutdown-grace", str(args.shutdown_grace)]
         model = [args.model] if args.model else []
         eflags = engine_flags(args)
@@ -294,10 +303,13 @@ class Stack:
             placements = replica_placements(args.replicas, args.device, cpus_per_replica=args.cpus_per_replica)
         except ValueError as e:
             raise SystemExit(f"pagedserve: {e}") from None
+        taken = set(ports.values())  # picked, not yet bound by their services
         for i, place in enumerate(placements):
             suffix = f"-{i}" if i else ""
-            ex_port = ports["executor"] if i == 0 else pick_port(gh, 0, "executor")
-            sc_port = ports["scheduler"] if i == 0 else pick_port(gh, 0, "scheduler")
+            ex_port = ports["executor"] if i == 0 else pick_port(gh, 0, "executor", taken)
+            taken.add(ex_port)
+            sc_port = ports["scheduler"] if i == 0 else pick_port(gh, 0, "scheduler", taken)
+            taken.add(sc_port)
             executor_argv = [*py, "services.executor", *model, "--port", str(ex_port), *common, *eflags]
             # Metrics endpoints face Prometheus like the gateway does: they bind the gateway's --host.
             if args.executor_metrics_port is not None:

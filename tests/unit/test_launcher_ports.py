@@ -40,3 +40,15 @@ def test_port_with_a_listener_is_refused():
         port = s.getsockname()[1]
         with pytest.raises(SystemExit, match=f"cannot use port {port} for the scheduler"):
             pick_port("127.0.0.1", port, "scheduler")
+
+
+def test_free_ports_of_one_stack_are_distinct(monkeypatch):
+    """The probe socket closes before the next pick, so the OS may offer the same free port twice:
+    a port already given to another service of the stack is skipped (CI once saw the scheduler and
+    the gateway both get 33247, and the gateway could not bind)."""
+    from services import launcher
+
+    offers = iter([41000, 41000, 41000, 41001])
+    monkeypatch.setattr(launcher, "_probe_port", lambda host, port, what: port or next(offers))
+    assert pick_port("127.0.0.1", 0, "scheduler", {41000}) == 41001
+    assert pick_port("127.0.0.1", 41000, "gateway", {41000}) == 41000  # an explicit port is the user's choice
