@@ -272,13 +272,17 @@ class Stack:
         self.stop_signal: str | None = None
         py = [sys.executable, "-m"]
         gh = args.grpc_host
-        ports: dict[str, int] = {}
-        for what, port in (("executor", args.executor_port), ("tokenizer", args.tokenizer_port),
-                           ("scheduler", args.scheduler_port)):
-            ports[what] = pick_port(gh, port, what, set(ports.values()))
+        taken: set[int] = set()  # ports picked for this stack, not yet bound by their services
+
+        def pick(host: str, port: int, what: str) -> int:
+            taken.add(picked := pick_port(host, port, what, taken))
+            return picked
+
+        ports = {what: pick(gh, port, what) for what, port in (
+            ("executor", args.executor_port), ("tokenizer", args.tokenizer_port), ("scheduler", args.scheduler_port))}
         self.with_gateway = not args.no_gateway and gateway_available()
         if self.with_gateway:
-            ports["gateway"] = pick_port(args.host, args.port, "gateway", set(ports.values()))
+            ports["gateway"] = pick(args.host, args.port, "gateway")
         common = ["--host", gh, "--log-level", args.log_level, "--shutdown-grace", str(args.shutdown_grace)]
         model = [args.model] if args.model else []
         eflags = engine_flags(args)
@@ -303,13 +307,10 @@ class Stack:
             placements = replica_placements(args.replicas, args.device, cpus_per_replica=args.cpus_per_replica)
         except ValueError as e:
             raise SystemExit(f"pagedserve: {e}") from None
-        taken = set(ports.values())  # picked, not yet bound by their services
         for i, place in enumerate(placements):
             suffix = f"-{i}" if i else ""
-            ex_port = ports["executor"] if i == 0 else pick_port(gh, 0, "executor", taken)
-            taken.add(ex_port)
-            sc_port = ports["scheduler"] if i == 0 else pick_port(gh, 0, "scheduler", taken)
-            taken.add(sc_port)
+            ex_port = ports["executor"] if i == 0 else pick(gh, 0, "executor")
+            sc_port = ports["scheduler"] if i == 0 else pick(gh, 0, "scheduler")
             executor_argv = [*py, "services.executor", *model, "--port", str(ex_port), *common, *eflags]
             # Metrics endpoints face Prometheus like the gateway does: they bind the gateway's --host.
             if args.executor_metrics_port is not None:

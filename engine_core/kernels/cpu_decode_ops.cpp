@@ -15,11 +15,11 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
-#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>

@@ -27,6 +27,7 @@ import platform
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -40,30 +41,32 @@ DISABLE_ENV = "PAGEDSERVE_CPU_KERNELS"
 
 def cpu_ops() -> ModuleType | None:
     """The compiled kernels, or None (then use the torch twins). Built on first use if not cached."""
-    return _cpu_ops()
+    return _load().module
 
 
 def cpu_ops_status() -> str:
     """One line for the startup log: where the kernels came from, or why they are off."""
-    mod = _cpu_ops()
-    if mod is not None:
-        return f"C++ decode kernels loaded ({_cache_root() / _module_name()})"
-    return f"C++ decode kernels off ({_why_off()}); pure-torch layers"
+    return _load().status
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    module: ModuleType | None
+    status: str
 
 
 @functools.cache
-def _cpu_ops() -> ModuleType | None:
-    if _why_off() is not None:
-        return None
-    try:
-        return _load_or_build()
-    except Exception as e:  # noqa: BLE001 - any build problem means: run the torch twins
-        _failure[0] = f"build failed: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}"
-        log.warning("C++ CPU kernels unavailable, using the pure-torch layers: %s", e)
-        return None
-
-
-_failure: list[str | None] = [None]  # why the last build attempt failed (for cpu_ops_status)
+def _load() -> _Loaded:
+    """Once per process: the module and the status line (loaded from where, or off and why)."""
+    off = _why_off()
+    if off is None:
+        try:
+            module, where = _load_or_build()
+            return _Loaded(module, f"C++ decode kernels loaded ({where})")
+        except Exception as e:  # noqa: BLE001 - any build problem means: run the torch twins
+            log.warning("C++ CPU kernels unavailable, using the pure-torch layers: %s", e)
+            off = f"build failed: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}"
+    return _Loaded(None, f"C++ decode kernels off ({off}); pure-torch layers")
 
 
 def _why_off() -> str | None:
@@ -73,7 +76,7 @@ def _why_off() -> str | None:
         return f"unsupported platform {platform.system()}/{platform.machine()}"
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         return "no C++ compiler"
-    return _failure[0]
+    return None
 
 
 def _cpu_signature() -> str:
@@ -113,24 +116,25 @@ def _import(name: str, so_path: Path) -> ModuleType:
     return mod
 
 
-def _load_or_build() -> ModuleType:
+def _load_or_build() -> tuple[ModuleType, Path]:
+    """The module and the directory its shared object is cached in."""
     name = _module_name()
     final_dir = _cache_root() / name
     so_path = final_dir / f"{name}.so"
     if so_path.exists():
-        return _import(name, so_path)
+        return _import(name, so_path), final_dir
     from torch.utils import cpp_extension
 
     final_dir.mkdir(parents=True, exist_ok=True)
     build_dir = Path(tempfile.mkdtemp(prefix="build-", dir=final_dir))
     try:
-        log.info("building the C++ CPU kernels in %s (once per machine, ~1 minute)", build_dir)
+        log.info("building the C++ CPU kernels in %s (once per machine, ~30 s)", build_dir)
         mod = cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
                                  build_directory=str(build_dir), verbose=False)
         os.replace(build_dir / f"{name}.so", so_path)  # atomic: a reader sees no file or a whole one
     finally:
         shutil.rmtree(build_dir, ignore_errors=True)
-    return mod
+    return mod, final_dir
 
 
 if __name__ == "__main__":  # `make setup`: build now, so the first server start does not

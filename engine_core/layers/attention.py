@@ -233,9 +233,9 @@ def causal_attention_ref(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     return out
 
 
-def _cpu_kernels_apply(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+def _cpu_kernels_apply(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
     """The C++ CPU kernels take this step: CPU tensors, the kernels built, a cache in the compute
-    dtype (an fp8 cache stays on the torch path) and q/k/v as [T, heads*D] rows."""
+    dtype (an fp8 cache stays on the torch path) and q (with k, v) as [T, heads*D] rows."""
     if q.device.type != "cpu" or kv_cache.dtype != q.dtype or q.dim() != 2:
         return False
     from engine_core.kernels.cpu_ops import cpu_ops
@@ -262,7 +262,7 @@ class Attention(nn.Module):
         kernel instead of two per layer, or one call instead of ~15 ops)."""
         cuda = q.is_cuda and triton_available()  # Triton kernels (engine_core/kernels), graph-capturable
         paged = kv_cache is not None and kv_cache.numel() > 0
-        cpu_kernels = paged and not cuda and _cpu_kernels_apply(q, k, v, kv_cache)
+        cpu_kernels = paged and not cuda and _cpu_kernels_apply(q, kv_cache)
         if rope is not None and not (paged and (cuda or cpu_kernels)):
             rotary_emb, positions = rope
             q, k = rotary_emb(positions, q, k)

@@ -6,7 +6,7 @@ generic shape/dtype/device checks, buffer lookups through nn.Module.__getattr__,
 ~60 us of every layer, ~1.8 ms a token. `decode_layer` runs the same kernels in the same order as
 the modules' forwards, as one straight line of calls: submodules, weights and buffers are read from
 the modules' own dicts on every call (nothing is cached, so a replaced or reloaded submodule is
-simply used), and the projections call their kernels directly.
+simply used), and the projections' forwards are called without nn.Module.__call__.
 
 Same arithmetic as the module path (the same kernels on the same tensors; the tests compare the
 two bit for bit). Eligible: a CPU step of decode rows only, the C++ kernels built, a KV cache in the
@@ -19,18 +19,18 @@ from __future__ import annotations
 from types import ModuleType
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine_core.layers.attention import rows_attention_cpu_kernel
 from engine_core.layers.attention_metadata import AttentionMetadata
 from engine_core.layers.cpu_packed_linear import PackedLinear
 from engine_core.layers.linear import Linear, RowParallelLinear
-from engine_core.layers.quantization import _INT4_MM, _INT8_MM, Int4Linear, Int8Linear
+from engine_core.layers.quantization import Int4Linear, Int8Linear
 
 
 def _supported(mod: nn.Module) -> bool:
-    """A projection whose forward, on 2-D decode rows, is the one kernel call `_project` makes."""
+    """A projection whose forward, on 2-D decode rows, is one kernel call (called as `mod.forward`:
+    the forward without nn.Module.__call__)."""
     if mod._buffers.get("bias") is not None or mod._parameters.get("bias") is not None:
         return False
     if isinstance(mod, (Int4Linear, Int8Linear, PackedLinear)):
@@ -39,22 +39,6 @@ def _supported(mod: nn.Module) -> bool:
     if tp is not None and tp.world_size != 1:
         return False
     return isinstance(mod, Linear) and (type(mod).forward is Linear.forward or isinstance(mod, RowParallelLinear))
-
-
-def _project(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """mod(x) for a _supported projection and 2-D x, without the module call and its checks."""
-    b = mod._buffers
-    if isinstance(mod, Int4Linear):
-        if x.dtype == torch.bfloat16 and x.shape[0] < mod.dense_min_rows:
-            return _INT4_MM(x, b["qweight"], mod.group_size, b["scales_and_zeros"])
-        return mod(x)
-    if isinstance(mod, Int8Linear):
-        if x.dtype == torch.bfloat16 and x.shape[0] < mod.dense_min_rows:
-            return _INT8_MM(x, b["qweight"], b["scales"])
-        return mod(x)
-    if isinstance(mod, PackedLinear):
-        return mod.forward(x)
-    return F.linear(x, mod._parameters["weight"])
 
 
 def eligible(md: AttentionMetadata, hidden: torch.Tensor, kv_cache: torch.Tensor) -> bool:
@@ -83,12 +67,12 @@ def decode_layer(layer: nn.Module, ops: ModuleType, positions: torch.Tensor, hid
     else:
         ops.fused_add_rms_norm_(hidden, residual, ln1._parameters["weight"], ln1.eps)
         h = hidden
-    qkv = _project(qkv_p, h)
+    qkv = qkv_p.forward(h)
     qs, kvs = attn.q_size, attn.kv_size
     q, k, v = qkv[:, :qs], qkv[:, qs:qs + kvs], qkv[:, qs + kvs:qs + 2 * kvs]
     am["rotary_emb"].rotate_and_cache(positions, q, k, v, kv_cache, md.slot_mapping)
     core = am["attn"]
     o = rows_attention_cpu_kernel(q.view(-1, core.num_heads, core.head_dim), kv_cache, md, md.num_reqs, core.scale)
-    h = _project(o_p, o.view(o.shape[0], -1))
+    h = o_p.forward(o.view(o.shape[0], -1))
     ops.fused_add_rms_norm_(h, residual, ln2._parameters["weight"], ln2.eps)
-    return _project(down_p, ops.silu_and_mul(_project(gu_p, h))), residual
+    return down_p.forward(ops.silu_and_mul(gu_p.forward(h))), residual
