@@ -106,6 +106,26 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def to_hf_config(self) -> dict[str, Any]:
+        """An HF `config.json` dict that `from_hf_config` reads back as this config (for
+        checkpoints written from a GGUF source, e.g. engine_core.tools.quantize_fp8)."""
+        cls_name = {arch: name for name, arch in _HF_CLASS_TO_ARCH.items()}[self.architecture]
+        cfg: dict[str, Any] = {
+            "architectures": [cls_name], "model_type": self.architecture, "hidden_act": "silu",
+            "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers, "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads, "head_dim": self.head_dim,
+            "vocab_size": self.vocab_size, "rms_norm_eps": self.rms_norm_eps, "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope_scaling, "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings, "attention_bias": self.attention_bias,
+            "bos_token_id": self.bos_token_id, "torch_dtype": self.torch_dtype,
+            "eos_token_id": self.eos_token_ids[0] if len(self.eos_token_ids) == 1 else list(self.eos_token_ids),
+            "sliding_window": self.sliding_window,
+        }
+        if self.architecture in ("qwen2", "qwen3"):
+            cfg["use_sliding_window"] = self.sliding_window is not None
+        return cfg
+
     # ------------------------------------------------------------------ constructors
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:

@@ -17,6 +17,19 @@ def _nll(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch
     return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
 
 
+def no_cache_metadata(n: int, device: torch.device | str = "cpu", block_size: int = 16) -> AttentionMetadata:
+    """Metadata of one n-token prefill without a KV cache (causal attention over the sequence)."""
+    device = torch.device(device)
+    return AttentionMetadata(
+        slot_mapping=torch.zeros(n, dtype=torch.int64, device=device),
+        query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=device),
+        seq_lens=torch.tensor([n], dtype=torch.int32, device=device),
+        block_tables=torch.zeros(1, 1, dtype=torch.int32, device=device),
+        block_size=block_size, max_query_len=n, max_seq_len=n, query_lens_cpu=[n], seq_lens_cpu=[n],
+        num_decodes=0,
+    )
+
+
 @torch.inference_mode()
 def perplexity(model: nn.Module, token_ids: list[int], device: torch.device | str = "cpu", *,
                chunk_size: int | None = None, kv_cache_dtype: torch.dtype | None = None,
@@ -34,15 +47,7 @@ def perplexity(model: nn.Module, token_ids: list[int], device: torch.device | st
     device = torch.device(device)
     ids = torch.tensor(token_ids, dtype=torch.int64, device=device)
     if chunk_size is None:
-        md = AttentionMetadata(
-            slot_mapping=torch.zeros(n, dtype=torch.int64, device=device),
-            query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=device),
-            seq_lens=torch.tensor([n], dtype=torch.int32, device=device),
-            block_tables=torch.zeros(1, 1, dtype=torch.int32, device=device),
-            block_size=block_size, max_query_len=n, max_seq_len=n, query_lens_cpu=[n], seq_lens_cpu=[n],
-            num_decodes=0,
-        )
-        hidden = model(ids, torch.arange(n, device=device), None, md)
+        hidden = model(ids, torch.arange(n, device=device), None, no_cache_metadata(n, device, block_size))
         return math.exp((_nll(model, hidden[:-1], ids[1:]) / (n - 1)).item())
 
     attn = [m for m in model.modules() if isinstance(m, Attention)]

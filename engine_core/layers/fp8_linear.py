@@ -69,13 +69,20 @@ def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 
 class Fp8Linear(nn.Module):
-    def __init__(self, linear: nn.Module, dtype: torch.dtype) -> None:
+    def __init__(self, linear: nn.Module, dtype: torch.dtype,
+                 quantized: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """`linear`'s weight rounded to nearest, or `quantized` = (e4m3 [N, K], fp32 scales [N])
+        computed elsewhere (GPTQ, a pre-quantized checkpoint); `linear` then gives shape and bias."""
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         if self.in_features % 16 or self.out_features % 16:
             raise ValueError(f"fp8 GEMMs need dims that are multiples of 16, got "
                              f"{self.out_features}x{self.in_features}")
-        q, scale = quantize_fp8_per_channel(linear.weight.data)
+        q, scale = quantize_fp8_per_channel(linear.weight.data) if quantized is None else quantized
+        if q.dtype != FP8 or tuple(q.shape) != (self.out_features, self.in_features) or scale.numel() != q.shape[0]:
+            raise ValueError(f"expected e4m3 [{self.out_features}, {self.in_features}] and {self.out_features} "
+                             f"scales, got {q.dtype} {tuple(q.shape)} and {scale.numel()}")
+        q, scale = q.contiguous(), scale.reshape(-1).float()
         self.register_buffer("qweight_t", q.t())  # [K, N] column-major: _scaled_mm's mat2 layout
         self.register_buffer("scales", scale[None, :].contiguous())  # [1, N]
         self.register_buffer("bias", None if linear.bias is None else linear.bias.data.to(dtype))

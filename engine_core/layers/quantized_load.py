@@ -32,7 +32,7 @@ from engine_core.layers.quantization import (
 
 
 @dataclass
-class _Shards:
+class Shards:
     """Row geometry of a (possibly fused) linear layer: shard i owns rows offsets[i]..+sizes[i]."""
 
     names: list
@@ -49,14 +49,14 @@ class _Shards:
         return i
 
 
-def _shards(linear: Linear) -> _Shards:
+def shards_of(linear: Linear) -> Shards:
     if isinstance(linear, MergedLinear):
         names = ["q", "k", "v"] if isinstance(linear, QKVLinear) else []
-        return _Shards(names, list(linear.output_sizes))
-    return _Shards([], [linear.out_features])
+        return Shards(names, list(linear.output_sizes))
+    return Shards([], [linear.out_features])
 
 
-def _placeholder(layer: _CpuQuantLinear, shards: _Shards) -> nn.Parameter:
+def _placeholder(layer: _CpuQuantLinear, shards: Shards) -> nn.Parameter:
     """An empty parameter whose weight_loader fills `layer` (held weakly: no reference cycle)."""
     ref = weakref.ref(layer)
     filled = [False] * len(shards.sizes)
@@ -83,7 +83,7 @@ def _placeholder(layer: _CpuQuantLinear, shards: _Shards) -> nn.Parameter:
     return p
 
 
-def _make_empty(linear: Linear, method: str, shards: _Shards) -> _CpuQuantLinear | None:
+def _make_empty(linear: Linear, method: str, shards: Shards) -> _CpuQuantLinear | None:
     if method == "int4" and Int4Linear.supports(linear) and all(s % INT4_PACK_BLOCK_N == 0 for s in shards.sizes):
         return Int4Linear(linear, empty=True)
     if method in ("int4", "int8"):
@@ -100,7 +100,7 @@ def prepare(model: nn.Module, method: str) -> int:
     for name, m in list(model.named_modules()):
         if not isinstance(m, Linear) or name.endswith("lm_head"):
             continue
-        shards = _shards(m)
+        shards = shards_of(m)
         new = _make_empty(m, method, shards)
         if new is None:
             continue

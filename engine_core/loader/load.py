@@ -102,6 +102,16 @@ def load_model(source: ModelSource | str | os.PathLike | None, dtype: torch.dtyp
         if at_load:
             from engine_core.layers import quantized_load
             quantized_load.prepare(model, quantization)
+        # A pre-quantized fp8 checkpoint (engine_core.tools.quantize_fp8): its e4m3 weights and
+        # scales go into Fp8Linear layers as stored, not re-quantized.
+        from engine_core.loader import fp8_checkpoint
+        prequantized = source.kind == "hf" and fp8_checkpoint.is_fp8_checkpoint(source.path)
+        if prequantized:
+            if quantization != "fp8":
+                raise ValueError(f"{source.path} is an fp8 checkpoint: serve it with --quantization fp8")
+            if sharded:
+                raise ValueError("--quantization is not supported together with tensor parallelism")
+            fp8_checkpoint.prepare(model, dtype)
         if source.kind == "gguf":
             weights = iter_gguf_weights(source.path, config, keep_q4_1=at_load and quantization == "int4")
         elif source.kind == "hf":
@@ -114,6 +124,8 @@ def load_model(source: ModelSource | str | os.PathLike | None, dtype: torch.dtyp
             raise ValueError(f"{source.path}: checkpoint lacks {len(missing)} parameter(s), e.g. {missing[:5]}")
         if at_load:
             quantized_load.finish(model)
+        if prequantized:
+            fp8_checkpoint.finish(model)
     if quantization:
         from engine_core.layers.quantization import quantize_model
         quantize_model(model, quantization, device, dtype)

@@ -1,0 +1,1 @@
+"""Offline tools run as `python -m engine_core.tools.<name>`."""
