@@ -9,6 +9,7 @@
 //   paged_decode_attention           gather + mask + SDPA -> 1, reading K/V in place through the
 //                                     block table (twin: the row-batched branch of paged_attention_ref)
 //   silu_and_mul                     3 ops    -> 1   (twin: layers/activation.py silu_and_mul_ref)
+// The quantized-weight GEMMs (int4_linear, int8_linear) are in cpu_quant_gemv.cpp.
 // Arithmetic follows the twins: fp32 statistics/accumulation, values rounded to the tensor dtype where
 // torch rounds them. Built with -ffp-contract=off so a*b-c*d is not fused into an FMA (the rotary
 // and the KV-cache write are bit-identical to the torch twins; reductions differ only in order).
@@ -502,10 +503,18 @@ torch::Tensor silu_and_mul(torch::Tensor x) {
 
 }  // namespace
 
+// cpu_quant_gemv.cpp
+torch::Tensor pagedserve_int4_linear(torch::Tensor x, torch::Tensor packed);
+torch::Tensor pagedserve_int8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor s);
+const char* pagedserve_quant_dot_isa();
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm of [rows, hidden] (new tensor)");
   m.def("fused_add_rms_norm_", &fused_add_rms_norm_, "residual += x; x = RMSNorm(residual), in place");
   m.def("rotary_qk_cache_", &rotary_qk_cache_, "rotate q, k in place; write k, v into their KV-cache slots");
   m.def("paged_decode_attention", &paged_decode_attention, "one-query-row attention over the paged KV cache");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up of [rows, 2n]");
+  m.def("int4_linear", &pagedserve_int4_linear, "x @ int4 (Q4_1 groups) weight.T, integer activations");
+  m.def("int8_linear", &pagedserve_int8_linear, "x @ int8 (per channel) weight.T, integer activations");
+  m.def("quant_dot_isa", &pagedserve_quant_dot_isa, "which integer dot product the quantized GEMMs use");
 }

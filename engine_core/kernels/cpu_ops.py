@@ -1,4 +1,4 @@
-"""The C++ CPU decode kernels (cpu_decode_ops.cpp): built once per machine, loaded on demand.
+"""The C++ CPU decode kernels (cpu_decode_ops.cpp, cpu_quant_gemv.cpp): built once per machine, loaded on demand.
 
 `cpu_ops()` returns the compiled module, or None where it cannot be had (no C++ compiler or Python
 headers, an unsupported platform, or PAGEDSERVE_CPU_KERNELS=0): the layers then run their pure-torch
@@ -33,7 +33,7 @@ from types import ModuleType
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_decode_ops.cpp")
+SOURCES = tuple(Path(__file__).with_name(f) for f in ("cpu_decode_ops.cpp", "cpu_quant_gemv.cpp"))
 CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-trapping-math", "-fno-math-errno", "-fopenmp")
 LDFLAGS = ("-fopenmp",)  # resolves to the libgomp torch already loaded (same soname): one thread pool
 DISABLE_ENV = "PAGEDSERVE_CPU_KERNELS"
@@ -89,11 +89,18 @@ def _cpu_signature() -> str:
     return "\n".join(sorted(set(keep)))
 
 
-def _module_name() -> str:
+def build_for_march(march: str) -> ModuleType:
+    """The kernels built for another x86 level (`-march=x86-64-v3`: the AVX2 paths; `x86-64-v2`:
+    the portable loops) instead of this CPU's: how the tests run the code paths other machines get.
+    Cached like the native build."""
+    return _load_or_build(tuple(f"-march={march}" if f == "-march=native" else f for f in CFLAGS))[0]
+
+
+def _module_name(cflags: tuple[str, ...]) -> str:
     import torch
 
     h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(CFLAGS + LDFLAGS).encode(), torch.__version__.encode(),
+    for part in (*(s.read_bytes() for s in SOURCES), " ".join(cflags + LDFLAGS).encode(), torch.__version__.encode(),
                  sys.version.encode(), _cpu_signature().encode()):
         h.update(part)
         h.update(b"\0")
@@ -116,9 +123,9 @@ def _import(name: str, so_path: Path) -> ModuleType:
     return mod
 
 
-def _load_or_build() -> tuple[ModuleType, Path]:
+def _load_or_build(cflags: tuple[str, ...] = CFLAGS) -> tuple[ModuleType, Path]:
     """The module and the directory its shared object is cached in."""
-    name = _module_name()
+    name = _module_name(cflags)
     final_dir = _cache_root() / name
     so_path = final_dir / f"{name}.so"
     if so_path.exists():
@@ -129,7 +136,8 @@ def _load_or_build() -> tuple[ModuleType, Path]:
     build_dir = Path(tempfile.mkdtemp(prefix="build-", dir=final_dir))
     try:
         log.info("building the C++ CPU kernels in %s (once per machine, ~30 s)", build_dir)
-        mod = cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
+        mod = cpp_extension.load(name=name, sources=[str(s) for s in SOURCES], extra_cflags=list(cflags),
+                                 extra_ldflags=list(LDFLAGS),
                                  build_directory=str(build_dir), verbose=False)
         os.replace(build_dir / f"{name}.so", so_path)  # atomic: a reader sees no file or a whole one
     finally:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from engine_core.cpu_resources import cpu_capabilities
+from engine_core.kernels.cpu_ops import cpu_ops, cpu_ops_status
 from engine_core.layers.linear import Linear
 from engine_core.layers.quantization import (
     Int4Linear,
@@ -78,6 +79,22 @@ def test_perplexity_within_bound_of_fp32(fp32_model_and_ids, fp32_ppl, method, b
     assert not any(isinstance(m, Linear) for m in quant.modules())
 
 
+@pytest.mark.parametrize("method,bound", [("int8", 0.01), ("int4", 0.05)])
+def test_perplexity_through_the_decode_kernels(fp32_model_and_ids, fp32_ppl, method, bound, monkeypatch):
+    """The decode path's numerics on the real model: every row through the C++ GEMMs
+    (kernels/cpu_quant_gemv.cpp; the perplexity run is one prefill, which would otherwise take the
+    dense path)."""
+    if cpu_ops() is None:
+        pytest.skip(cpu_ops_status())
+    model, ids = fp32_model_and_ids
+    for cls in (Int4Linear, Int8Linear):
+        monkeypatch.setattr(cls, "dense_min_rows", 1 << 30)
+    quant = quantize_model(copy.deepcopy(model), method, torch.device("cpu"), torch.float32)
+    assert all(m.use_kernel for m in quant.modules() if isinstance(m, (Int4Linear, Int8Linear)))
+    ppl = perplexity(quant, ids)
+    assert ppl / fp32_ppl - 1 <= bound, f"{method} through the kernels: {ppl:.3f} vs fp32 {fp32_ppl:.3f}"
+
+
 def test_int4_keeps_q4_1_codes_exactly():
     """A weight on a Q4_1 grid (q * scale + min per 32 values) re-quantizes to the same codes."""
     g = torch.Generator().manual_seed(0)
@@ -138,3 +155,29 @@ def test_fp8_perplexity_near_fp32(fp32_model_and_ids, fp32_ppl, monkeypatch, pat
     assert any(isinstance(m, fp8_linear.Fp8Linear) for m in quant.modules())
     ppl = perplexity(quant, ids)
     assert ppl / fp32_ppl - 1 <= bound, f"fp8 {path}: perplexity {ppl:.3f} vs fp32 {fp32_ppl:.3f}"
+
+
+@pytest.fixture(scope="module")
+def gptq_fp8_checkpoint(gguf_path, tmp_path_factory):
+    """The embedded model GPTQ-quantized to fp8 by the offline tool, calibrated on its default
+    calibration text (engine_core/data/calibration_text.txt, not the test text)."""
+    from engine_core.tools.quantize_fp8 import quantize_fp8
+    out = str(tmp_path_factory.mktemp("smollm2-fp8"))
+    quantize_fp8(gguf_path, out, dtype="float32")
+    return out
+
+
+# Measured (docs/fp8.md, Quality): weight-only +0.69 % (round-to-nearest +1.30 %); w8a8 +0.99 %
+# (round-to-nearest +1.82 %), which moves by ~1 % with tiny numeric changes, so it is not bounded here.
+def test_gptq_fp8_checkpoint_perplexity_within_1_percent(gptq_fp8_checkpoint, fp32_model_and_ids, fp32_ppl,
+                                                         monkeypatch):
+    """The offline GPTQ checkpoint served with --quantization fp8 (e4m3 codes and scales as stored),
+    on the weight-only (decode) path through the same torch twin as test_fp8_perplexity_near_fp32."""
+    from engine_core.layers import fp8_linear
+    _, ids = fp32_model_and_ids
+    monkeypatch.setattr(fp8_linear, "check_fp8_supported", lambda device: None)
+    monkeypatch.setattr(fp8_linear, "WEIGHT_ONLY_MAX_ROWS", 1 << 30)
+    quant = load_model(gptq_fp8_checkpoint, "float32", "cpu", quantization="fp8")
+    assert sum(isinstance(m, fp8_linear.Fp8Linear) for m in quant.modules()) == 4 * 30
+    ppl = perplexity(quant, ids)
+    assert ppl / fp32_ppl - 1 <= 0.01, f"GPTQ fp8 weight-only: perplexity {ppl:.3f} vs fp32 {fp32_ppl:.3f}"

@@ -43,8 +43,10 @@ def test_int4_from_q4_1_codes_equals_requantized_floats(gguf_path):
     old = Int4Linear(lin)  # float -> re-quantized (the pre-load-time path)
     new = Int4Linear(lin, empty=True)
     new.load_rows(0, codes)
-    assert torch.equal(old.qweight, new.qweight)
-    assert torch.equal(old.scales_and_zeros, new.scales_and_zeros)
+    old_bufs, new_bufs = dict(old.named_buffers()), dict(new.named_buffers())
+    assert old_bufs.keys() == new_bufs.keys() and "qweight" in old_bufs
+    for name, buf in old_bufs.items():
+        assert torch.equal(buf, new_bufs[name]), name
 
 
 @pytest.mark.parametrize("method,cls", [("int4", Int4Linear), ("int8", Int8Linear)])
