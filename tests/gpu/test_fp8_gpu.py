@@ -85,3 +85,45 @@ def test_fp8_weights_are_half_of_bf16_and_one_row_matches():
     assert q.untyped_storage().nbytes() * 2 == w.untyped_storage().nbytes()
     torch.testing.assert_close(fp8_w8a16(x, q, s, None).float(), (x.float() @ (q.float() * s[:, None]).t()),
                                rtol=2e-2, atol=2e-2)
+
+
+def test_gptq_fp8_checkpoint_of_embedded_model_serves_on_cuda(tmp_path):
+    """The offline tool (GPTQ on CUDA) writes a checkpoint of the embedded SmolLM2 that loads on
+    CUDA as stored (Fp8Linear codes = the checkpoint's), keeps its perplexity near bf16's on the
+    prefill (w8a8) path, and generates through the engine with CUDA graphs (weight-only decode)."""
+    from safetensors import safe_open
+
+    from engine_core.loader import load_model
+    from engine_core.loader.model_source import embedded_gguf_path
+    from engine_core.perplexity import perplexity
+    from engine_core.tokenizer import load_tokenizer
+    from engine_core.tools.quantize_fp8 import quantize_fp8
+
+    try:
+        gguf = embedded_gguf_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    ckpt = str(tmp_path / "fp8")
+    quantize_fp8(gguf, ckpt, device="cuda")
+
+    model = load_model(ckpt, "bfloat16", "cuda", quantization="fp8")
+    layer = model.get_submodule("model.layers.0.mlp.down_proj")
+    assert isinstance(layer, Fp8Linear)
+    with safe_open(f"{ckpt}/model.safetensors", "pt") as f:
+        stored = f.get_tensor("model.layers.0.mlp.down_proj.weight")
+    assert torch.equal(layer.qweight_t.t().cpu().view(torch.uint8), stored.view(torch.uint8))
+
+    with open("tests/data/perplexity_text.txt", encoding="utf-8") as f:
+        ids = load_tokenizer(gguf).encode(f.read())
+    fp8 = perplexity(model, ids, "cuda")
+    del model
+    bf16 = perplexity(load_model(gguf, "bfloat16", "cuda"), ids, "cuda")
+    assert fp8 / bf16 - 1 < 0.03, (fp8, bf16)
+
+    llm = LLM(model=ckpt, dtype="bfloat16", max_model_len=256, max_num_seqs=4, quantization="fp8",
+              gpu_memory_utilization=0.2)
+    out = llm.generate(["The capital of France is", "def fibonacci(n):"],
+                       SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
+    assert llm.engine.core.executor.runner.graph_runner is not None
+    assert all(len(o.outputs[0].token_ids) == 16 for o in out)
+    assert all(o.outputs[0].text.strip() for o in out)
