@@ -175,6 +175,14 @@ def rows_attention_cpu_kernel(query: torch.Tensor, kv_cache: torch.Tensor, md: A
     """rows_attention_sdpa through the C++ kernel (kernels/cpu_decode_ops.cpp): K/V read in place through
     each row's block table, no gather copy and no mask."""
     from engine_core.kernels.cpu_ops import cpu_ops
+    block_tables, lens = decode_row_tables(md, nb)
+    rows = query if lens.shape[0] == query.shape[0] else query[:lens.shape[0]]
+    return cpu_ops().paged_decode_attention(rows, kv_cache, block_tables, lens, scale)
+
+
+def decode_row_tables(md: AttentionMetadata, nb: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The C++ decode attention's (block_tables [rows, M] int32, lens [rows] int32) for the step's
+    first nb requests' rows, built once per step (md.derived)."""
     cached = md.derived.get("decode_rows_cpu")
     if cached is None:
         if nb == md.num_decodes:  # decodes only: one row per request
@@ -183,9 +191,7 @@ def rows_attention_cpu_kernel(query: torch.Tensor, kv_cache: torch.Tensor, md: A
             req_of_row, lens = decode_rows(md.query_lens_cpu[:nb], md.seq_lens_cpu[:nb])
             cached = (md.block_tables.index_select(0, req_of_row), torch.tensor(lens, dtype=torch.int32))
         md.derived["decode_rows_cpu"] = cached
-    block_tables, lens = cached
-    rows = query if lens.shape[0] == query.shape[0] else query[:lens.shape[0]]
-    return cpu_ops().paged_decode_attention(rows, kv_cache, block_tables, lens, scale)
+    return cached
 
 
 def paged_attention_ref(query: torch.Tensor, kv_cache: torch.Tensor, md: AttentionMetadata, scale: float,

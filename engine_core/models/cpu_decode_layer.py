@@ -8,6 +8,10 @@ the modules' forwards, as one straight line of calls: submodules, weights and bu
 the modules' own dicts on every call (nothing is cached, so a replaced or reloaded submodule is
 simply used), and the projections' forwards are called without nn.Module.__call__.
 
+With int4 / int8 weights on the C++ GEMMs (kernels/cpu_quant_gemv.cpp) the whole layer is one C++
+call (kernels/cpu_decode_ops.cpp llama_decode_layer: the same kernels in the same order), which
+also drops the ~8 Python->C++ calls of a layer.
+
 Same arithmetic as the module path (the same kernels on the same tensors; the tests compare the
 two bit for bit). Eligible: a CPU step of decode rows only, the C++ kernels built, a KV cache in the
 compute dtype, no q/k norm (Qwen3), and projections that are plain, oneDNN-packed, int8 or int4 linears without
@@ -21,11 +25,11 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from engine_core.layers.attention import rows_attention_cpu_kernel
+from engine_core.layers.attention import decode_row_tables, rows_attention_cpu_kernel
 from engine_core.layers.attention_metadata import AttentionMetadata
 from engine_core.layers.cpu_packed_linear import PackedLinear
 from engine_core.layers.linear import Linear, RowParallelLinear
-from engine_core.layers.quantization import Int4Linear, Int8Linear
+from engine_core.layers.quantization import CPU_COMPUTE_DTYPE, Int4Linear, Int8Linear
 
 
 def _supported(mod: nn.Module) -> bool:
@@ -39,6 +43,19 @@ def _supported(mod: nn.Module) -> bool:
     if tp is not None and tp.world_size != 1:
         return False
     return isinstance(mod, Linear) and (type(mod).forward is Linear.forward or isinstance(mod, RowParallelLinear))
+
+
+def _quantized_weights(mod: nn.Module) -> list[torch.Tensor] | None:
+    """A projection's weights as kernels/cpu_decode_ops.cpp llama_decode_layer takes them (int4
+    {packed}, int8 {qweight, scales}, on the C++ integer-dot GEMMs, no bias), else None."""
+    if not mod.__dict__.get("use_kernel") or mod._buffers.get("bias") is not None:
+        return None
+    b = mod._buffers
+    if type(mod) is Int4Linear:
+        return [b["qweight"]]
+    if type(mod) is Int8Linear:
+        return [b["qweight"], b["scales"]]
+    return None
 
 
 def eligible(md: AttentionMetadata, hidden: torch.Tensor, kv_cache: torch.Tensor) -> bool:
@@ -61,6 +78,19 @@ def decode_layer(layer: nn.Module, ops: ModuleType, positions: torch.Tensor, hid
             or ln2._parameters["weight"].dtype != hidden.dtype
             or not (_supported(qkv_p) and _supported(o_p) and _supported(gu_p) and _supported(down_p))):
         return None
+    core = am["attn"]
+    weights = [_quantized_weights(p) for p in (qkv_p, o_p, gu_p, down_p)]
+    # int4 / int8 weights, bf16 activations (the layers' compute dtype: an fp32 model's projections
+    # round their inputs to bf16 first): the whole layer in one C++ call
+    if None not in weights and hidden.dtype == CPU_COMPUTE_DTYPE and ln1.eps == ln2.eps:
+        if positions.dim() != 1 or positions.dtype != torch.long:
+            positions = positions.reshape(-1).long()
+        slots = md.slot_mapping if md.slot_mapping.dtype == torch.long else md.slot_mapping.long()
+        block_tables, lens = decode_row_tables(md, md.num_reqs)
+        return ops.llama_decode_layer(hidden, residual, ln1._parameters["weight"], ln2._parameters["weight"],
+                                      ln1.eps, *weights, core.num_heads, attn.num_kv_heads,
+                                      core.head_dim, positions, am["rotary_emb"]._cache_on(positions.device),
+                                      kv_cache, slots, block_tables, lens, core.scale)
     if residual is None:
         residual = hidden
         h = ops.rms_norm(hidden, ln1._parameters["weight"], ln1.eps)
@@ -71,7 +101,6 @@ def decode_layer(layer: nn.Module, ops: ModuleType, positions: torch.Tensor, hid
     qs, kvs = attn.q_size, attn.kv_size
     q, k, v = qkv[:, :qs], qkv[:, qs:qs + kvs], qkv[:, qs + kvs:qs + 2 * kvs]
     am["rotary_emb"].rotate_and_cache(positions, q, k, v, kv_cache, md.slot_mapping)
-    core = am["attn"]
     o = rows_attention_cpu_kernel(q.view(-1, core.num_heads, core.head_dim), kv_cache, md, md.num_reqs, core.scale)
     h = o_p.forward(o.view(o.shape[0], -1))
     ops.fused_add_rms_norm_(h, residual, ln2._parameters["weight"], ln2.eps)

@@ -65,12 +65,17 @@ def _run(model, config, dtype, monkeypatch, fast: bool) -> tuple[dict[str, torch
                                                 (torch.bfloat16, "int8"), (torch.bfloat16, "int4"),
                                                 (torch.float32, "int4")])
 def test_fast_path_is_bit_identical_to_the_modules(dtype, quantization, monkeypatch):
+    """Also: int4 / int8 layers with bf16 activations run as one C++ call (llama_decode_layer)."""
     model, config = _tiny_model(dtype, quantization)
+    ops, whole_layer = cpu_ops(), []
+    real_layer = ops.llama_decode_layer
+    monkeypatch.setattr(ops, "llama_decode_layer", lambda *a: whole_layer.append(1) or real_layer(*a))
     fast, n_fast = _run(model, config, dtype, monkeypatch, fast=True)
     slow, n_slow = _run(model, config, dtype, monkeypatch, fast=False)
     assert n_slow == 0
     # the 6 pure-decode steps x 2 layers ran the fast path; the two prefill steps did not ask
     assert n_fast == 6 * config.num_hidden_layers
+    assert len(whole_layer) == (n_fast if quantization and dtype == torch.bfloat16 else 0)
     for rid in ("A", "B"):
         assert torch.equal(fast[rid], slow[rid]), f"{rid}: fast path differs from the modules"
 
