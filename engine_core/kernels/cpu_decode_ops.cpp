@@ -506,6 +506,7 @@ torch::Tensor silu_and_mul(torch::Tensor x) {
 // cpu_quant_gemv.cpp
 torch::Tensor pagedserve_int4_linear(torch::Tensor x, torch::Tensor packed);
 torch::Tensor pagedserve_int8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor s);
+torch::Tensor pagedserve_int4_dequantize(torch::Tensor packed);
 const char* pagedserve_quant_dot_isa();
 
 namespace {
@@ -560,6 +561,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up of [rows, 2n]");
   m.def("int4_linear", &pagedserve_int4_linear, "x @ int4 (Q4_1 groups) weight.T, integer activations");
   m.def("int8_linear", &pagedserve_int8_linear, "x @ int8 (per channel) weight.T, integer activations");
+  m.def("int4_dequantize", &pagedserve_int4_dequantize, "the int4 stream's weight as bf16 [N, K]");
   m.def("quant_dot_isa", &pagedserve_quant_dot_isa, "which integer dot product the quantized GEMMs use");
   m.def("llama_decode_layer", &llama_decode_layer, "a Llama decoder layer's decode step on int4 / int8 weights");
 }

@@ -480,6 +480,38 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor packed) {
   return out;
 }
 
+// dequant(packed) -> [N, K] bf16: the weight of a many-row (prefill) call's dense GEMM, per call
+// (~1 ms a SmolLM2 layer through torch ops; this streams the packed bytes once).
+torch::Tensor int4_dequantize(torch::Tensor packed) {
+  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous() &&
+                  packed.size(1) % 160 == 0,
+              "packed must be contiguous uint8 [N/4, 5K/2] with K a multiple of 64");
+  const int64_t blocks = packed.size(0), k = packed.size(1) / 160 * kChunk, chunks = k / kChunk;
+  auto out = torch::empty({blocks * 4, k}, packed.options().dtype(at::kBFloat16));
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  c10::BFloat16* op = out.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, blocks, 8, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const Int4Block blk{pp + b * Int4Block::bytes(k), chunks};
+      for (int64_t j = 0; j < 4; ++j) {
+        c10::BFloat16* row = op + (b * 4 + j) * k;
+        for (int64_t c = 0; c < chunks; ++c) {
+          const int64_t s = c / Int4Block::kSegChunks, g = 2 * (c % Int4Block::kSegChunks);
+          const uint8_t* cb = blk.codes(c, j);
+          for (int64_t h = 0; h < 2; ++h) {  // the chunk's two groups: low nibbles, high nibbles
+            const float d = static_cast<float>(blk.d(s, j)[g + h]), m = static_cast<float>(blk.m(s, j)[g + h]);
+            for (int64_t e = 0; e < 32; ++e) {
+              const int32_t q = h == 0 ? cb[e] & 0xF : cb[e] >> 4;
+              row[c * kChunk + h * 32 + e] = static_cast<c10::BFloat16>(static_cast<float>(q) * d + m);
+            }
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
+
 // x [M, K] @ (q * s[:, None]).T -> [M, N] in x's dtype.
 torch::Tensor int8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor s) {
   TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous(), "q must be contiguous int8 [N, K]");
@@ -514,6 +546,7 @@ torch::Tensor pagedserve_int4_linear(torch::Tensor x, torch::Tensor packed) {
 torch::Tensor pagedserve_int8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor s) {
   return int8_linear(std::move(x), std::move(q), std::move(s));
 }
+torch::Tensor pagedserve_int4_dequantize(torch::Tensor packed) { return int4_dequantize(std::move(packed)); }
 const char* pagedserve_quant_dot_isa() {
 #if defined(PAGEDSERVE_VNNI512)
   return "avx512-vnni";

@@ -147,6 +147,14 @@ def int4_linear_ref(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     return y.to(x.dtype)
 
 
+def int4_dequantize_ref(packed: torch.Tensor) -> torch.Tensor:
+    """Twin of cpu_quant_gemv.cpp int4_dequantize: codes * scale + min in fp32, rounded to bf16."""
+    codes, scale, lo = unpack_int4_blocks(packed)
+    n, k = codes.shape
+    w = codes.reshape(n, k // ACT_GROUP, ACT_GROUP).float() * scale.float()[..., None] + lo.float()[..., None]
+    return w.reshape(n, k).to(CPU_COMPUTE_DTYPE)
+
+
 def int8_linear_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """Twin of cpu_quant_gemv.cpp int8_linear: scale * sum over groups of d_x * (w . v_x)."""
     q, dx, _ = quantize_activations_int8_ref(x)
@@ -277,10 +285,8 @@ class Int4Linear(_CpuQuantLinear):
 
     def dequantized(self) -> torch.Tensor:
         n, k, g = self.out_features, self.in_features, self.group_size
-        if self.use_kernel:
-            codes, scale, lo = unpack_int4_blocks(self.qweight)
-            w = codes.reshape(n, k // g, g).float() * scale.float()[..., None] + lo.float()[..., None]
-            return w.reshape(n, k).to(CPU_COMPUTE_DTYPE)
+        if self.use_kernel:  # the C++ twin of int4_dequantize_ref (bit-identical)
+            return cpu_ops().int4_dequantize(self.qweight)
         b = INT4_PACK_BLOCK_N
         packed = self.qweight.view(n // b, k, b // 2)
         # low nibble: row j of the block, high nibble: row j + 32 (the kernel's layout)

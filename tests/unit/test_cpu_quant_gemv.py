@@ -15,6 +15,7 @@ from engine_core.layers.linear import Linear
 from engine_core.layers.quantization import (
     Int4Linear,
     Int8Linear,
+    int4_dequantize_ref,
     int4_linear_ref,
     int8_linear_ref,
     pack_int4_blocks,
@@ -111,6 +112,12 @@ def test_int4_kernel_is_the_dequantized_weight_to_fp32_accuracy():
     ref = x.double() @ w.reshape(64, 576).double().t()
     rel = ((ops.int4_linear(x, packed).double() - ref).norm() / ref.norm()).item()
     assert rel < 1e-4, rel  # activations at ~15 bits: weight-only accuracy
+
+
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_int4_dequantize_is_bit_identical_to_its_twin(kernels, n, k):
+    packed = pack_int4_blocks(*_int4_weights(n, k, seed=n))
+    assert torch.equal(kernels.int4_dequantize(packed), int4_dequantize_ref(packed))
 
 
 def test_int4_pack_round_trips():
