@@ -31,11 +31,20 @@ def check_fp8_supported(device: torch.device) -> None:
         raise ValueError(f"--quantization fp8 needs compute capability >= 8.9, this GPU has {major}.{minor}")
 
 
+def fp8_channel_scales(w: torch.Tensor) -> torch.Tensor:
+    """w [N, K] -> fp32 [N]: each output row's amax / 448 (its largest weight maps to e4m3's max)."""
+    return (w.float().abs().amax(dim=1) / FP8_MAX).clamp_min(1e-12)
+
+
+def to_e4m3(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """w / scale rounded to e4m3, saturating at +-448 (a plain cast would make NaNs)."""
+    return (w.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
 def quantize_fp8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w [N, K] -> (e4m3 [N, K], fp32 scales [N]) with w ~= q * scale[:, None]."""
-    wf = w.float()
-    scale = (wf.abs().amax(dim=1) / FP8_MAX).clamp_min(1e-12)
-    return (wf / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8), scale
+    scale = fp8_channel_scales(w)
+    return to_e4m3(w, scale[:, None]), scale
 
 
 # Up to this many rows the weight-only kernel beats quantize + _scaled_mm (H200 sweep:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine_core.layers.fp8_linear import FP8, FP8_MAX
+from engine_core.layers.fp8_linear import fp8_channel_scales, to_e4m3
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class GptqConfig:
 
 def _round_e4m3(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """w through e4m3 with `scale` (same shape or broadcastable), back in fp32."""
-    return (w / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8).float() * scale
+    return to_e4m3(w, scale).float() * scale
 
 
 @torch.no_grad()
@@ -36,7 +36,7 @@ def gptq_fp8(weight: torch.Tensor, hessian: torch.Tensor, config: GptqConfig | N
     config = config or GptqConfig()
     w = weight.detach().float()
     k = w.shape[1]
-    scale = (w.abs().amax(dim=1) / FP8_MAX).clamp_min(1e-12)
+    scale = fp8_channel_scales(w)
     h = hessian.detach().float().clone()
     dead = h.diagonal() == 0  # inputs that were always zero: their weights do not matter
     h[dead, dead] = 1.0
@@ -59,4 +59,4 @@ def gptq_fp8(weight: torch.Tensor, hessian: torch.Tensor, config: GptqConfig | N
             block[j] = rounded
         wt[b1:].addmm_(hinv[b0:b1, b1:].t(), err, alpha=-1.0)  # the block's errors onto the columns after it
     q = wt[torch.argsort(perm)].t()
-    return (q / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+    return to_e4m3(q, scale[:, None]), scale

@@ -20,6 +20,7 @@ from torch import nn
 from engine_core.layers.fp8_linear import Fp8Linear
 from engine_core.layers.gptq_fp8 import GptqConfig, gptq_fp8
 from engine_core.layers.linear import Linear
+from engine_core.layers.quantization import replace_module
 from engine_core.perplexity import no_cache_metadata
 
 Fp8Weights = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module name -> (e4m3 [N, K], fp32 scales [N])
@@ -97,8 +98,6 @@ def gptq_fp8_model(model: nn.Module, sequences: Sequence[Sequence[int]],
 def swap_in_fp8(model: nn.Module, weights: Fp8Weights, dtype: torch.dtype) -> nn.Module:
     """Replace the named linear layers by Fp8Linear layers holding `weights`, in place."""
     for name, (q, scale) in weights.items():
-        parent, _, child = name.rpartition(".")
         lin = model.get_submodule(name)
-        setattr(model.get_submodule(parent), child, Fp8Linear(lin, dtype, (q.to(lin.weight.device),
-                                                                          scale.to(lin.weight.device))))
+        replace_module(model, name, Fp8Linear(lin, dtype, (q.to(lin.weight.device), scale.to(lin.weight.device))))
     return model

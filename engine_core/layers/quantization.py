@@ -92,6 +92,8 @@ def quantize_activations_int8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 
 INT4_BLOCK_ROWS, INT4_SEGMENT_CHUNKS = 4, 8  # the kernel's int4 stream: blocks of 4 rows, segments of 8 chunks
+# bytes of a block per chunk: 4 rows x (32 code bytes + the fp16 scale and min of 2 groups)
+INT4_BLOCK_CHUNK_BYTES = INT4_BLOCK_ROWS * (KERNEL_CHUNK // 2 + 2 * 2 * 2)
 
 
 def _int4_segments(k: int) -> list[tuple[int, int]]:
@@ -120,7 +122,7 @@ def pack_int4_blocks(codes: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor)
 def unpack_int4_blocks(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """pack_int4_blocks' inverse: (codes [N, K] uint8, scale [N, K/32] fp16, min [N, K/32] fp16)."""
     nb, nbytes = packed.shape
-    n, k, half = nb * INT4_BLOCK_ROWS, nbytes // 160 * KERNEL_CHUNK, KERNEL_CHUNK // 2
+    n, k, half = nb * INT4_BLOCK_ROWS, nbytes // INT4_BLOCK_CHUNK_BYTES * KERNEL_CHUNK, KERNEL_CHUNK // 2
     codes, scales, mins, off = [], [], [], 0
 
     def take(size: int) -> torch.Tensor:
@@ -163,9 +165,10 @@ def int8_linear_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     return ((dots * dx.double()[:, None]).sum(-1) * scales.double()).to(x.dtype)
 
 
-def _kernels_take(k: int) -> bool:
-    """Whether this layer's few-row GEMMs go to the C++ kernels (built, and K in whole chunks)."""
-    return k % KERNEL_CHUNK == 0 and cpu_ops() is not None
+def _kernels_take(k: int, wanted: bool | None) -> bool:
+    """Whether a layer's few-row GEMMs go to the C++ kernels: K in whole chunks, and the kernels
+    built (wanted None) or asked for (tests force either)."""
+    return k % KERNEL_CHUNK == 0 and (cpu_ops() is not None if wanted is None else wanted)
 
 
 class _CpuQuantLinear(nn.Module):
@@ -205,7 +208,7 @@ class Int8Linear(_CpuQuantLinear):
         n, k = self.out_features, self.in_features
         self.register_buffer("qweight", torch.empty(n, k, dtype=torch.int8))
         self.register_buffer("scales", torch.empty(n, dtype=CPU_COMPUTE_DTYPE))
-        self.use_kernel = _kernels_take(k) if use_kernel is None else (use_kernel and k % KERNEL_CHUNK == 0)
+        self.use_kernel = _kernels_take(k, use_kernel)
         if not empty:
             self.load_rows(0, linear.weight.data)
 
@@ -243,11 +246,10 @@ class Int4Linear(_CpuQuantLinear):
         super().__init__(linear)
         self.group_size = group_size
         n, k = self.out_features, self.in_features
-        take = group_size == ACT_GROUP and _kernels_take(k)
-        self.use_kernel = take if use_kernel is None else (use_kernel and group_size == ACT_GROUP
-                                                           and k % KERNEL_CHUNK == 0)
+        self.use_kernel = group_size == ACT_GROUP and _kernels_take(k, use_kernel)
         if self.use_kernel:  # codes and fp16 scales / mins in one stream per 4 rows (pack_int4_blocks)
-            self.register_buffer("qweight", torch.empty(n // INT4_BLOCK_ROWS, k * 5 // 2, dtype=torch.uint8))
+            self.register_buffer("qweight", torch.empty(n // INT4_BLOCK_ROWS, k // KERNEL_CHUNK * INT4_BLOCK_CHUNK_BYTES,
+                                                        dtype=torch.uint8))
         else:
             self.register_buffer("qweight", torch.empty(n, k // 2, dtype=torch.uint8))  # the aten kernel's packing
             # The kernel computes (q - 8) * scale + zero, so zero = min + 8 * scale. Layout [K/G, N, 2].
@@ -284,10 +286,9 @@ class Int4Linear(_CpuQuantLinear):
         return _INT4_MM(x, b["qweight"], self.group_size, b["scales_and_zeros"])
 
     def dequantized(self) -> torch.Tensor:
-        n, k, g = self.out_features, self.in_features, self.group_size
         if self.use_kernel:  # the C++ twin of int4_dequantize_ref (bit-identical)
             return cpu_ops().int4_dequantize(self.qweight)
-        b = INT4_PACK_BLOCK_N
+        n, k, g, b = self.out_features, self.in_features, self.group_size, INT4_PACK_BLOCK_N
         packed = self.qweight.view(n // b, k, b // 2)
         # low nibble: row j of the block, high nibble: row j + 32 (the kernel's layout)
         codes = torch.cat([packed & 0xF, packed >> 4], dim=-1).transpose(1, 2).reshape(n, k // g, g)
@@ -330,7 +331,7 @@ def _check_supported(model: nn.Module, method: str, device: torch.device) -> Non
             raise ValueError("--quantization is not supported together with tensor parallelism")
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
@@ -354,7 +355,7 @@ def quantize_model(model: nn.Module, method: str, device: torch.device, dtype: t
             new = Int4Linear(m)
         else:
             new = Int8Linear(m)
-        _replace(model, name, new)
+        replace_module(model, name, new)
     return model
 
 

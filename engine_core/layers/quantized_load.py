@@ -16,6 +16,7 @@ afterwards by quantize_model, as before.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -27,7 +28,7 @@ from engine_core.layers.quantization import (
     Int4Linear,
     Int8Linear,
     _CpuQuantLinear,
-    _replace,
+    replace_module,
 )
 
 
@@ -56,24 +57,22 @@ def shards_of(linear: Linear) -> Shards:
     return Shards([], [linear.out_features])
 
 
-def _placeholder(layer: _CpuQuantLinear, shards: Shards) -> nn.Parameter:
-    """An empty parameter whose weight_loader fills `layer` (held weakly: no reference cycle)."""
+def row_placeholder(layer: nn.Module, shards: Shards,
+                    fill: Callable[[nn.Module, int, int, torch.Tensor], None]) -> nn.Parameter:
+    """An empty parameter whose weight_loader(param, loaded, shard_id=None) calls
+    fill(layer, first row, rows, loaded) for the rows of that shard (without shard_id: the whole
+    layer); `all_filled()` says whether every shard came. `layer` is held weakly (no reference cycle)."""
     ref = weakref.ref(layer)
     filled = [False] * len(shards.sizes)
 
-    def loader(param: nn.Parameter, loaded_weight, shard_id=None) -> None:
-        target = ref()
-        k = target.in_features
+    def loader(param: nn.Parameter, loaded, shard_id=None) -> None:
         if shard_id is None:
-            expected = (sum(shards.sizes), k)
-            index, row = None, 0
+            index, row, rows = None, 0, sum(shards.sizes)
         else:
             index = shards.index(shard_id)
-            expected, row = (shards.sizes[index], k), shards.offsets[index]
-        if tuple(loaded_weight.shape) != expected:
-            raise ValueError(f"shape mismatch: expected {expected}, checkpoint has {tuple(loaded_weight.shape)}")
+            row, rows = shards.offsets[index], shards.sizes[index]
         with torch.no_grad():
-            target.load_rows(row, loaded_weight)
+            fill(ref(), row, rows, loaded)
         for i in range(len(filled)) if index is None else [index]:
             filled[i] = True
 
@@ -81,6 +80,21 @@ def _placeholder(layer: _CpuQuantLinear, shards: Shards) -> nn.Parameter:
     p.weight_loader = loader
     p.all_filled = lambda: all(filled)
     return p
+
+
+def restore_bias_buffer(m: nn.Module) -> None:
+    """A bias loaded as a parameter (through its own loader) becomes the plain buffer it was."""
+    if isinstance(m.bias, nn.Parameter):
+        bias = m.bias.data
+        del m.bias
+        m.register_buffer("bias", bias)
+
+
+def _load_quantized_rows(layer: _CpuQuantLinear, row: int, rows: int, loaded) -> None:
+    expected = (rows, layer.in_features)
+    if tuple(loaded.shape) != expected:
+        raise ValueError(f"shape mismatch: expected {expected}, checkpoint has {tuple(loaded.shape)}")
+    layer.load_rows(row, loaded)
 
 
 def _make_empty(linear: Linear, method: str, shards: Shards) -> _CpuQuantLinear | None:
@@ -107,8 +121,8 @@ def prepare(model: nn.Module, method: str) -> int:
         if m.bias is not None:  # keeps its own loader (the bias is tiny): loaded as a parameter
             del new.bias
             new.bias = m.bias
-        new.weight = _placeholder(new, shards)
-        _replace(model, name, new)
+        new.weight = row_placeholder(new, shards, _load_quantized_rows)
+        replace_module(model, name, new)
         swapped += 1
     return swapped
 
@@ -121,7 +135,4 @@ def finish(model: nn.Module) -> None:
             if not w.all_filled():
                 raise ValueError(f"checkpoint lacks some shards of {name}.weight")
             del m.weight
-            if isinstance(m.bias, nn.Parameter):
-                bias = m.bias.data
-                del m.bias
-                m.register_buffer("bias", bias)
+            restore_bias_buffer(m)

@@ -128,12 +128,18 @@ class RotaryEmbedding(nn.Module):
             from engine_core.kernels.rotary import rotary_and_cache
             return rotary_and_cache(positions, q, k, v, cache, self.head_dim, kv_cache, slot_mapping)
         from engine_core.kernels.cpu_ops import cpu_ops
-        if positions.dim() != 1 or positions.dtype != torch.long:
-            positions = positions.reshape(-1).long()
-        if slot_mapping.dtype != torch.long:
-            slot_mapping = slot_mapping.long()
+        positions, slot_mapping = cpu_rotary_indices(positions, slot_mapping)
         cpu_ops().rotary_qk_cache_(q, k, v, positions, cache, self.head_dim, kv_cache, slot_mapping)
         return q
+
+
+def cpu_rotary_indices(positions: torch.Tensor, slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions and KV-cache slots as the C++ rotary_qk_cache_ takes them: 1-D int64."""
+    if positions.dim() != 1 or positions.dtype != torch.long:
+        positions = positions.reshape(-1).long()
+    if slot_mapping.dtype != torch.long:
+        slot_mapping = slot_mapping.long()
+    return positions, slot_mapping
 
 
 def _joined(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:

@@ -13,14 +13,18 @@ from __future__ import annotations
 
 import json
 import os
-import weakref
 
 import torch
 from torch import nn
 
 from engine_core.layers.fp8_linear import FP8, Fp8Linear
 from engine_core.layers.linear import Linear
-from engine_core.layers.quantized_load import Shards, shards_of
+from engine_core.layers.quantization import replace_module
+from engine_core.layers.quantized_load import (
+    restore_bias_buffer,
+    row_placeholder,
+    shards_of,
+)
 
 QUANTIZATION_CONFIG = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_scheme": "per_channel",
                        "ignored_layers": ["lm_head"]}
@@ -36,40 +40,19 @@ def is_fp8_checkpoint(model_dir: str) -> bool:
     return qc.get("quant_method") == "fp8"
 
 
-def _row_loader(layer: Fp8Linear, shards: Shards, attr: str, filled: list[bool]):
-    """weight_loader copying (a shard of) rows into layer.qweight_t (attr "weight") or layer.scales."""
-    ref = weakref.ref(layer)
-
-    def loader(param: nn.Parameter, loaded, shard_id=None) -> None:
-        target = ref()
-        if shard_id is None:
-            index, row, rows = None, 0, sum(shards.sizes)
-        else:
-            index = shards.index(shard_id)
-            row, rows = shards.offsets[index], shards.sizes[index]
-        if attr == "weight":
-            if loaded.dtype != FP8 or tuple(loaded.shape) != (rows, target.in_features):
-                raise ValueError(f"expected e4m3 [{rows}, {target.in_features}], checkpoint has "
-                                 f"{loaded.dtype} {tuple(loaded.shape)}")
-            dst = target.qweight_t.t()[row:row + rows]
-        else:
-            if loaded.numel() != rows or loaded.dim() > 2:
-                raise ValueError(f"expected {rows} per-channel scales, checkpoint has {tuple(loaded.shape)}")
-            loaded, dst = loaded.reshape(-1), target.scales[0, row:row + rows]
-        with torch.no_grad():
-            dst.copy_(loaded)
-        for i in range(len(filled)) if index is None else [index]:
-            filled[i] = True
-
-    return loader
+def _load_fp8_rows(layer: Fp8Linear, row: int, rows: int, loaded: torch.Tensor) -> None:
+    """Rows [row, row + rows) of the e4m3 weight from a checkpoint tensor (stored as qweight_t.t())."""
+    if loaded.dtype != FP8 or tuple(loaded.shape) != (rows, layer.in_features):
+        raise ValueError(f"expected e4m3 [{rows}, {layer.in_features}], checkpoint has "
+                         f"{loaded.dtype} {tuple(loaded.shape)}")
+    layer.qweight_t.t()[row:row + rows].copy_(loaded)
 
 
-def _placeholder(layer: Fp8Linear, shards: Shards, attr: str) -> nn.Parameter:
-    filled = [False] * len(shards.sizes)
-    p = nn.Parameter(torch.empty(0), requires_grad=False)
-    p.weight_loader = _row_loader(layer, shards, attr, filled)
-    p.all_filled = lambda: all(filled)
-    return p
+def _load_fp8_scales(layer: Fp8Linear, row: int, rows: int, loaded: torch.Tensor) -> None:
+    """Rows [row, row + rows) of the per-channel scales ([N] or [N, 1] in the checkpoint)."""
+    if loaded.numel() != rows or loaded.dim() > 2:
+        raise ValueError(f"expected {rows} per-channel scales, checkpoint has {tuple(loaded.shape)}")
+    layer.scales[0, row:row + rows].copy_(loaded.reshape(-1))
 
 
 def prepare(model: nn.Module, dtype: torch.dtype) -> None:
@@ -85,10 +68,9 @@ def prepare(model: nn.Module, dtype: torch.dtype) -> None:
         if m.bias is not None:  # loaded through its own loader as a parameter, a buffer again in finish
             del new.bias
             new.bias = m.bias
-        new.weight = _placeholder(new, shards, "weight")
-        new.weight_scale = _placeholder(new, shards, "weight_scale")
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, new)
+        new.weight = row_placeholder(new, shards, _load_fp8_rows)
+        new.weight_scale = row_placeholder(new, shards, _load_fp8_scales)
+        replace_module(model, name, new)
 
 
 def finish(model: nn.Module) -> None:
@@ -102,10 +84,7 @@ def finish(model: nn.Module) -> None:
                 if not p.all_filled():
                     raise ValueError(f"fp8 checkpoint lacks (some shards of) {name}.{attr}")
                 delattr(m, attr)
-        if isinstance(m.bias, nn.Parameter):
-            bias = m.bias.data
-            del m.bias
-            m.register_buffer("bias", bias)
+        restore_bias_buffer(m)
 
 
 def _hf_names(model: nn.Module, module_name: str, leaf: str) -> list[tuple[str, int, int]]:

@@ -30,6 +30,7 @@ from engine_core.layers.attention_metadata import AttentionMetadata
 from engine_core.layers.cpu_packed_linear import PackedLinear
 from engine_core.layers.linear import Linear, RowParallelLinear
 from engine_core.layers.quantization import CPU_COMPUTE_DTYPE, Int4Linear, Int8Linear
+from engine_core.layers.rotary import cpu_rotary_indices
 
 
 def _supported(mod: nn.Module) -> bool:
@@ -83,9 +84,7 @@ def decode_layer(layer: nn.Module, ops: ModuleType, positions: torch.Tensor, hid
     # int4 / int8 weights, bf16 activations (the layers' compute dtype: an fp32 model's projections
     # round their inputs to bf16 first): the whole layer in one C++ call
     if None not in weights and hidden.dtype == CPU_COMPUTE_DTYPE and ln1.eps == ln2.eps:
-        if positions.dim() != 1 or positions.dtype != torch.long:
-            positions = positions.reshape(-1).long()
-        slots = md.slot_mapping if md.slot_mapping.dtype == torch.long else md.slot_mapping.long()
+        positions, slots = cpu_rotary_indices(positions, md.slot_mapping)
         block_tables, lens = decode_row_tables(md, md.num_reqs)
         return ops.llama_decode_layer(hidden, residual, ln1._parameters["weight"], ln2._parameters["weight"],
                                       ln1.eps, *weights, core.num_heads, attn.num_kv_heads,
